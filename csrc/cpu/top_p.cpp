@@ -1,0 +1,348 @@
+// Sort-free top-p on the CPU: rows in parallel, each row in a few passes.
+//
+//   1. max logit, per-chunk maxima and validity            (one read of the row)
+//   2. total integer mass                                   (one read, vectorised exp)
+//   3. a cutoff logit below which no selected token can lie (mass bound, and for a capped
+//      selection the cap-th largest chunk maximum), then the survivors above it, visiting only
+//      chunks whose maximum clears the cutoff
+//   4. radix select of the threshold key over the survivors (csrc/common/top_p.h)
+//   5. the selected survivors, sorted: at most max_candidates of them
+// For peaked rows (language models) step 3 keeps a handful of tokens, so the cost is about two
+// reads of the row.
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/top_p.h"
+
+namespace mtp_ext {
+namespace {
+
+constexpr int64_t kChunk = 32;
+
+struct RowScratch {
+  std::vector<float> scaled;  // s for the row when the input cannot be read as it is
+  std::vector<float> chunk_max;
+  std::vector<float> chunk_max_sorted;
+  std::vector<int64_t> survivor_ids;
+  std::vector<uint32_t> survivor_keys;
+  std::vector<uint64_t> survivor_masses;
+  std::vector<int32_t> members;  // positions in the survivor arrays still in the radix bucket
+  std::vector<int32_t> selected;
+};
+
+struct RowStats {
+  int status = kRowOk;
+  float max_logit = 0.0f;
+  uint64_t total_mass = 0;
+};
+
+struct Threshold {
+  uint32_t key = 0;
+  int64_t ties_taken = 0;
+  uint64_t tie_mass = 0;
+  SelectState above;
+};
+
+// The row as float scaled logits; fp32 rows at temperature 1 are read in place.
+template <typename scalar_t>
+const float* scaled_row(const scalar_t* row, int64_t vocab, float temperature,
+                        RowScratch& scratch) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (temperature == 1.0f) return row;
+  }
+  scratch.scaled.resize(vocab);
+  float* out = scratch.scaled.data();
+  for (int64_t i = 0; i < vocab; ++i) out[i] = scaled_logit(static_cast<float>(row[i]), temperature);
+  return out;
+}
+
+RowStats scan_row(const float* scaled, int64_t vocab, RowScratch& scratch) {
+  RowStats stats;
+  const int64_t num_chunks = (vocab + kChunk - 1) / kChunk;
+  scratch.chunk_max.resize(num_chunks);
+  float row_max = -std::numeric_limits<float>::infinity();
+  int invalid = 0;
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    const int64_t begin = chunk * kChunk;
+    const int64_t end = std::min(begin + kChunk, vocab);
+    float chunk_max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : chunk_max) reduction(| : invalid)
+    for (int64_t i = begin; i < end; ++i) {
+      const float s = scaled[i];
+      chunk_max = std::max(chunk_max, s);
+      invalid |= static_cast<int>(s != s) | static_cast<int>(s == std::numeric_limits<float>::infinity());
+    }
+    scratch.chunk_max[chunk] = chunk_max;
+    row_max = std::max(row_max, chunk_max);
+  }
+  if (invalid) {
+    stats.status = kRowHasNanOrPosInf;
+    return stats;
+  }
+  if (row_max == -std::numeric_limits<float>::infinity()) {
+    stats.status = kRowAllNegInf;
+    return stats;
+  }
+  uint64_t total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < vocab; ++i) total += quantize_mass(mtp_exp(scaled[i] - row_max));
+  stats.max_logit = row_max;
+  stats.total_mass = total;
+  return stats;
+}
+
+// The largest logit such that the survivors (tokens at or above it) contain the selection.
+float survivor_cutoff(const RowStats& stats, int64_t vocab, float top_p, int64_t cap,
+                      RowScratch& scratch) {
+  const double total = static_cast<double>(stats.total_mass) / kMassScale;
+  float cutoff = mass_cutoff_logit(stats.max_logit, total, vocab, top_p);
+  // Each of the `cap` chunks with the largest maxima holds a token at or above the cap-th
+  // largest maximum, so at least `cap` tokens survive that cutoff too.
+  const auto& chunk_max = scratch.chunk_max;
+  const int64_t chunks_above =
+      std::count_if(chunk_max.begin(), chunk_max.end(), [&](float m) { return m >= cutoff; });
+  if (chunks_above > cap) {
+    auto& sorted = scratch.chunk_max_sorted;
+    sorted.assign(chunk_max.begin(), chunk_max.end());
+    std::nth_element(sorted.begin(), sorted.begin() + (cap - 1), sorted.end(),
+                     std::greater<float>());
+    cutoff = std::max(cutoff, sorted[cap - 1]);
+  }
+  return cutoff;
+}
+
+void collect_survivors(const float* scaled, int64_t vocab, float cutoff, float max_logit,
+                       RowScratch& scratch) {
+  scratch.survivor_ids.clear();
+  scratch.survivor_keys.clear();
+  scratch.survivor_masses.clear();
+  const int64_t num_chunks = static_cast<int64_t>(scratch.chunk_max.size());
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    if (scratch.chunk_max[chunk] < cutoff) continue;
+    const int64_t end = std::min((chunk + 1) * kChunk, vocab);
+    for (int64_t i = chunk * kChunk; i < end; ++i) {
+      const float s = scaled[i];
+      if (s < cutoff) continue;
+      scratch.survivor_ids.push_back(i);
+      scratch.survivor_keys.push_back(order_key(s));
+      scratch.survivor_masses.push_back(quantize_mass(mtp_exp(s - max_logit)));
+    }
+  }
+}
+
+// Radix select over the survivors: the key of the last selected token and how many of the
+// tokens with that key (in id order) are selected.
+Threshold select_threshold(const StopRule& rule, RowScratch& scratch) {
+  const auto& keys = scratch.survivor_keys;
+  const auto& masses = scratch.survivor_masses;
+  auto& members = scratch.members;
+  members.resize(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) members[i] = static_cast<int32_t>(i);
+
+  Threshold threshold;
+  for (int level = 0; level < kRadixLevels; ++level) {
+    int64_t bucket_counts[kRadixBuckets] = {0};
+    uint64_t bucket_masses[kRadixBuckets] = {0};
+    for (const int32_t member : members) {
+      const int bucket = radix_digit(keys[member], level);
+      bucket_counts[bucket] += 1;
+      bucket_masses[bucket] += masses[member];
+    }
+    const int chosen = choose_bucket(bucket_counts, bucket_masses, rule, threshold.above);
+    members.erase(std::remove_if(members.begin(), members.end(),
+                                 [&](int32_t member) {
+                                   return radix_digit(keys[member], level) != chosen;
+                                 }),
+                  members.end());
+  }
+  threshold.key = keys[members.front()];
+  threshold.tie_mass = masses[members.front()];
+  threshold.ties_taken = ties_to_take(rule, threshold.above,
+                                      static_cast<int64_t>(members.size()), threshold.tie_mass);
+  return threshold;
+}
+
+// Positions (in the survivor arrays) of the selected tokens, in id order.
+void gather_selected(const Threshold& threshold, RowScratch& scratch) {
+  scratch.selected.clear();
+  int64_t ties_seen = 0;
+  for (size_t i = 0; i < scratch.survivor_keys.size(); ++i) {
+    const uint32_t key = scratch.survivor_keys[i];
+    if (key > threshold.key || (key == threshold.key && ties_seen++ < threshold.ties_taken)) {
+      scratch.selected.push_back(static_cast<int32_t>(i));
+    }
+  }
+}
+
+// Steps 1-4 for one row; returns the row status.
+int select_row(const float* scaled, int64_t vocab, float top_p, const StopRule& base_rule,
+               RowScratch& scratch, RowStats& stats, Threshold& threshold) {
+  stats = scan_row(scaled, vocab, scratch);
+  if (stats.status != kRowOk) return stats.status;
+  StopRule rule = base_rule;
+  rule.target_mass = mass_target(top_p, stats.total_mass);
+  float cutoff = survivor_cutoff(stats, vocab, top_p, rule.cap, scratch);
+  collect_survivors(scaled, vocab, cutoff, stats.max_logit, scratch);
+  if (static_cast<int64_t>(scratch.survivor_ids.size()) < rule.min_keep) {
+    // The mass bound does not cover min_keep: every token is a survivor.
+    collect_survivors(scaled, vocab, -std::numeric_limits<float>::infinity(), stats.max_logit,
+                      scratch);
+  }
+  threshold = select_threshold(rule, scratch);
+  return kRowOk;
+}
+
+template <typename scalar_t>
+void candidates_rows(const at::Tensor& logits, const float* top_p, int64_t max_candidates,
+                     float temperature, int64_t* ids, float* probs, int32_t* counts,
+                     float* mass, int* statuses) {
+  const int64_t batch = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  const int64_t row_stride = logits.stride(0);
+  const scalar_t* data = logits.data_ptr<scalar_t>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    RowScratch scratch;
+    for (int64_t row = begin; row < end; ++row) {
+      int64_t* row_ids = ids + row * max_candidates;
+      float* row_probs = probs + row * max_candidates;
+      std::fill(row_ids, row_ids + max_candidates, -1);
+      std::fill(row_probs, row_probs + max_candidates, 0.0f);
+      counts[row] = 0;
+      mass[row] = 0.0f;
+      const float* scaled = scaled_row(data + row * row_stride, vocab, temperature, scratch);
+      RowStats stats;
+      Threshold threshold;
+      const StopRule rule{0, max_candidates, 1};
+      statuses[row] = select_row(scaled, vocab, top_p[row], rule, scratch, stats, threshold);
+      if (statuses[row] != kRowOk) continue;
+
+      gather_selected(threshold, scratch);
+      auto& selected = scratch.selected;
+      const auto& keys = scratch.survivor_keys;
+      std::stable_sort(selected.begin(), selected.end(),
+                       [&](int32_t a, int32_t b) { return keys[a] > keys[b]; });
+      const double total = static_cast<double>(stats.total_mass);
+      uint64_t selected_mass = 0;
+      for (size_t slot = 0; slot < selected.size(); ++slot) {
+        const int32_t survivor = selected[slot];
+        const int64_t token = scratch.survivor_ids[survivor];
+        row_ids[slot] = token;
+        row_probs[slot] = static_cast<float>(
+            static_cast<double>(mtp_exp(scaled[token] - stats.max_logit)) * kMassScale / total);
+        selected_mass += scratch.survivor_masses[survivor];
+      }
+      counts[row] = static_cast<int32_t>(selected.size());
+      mass[row] = static_cast<float>(static_cast<double>(selected_mass) / total);
+    }
+  });
+}
+
+template <typename scalar_t>
+void mask_rows(const at::Tensor& logits, const float* top_p, int64_t min_tokens_to_keep,
+               float filter_value, scalar_t* out, int* statuses) {
+  const int64_t batch = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  const int64_t row_stride = logits.stride(0);
+  const scalar_t* data = logits.data_ptr<scalar_t>();
+  const scalar_t filler = static_cast<scalar_t>(filter_value);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    RowScratch scratch;
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* row_in = data + row * row_stride;
+      scalar_t* row_out = out + row * vocab;
+      const float* scaled = scaled_row(row_in, vocab, 1.0f, scratch);
+      RowStats stats;
+      Threshold threshold;
+      const StopRule rule{0, vocab, std::min(min_tokens_to_keep, vocab)};
+      statuses[row] = select_row(scaled, vocab, top_p[row], rule, scratch, stats, threshold);
+      if (statuses[row] != kRowOk) continue;
+      if (top_p[row] >= 1.0f) {
+        // As Hugging Face's warper: top_p = 1 filters only tokens of probability zero.
+        for (int64_t i = 0; i < vocab; ++i) {
+          row_out[i] = scaled[i] == -std::numeric_limits<float>::infinity() ? filler : row_in[i];
+        }
+        continue;
+      }
+      int64_t ties_seen = 0;
+      for (int64_t i = 0; i < vocab; ++i) {
+        const uint32_t key = order_key(scaled[i]);
+        const bool keep = key > threshold.key ||
+                          (key == threshold.key && ties_seen++ < threshold.ties_taken);
+        row_out[i] = keep ? row_in[i] : filler;
+      }
+    }
+  });
+}
+
+void raise_bad_rows(const std::vector<int>& statuses, const char* op) {
+  for (size_t row = 0; row < statuses.size(); ++row) check_row_status(statuses[row], row, op);
+}
+
+// Rows must have unit stride along the vocabulary; any row stride is fine.
+at::Tensor rows_readable(const at::Tensor& logits) {
+  return logits.stride(1) == 1 ? logits : logits.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_candidates_cpu(
+    const at::Tensor& logits_in, const at::Tensor& top_p_in, int64_t max_candidates,
+    double temperature) {
+  constexpr const char* op = "mtp_ext::top_p_candidates";
+  check_logits(logits_in, op);
+  check_top_p_tensor(top_p_in, logits_in, op);
+  TORCH_CHECK(max_candidates >= 1, op, ": max_candidates must be >= 1, got ", max_candidates);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op,
+              ": temperature must be a finite number > 0, got ", temperature);
+  check_top_p_values(top_p_in, op);
+  const at::Tensor logits = rows_readable(logits_in);
+  const at::Tensor top_p = top_p_in.contiguous();
+  const int64_t batch = logits.size(0);
+  auto ids = at::empty({batch, max_candidates}, logits.options().dtype(at::kLong));
+  auto probs = at::empty({batch, max_candidates}, logits.options().dtype(at::kFloat));
+  auto counts = at::empty({batch}, logits.options().dtype(at::kInt));
+  auto mass = at::empty({batch}, logits.options().dtype(at::kFloat));
+  std::vector<int> statuses(batch, kRowOk);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), op, [&] {
+    candidates_rows<scalar_t>(logits, top_p.data_ptr<float>(), max_candidates,
+                              static_cast<float>(temperature), ids.data_ptr<int64_t>(),
+                              probs.data_ptr<float>(), counts.data_ptr<int32_t>(),
+                              mass.data_ptr<float>(), statuses.data());
+  });
+  raise_bad_rows(statuses, op);
+  return {ids, probs, counts, mass};
+}
+
+at::Tensor top_p_mask_cpu(const at::Tensor& logits_in, const at::Tensor& top_p_in,
+                          int64_t min_tokens_to_keep, double filter_value) {
+  constexpr const char* op = "mtp_ext::top_p_mask";
+  check_logits(logits_in, op);
+  check_top_p_tensor(top_p_in, logits_in, op);
+  TORCH_CHECK(min_tokens_to_keep >= 1, op, ": min_tokens_to_keep must be >= 1, got ",
+              min_tokens_to_keep);
+  check_top_p_values(top_p_in, op);
+  const at::Tensor logits = rows_readable(logits_in);
+  const at::Tensor top_p = top_p_in.contiguous();
+  auto out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  std::vector<int> statuses(logits.size(0), kRowOk);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), op, [&] {
+    mask_rows<scalar_t>(logits, top_p.data_ptr<float>(), min_tokens_to_keep,
+                        static_cast<float>(filter_value), out.data_ptr<scalar_t>(),
+                        statuses.data());
+  });
+  raise_bad_rows(statuses, op);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtp_ext, CPU, m) {
+  m.impl("top_p_candidates", &top_p_candidates_cpu);
+  m.impl("top_p_mask", &top_p_mask_cpu);
+}
+
+}  // namespace mtp_ext
