@@ -18,11 +18,12 @@
 
 #include <cstdint>
 #include <cstring>
+#include <math.h>
 
 #if defined(__CUDACC__)
 #define MTP_HD __host__ __device__ __forceinline__
 #else
-#define MTP_HD inline
+#define MTP_HD inline __attribute__((always_inline))
 #endif
 
 namespace mtp_ext {
@@ -39,9 +40,6 @@ constexpr int kRowOk = 0;
 constexpr int kRowHasNanOrPosInf = 1;
 constexpr int kRowAllNegInf = 2;
 
-constexpr int kRadixBits = 8;
-constexpr int kRadixBuckets = 1 << kRadixBits;
-constexpr int kRadixLevels = 32 / kRadixBits;
 
 MTP_HD uint32_t float_bits(float value) {
 #if defined(__CUDA_ARCH__)
@@ -115,13 +113,21 @@ MTP_HD float key_to_float(uint32_t key) {
   return bits_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-MTP_HD int radix_digit(uint32_t key, int level) {
-  return static_cast<int>((key >> (32 - kRadixBits * (level + 1))) & (kRadixBuckets - 1));
+// A radix select fixes the key's bits from the top, `bits` at a time; the last level has
+// shift 0. Backends choose their own schedule (the answer does not depend on it).
+struct RadixLevel {
+  int shift;
+  int bits;
+};
+
+MTP_HD int radix_digit(uint32_t key, RadixLevel level) {
+  return static_cast<int>((key >> level.shift) & ((1u << level.bits) - 1u));
 }
 
-// Mask of the key bits fixed after `levels` radix levels.
-MTP_HD uint32_t radix_prefix_mask(int levels) {
-  return levels == 0 ? 0u : ~0u << (32 - kRadixBits * levels);
+// Mask of the key bits fixed before `level`.
+MTP_HD uint32_t radix_prefix_mask(RadixLevel level) {
+  const int fixed_from = level.shift + level.bits;
+  return fixed_from >= 32 ? 0u : ~0u << fixed_from;
 }
 
 // ceil(top_p * total): the integer mass a nucleus must reach.
@@ -138,10 +144,11 @@ struct StopRule {
   int64_t min_keep;
 };
 
-// What lies strictly above the threshold chosen so far.
+// What lies strictly above the threshold chosen so far. No member initialisers: it also lives
+// in CUDA shared memory, which cannot run constructors. Zero it with SelectState{}.
 struct SelectState {
-  int64_t count = 0;
-  uint64_t mass = 0;
+  int64_t count;
+  uint64_t mass;
 };
 
 MTP_HD bool reaches_stop(const StopRule& rule, int64_t count, uint64_t mass) {
@@ -152,9 +159,9 @@ MTP_HD bool reaches_stop(const StopRule& rule, int64_t count, uint64_t mass) {
 // selection stops, adding the buckets above it to `state`. If it never stops (fewer tokens than
 // the rule asks for), returns the lowest non-empty bucket, so that everything is taken.
 MTP_HD int choose_bucket(const int64_t* bucket_counts, const uint64_t* bucket_masses,
-                         const StopRule& rule, SelectState& state) {
+                         int num_buckets, const StopRule& rule, SelectState& state) {
   int last_nonempty = -1;
-  for (int bucket = kRadixBuckets - 1; bucket >= 0; --bucket) {
+  for (int bucket = num_buckets - 1; bucket >= 0; --bucket) {
     if (bucket_counts[bucket] == 0) continue;
     const int64_t count = state.count + bucket_counts[bucket];
     const uint64_t mass = state.mass + bucket_masses[bucket];

@@ -30,10 +30,13 @@ struct RowScratch {
   std::vector<float> chunk_max;
   std::vector<float> chunk_max_sorted;
   std::vector<int64_t> survivor_ids;
+  std::vector<float> survivor_logits;
   std::vector<uint32_t> survivor_keys;
   std::vector<uint64_t> survivor_masses;
   std::vector<int32_t> members;  // positions in the survivor arrays still in the radix bucket
   std::vector<int32_t> selected;
+  std::vector<int64_t> bucket_counts;
+  std::vector<uint64_t> bucket_masses;
 };
 
 struct RowStats {
@@ -46,7 +49,7 @@ struct Threshold {
   uint32_t key = 0;
   int64_t ties_taken = 0;
   uint64_t tie_mass = 0;
-  SelectState above;
+  SelectState above{};
 };
 
 // The row as float scaled logits; fp32 rows at temperature 1 are read in place.
@@ -119,52 +122,79 @@ float survivor_cutoff(const RowStats& stats, int64_t vocab, float top_p, int64_t
 
 void collect_survivors(const float* scaled, int64_t vocab, float cutoff, float max_logit,
                        RowScratch& scratch) {
-  scratch.survivor_ids.clear();
-  scratch.survivor_keys.clear();
-  scratch.survivor_masses.clear();
+  // Branch-free compaction: dense rows keep most tokens, where a branch would mispredict.
+  scratch.survivor_ids.resize(vocab);
+  scratch.survivor_logits.resize(vocab);
+  int64_t* ids = scratch.survivor_ids.data();
+  float* logits = scratch.survivor_logits.data();
+  int64_t count = 0;
   const int64_t num_chunks = static_cast<int64_t>(scratch.chunk_max.size());
   for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
     if (scratch.chunk_max[chunk] < cutoff) continue;
     const int64_t end = std::min((chunk + 1) * kChunk, vocab);
     for (int64_t i = chunk * kChunk; i < end; ++i) {
-      const float s = scaled[i];
-      if (s < cutoff) continue;
-      scratch.survivor_ids.push_back(i);
-      scratch.survivor_keys.push_back(order_key(s));
-      scratch.survivor_masses.push_back(quantize_mass(mtp_exp(s - max_logit)));
+      ids[count] = i;
+      logits[count] = scaled[i];
+      count += scaled[i] >= cutoff;
     }
   }
+  scratch.survivor_ids.resize(count);
+  scratch.survivor_keys.resize(count);
+  scratch.survivor_masses.resize(count);
+  uint32_t* keys = scratch.survivor_keys.data();
+  uint64_t* masses = scratch.survivor_masses.data();
+#pragma omp simd
+  for (int64_t k = 0; k < count; ++k) {
+    keys[k] = order_key(logits[k]);
+    masses[k] = quantize_mass(mtp_exp(logits[k] - max_logit));
+  }
 }
+
+// 4096 buckets resolve sign, exponent and three mantissa bits in the first pass, so that
+// the later levels see only the survivors of one narrow bucket.
+constexpr RadixLevel kCpuRadixLevels[] = {{20, 12}, {8, 12}, {0, 8}};
+constexpr int kCpuMaxBuckets = 1 << 12;
 
 // Radix select over the survivors: the key of the last selected token and how many of the
 // tokens with that key (in id order) are selected.
 Threshold select_threshold(const StopRule& rule, RowScratch& scratch) {
-  const auto& keys = scratch.survivor_keys;
-  const auto& masses = scratch.survivor_masses;
-  auto& members = scratch.members;
-  members.resize(keys.size());
-  for (size_t i = 0; i < keys.size(); ++i) members[i] = static_cast<int32_t>(i);
+  const uint32_t* keys = scratch.survivor_keys.data();
+  const uint64_t* masses = scratch.survivor_masses.data();
+  const int64_t survivor_count = static_cast<int64_t>(scratch.survivor_keys.size());
+  scratch.bucket_counts.resize(kCpuMaxBuckets);
+  scratch.bucket_masses.resize(kCpuMaxBuckets);
+  int64_t* bucket_counts = scratch.bucket_counts.data();
+  uint64_t* bucket_masses = scratch.bucket_masses.data();
+  auto& members = scratch.members;  // survivors in the chosen bucket, after the first level
+  members.resize(survivor_count);
 
   Threshold threshold;
-  for (int level = 0; level < kRadixLevels; ++level) {
-    int64_t bucket_counts[kRadixBuckets] = {0};
-    uint64_t bucket_masses[kRadixBuckets] = {0};
-    for (const int32_t member : members) {
-      const int bucket = radix_digit(keys[member], level);
+  bool first_level = true;
+  int64_t member_count = survivor_count;
+  for (const RadixLevel level : kCpuRadixLevels) {
+    const int num_buckets = 1 << level.bits;
+    std::fill(bucket_counts, bucket_counts + num_buckets, 0);
+    std::fill(bucket_masses, bucket_masses + num_buckets, 0);
+    for (int64_t k = 0; k < member_count; ++k) {
+      const int64_t survivor = first_level ? k : members[k];
+      const int bucket = radix_digit(keys[survivor], level);
       bucket_counts[bucket] += 1;
-      bucket_masses[bucket] += masses[member];
+      bucket_masses[bucket] += masses[survivor];
     }
-    const int chosen = choose_bucket(bucket_counts, bucket_masses, rule, threshold.above);
-    members.erase(std::remove_if(members.begin(), members.end(),
-                                 [&](int32_t member) {
-                                   return radix_digit(keys[member], level) != chosen;
-                                 }),
-                  members.end());
+    const int chosen =
+        choose_bucket(bucket_counts, bucket_masses, num_buckets, rule, threshold.above);
+    int64_t kept = 0;
+    for (int64_t k = 0; k < member_count; ++k) {
+      const int32_t survivor = first_level ? static_cast<int32_t>(k) : members[k];
+      members[kept] = survivor;
+      kept += radix_digit(keys[survivor], level) == chosen;
+    }
+    member_count = kept;
+    first_level = false;
   }
-  threshold.key = keys[members.front()];
-  threshold.tie_mass = masses[members.front()];
-  threshold.ties_taken = ties_to_take(rule, threshold.above,
-                                      static_cast<int64_t>(members.size()), threshold.tie_mass);
+  threshold.key = keys[members[0]];
+  threshold.tie_mass = masses[members[0]];
+  threshold.ties_taken = ties_to_take(rule, threshold.above, member_count, threshold.tie_mass);
   return threshold;
 }
 
@@ -243,6 +273,28 @@ void candidates_rows(const at::Tensor& logits, const float* top_p, int64_t max_c
   });
 }
 
+// Keeps the tokens above the threshold in one vectorised pass, then the first ties_taken tokens
+// at the threshold, looking only in chunks whose maximum reaches it.
+template <typename scalar_t>
+void write_mask(const scalar_t* row_in, const float* scaled, int64_t vocab,
+                const Threshold& threshold, scalar_t filler, scalar_t* row_out,
+                const RowScratch& scratch) {
+  const float threshold_logit = key_to_float(threshold.key);
+  for (int64_t i = 0; i < vocab; ++i) row_out[i] = scaled[i] > threshold_logit ? row_in[i] : filler;
+  int64_t ties_left = threshold.ties_taken;
+  const int64_t num_chunks = static_cast<int64_t>(scratch.chunk_max.size());
+  for (int64_t chunk = 0; chunk < num_chunks && ties_left > 0; ++chunk) {
+    if (scratch.chunk_max[chunk] < threshold_logit) continue;
+    const int64_t end = std::min((chunk + 1) * kChunk, vocab);
+    for (int64_t i = chunk * kChunk; i < end && ties_left > 0; ++i) {
+      if (scaled[i] == threshold_logit) {
+        row_out[i] = row_in[i];
+        --ties_left;
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 void mask_rows(const at::Tensor& logits, const float* top_p, int64_t min_tokens_to_keep,
                float filter_value, scalar_t* out, int* statuses) {
@@ -269,13 +321,7 @@ void mask_rows(const at::Tensor& logits, const float* top_p, int64_t min_tokens_
         }
         continue;
       }
-      int64_t ties_seen = 0;
-      for (int64_t i = 0; i < vocab; ++i) {
-        const uint32_t key = order_key(scaled[i]);
-        const bool keep = key > threshold.key ||
-                          (key == threshold.key && ties_seen++ < threshold.ties_taken);
-        row_out[i] = keep ? row_in[i] : filler;
-      }
+      write_mask(row_in, scaled, vocab, threshold, filler, row_out, scratch);
     }
   });
 }

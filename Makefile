@@ -1,0 +1,45 @@
+# make test   : set up .venv from nothing (torch, the package, test tools), compile-check the
+#               CUDA sources, build the CMake target, run the tests. README's test command.
+# make build  : rebuild the extension in place (ninja: only what changed).
+# make bench  : run the microbenchmarks.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel lies on this project's machines; override for a CUDA build, e.g.
+# make test TORCH_SPEC="torch==2.14.1"
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+CMAKE_BUILD_DIR ?= cmake-build
+
+.PHONY: test build cuda-check cmake-build pytest bench clean
+
+test: build cuda-check cmake-build pytest
+
+$(VENV)/.installed: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q setuptools wheel ninja pybind11
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+build: $(VENV)/.installed
+	$(PY) setup.py -q build_ext --inplace
+
+cuda-check: $(VENV)/.installed
+	scripts/check_cuda_compiles.sh $(PY)
+
+cmake-build: $(VENV)/.installed
+	cmake -S . -B $(CMAKE_BUILD_DIR) -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > $(CMAKE_BUILD_DIR).log
+	cmake --build $(CMAKE_BUILD_DIR) -j2 >> $(CMAKE_BUILD_DIR).log
+	@echo "cmake build ok: $(CMAKE_BUILD_DIR)/libmtp_ext_ops.so"
+
+pytest: build
+	MTP_EXT_CMAKE_LIB=$(CURDIR)/$(CMAKE_BUILD_DIR)/libmtp_ext_ops.so \
+	  $(PY) -m pytest python_tests -q $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m pytest bench -q --benchmark-columns=median,iqr,rounds --benchmark-sort=name $(PYTEST_ARGS)
+
+clean:
+	rm -rf build $(CMAKE_BUILD_DIR) $(CMAKE_BUILD_DIR).log mtp_ext/*.so

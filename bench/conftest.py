@@ -1,0 +1,19 @@
+"""Shared benchmark settings. Every benchmark compares an op with its baselines in the same run;
+bench/summarize.py turns the JSON that pytest-benchmark writes into median ratios."""
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        item.add_marker(pytest.mark.benchmark(min_rounds=5, warmup=True))
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def device(request):
+    return request.param
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
