@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <torch/library.h>
@@ -33,6 +34,7 @@ constexpr int kRadixLevels = 32 / kRadixBits;
 using BlockReduceFloat = cub::BlockReduce<float, kThreads>;
 using BlockReduceU64 = cub::BlockReduce<unsigned long long, kThreads>;
 using BlockScanInt = cub::BlockScan<int, kThreads>;
+using BlockSortFloat = cub::BlockRadixSort<float, kThreads, 1>;
 
 // cub::Max left CCCL 3; a functor of our own builds with CUDA 12 and 13 alike.
 struct MaxOp {
@@ -44,10 +46,12 @@ struct SharedState {
     typename BlockReduceFloat::TempStorage reduce_float;
     typename BlockReduceU64::TempStorage reduce_u64;
     typename BlockScanInt::TempStorage scan;
+    typename BlockSortFloat::TempStorage sort;
   } temp;
   unsigned long long bucket_counts[kRadixBuckets];
   unsigned long long bucket_masses[kRadixBuckets];
   float max_logit;
+  float count_cutoff;
   unsigned long long total_mass;
   int status;
   uint32_t prefix;
@@ -108,10 +112,19 @@ __device__ RowSelection select_row(const scalar_t* row, int64_t vocab, float tem
   __syncthreads();
   selection.total_mass = shared.total_mass;
   rule.target_mass = mass_target(top_p, selection.total_mass);
-  const float cutoff =
+  float cutoff =
       prune ? mass_cutoff_logit(selection.max_logit,
                                 static_cast<double>(selection.total_mass) / kMassScale, vocab, top_p)
             : -INFINITY;
+  if (prune && rule.cap <= kThreads) {
+    // The threads' own maxima are distinct tokens: at least `cap` tokens lie at or above the
+    // cap-th largest of them. On flat rows this keeps the histograms' atomics few.
+    float thread_max[1] = {local_max};
+    BlockSortFloat(shared.temp.sort).SortDescending(thread_max);
+    if (tid == rule.cap - 1) shared.count_cutoff = thread_max[0];
+    __syncthreads();
+    cutoff = fmaxf(cutoff, shared.count_cutoff);
+  }
 
   if (tid == 0) {
     shared.prefix = 0;
@@ -156,9 +169,10 @@ __device__ RowSelection select_row(const scalar_t* row, int64_t vocab, float tem
   return selection;
 }
 
-// Calls visit(i, s, taken) for every token of the row in tiles, in id order, where `taken`
-// says whether the token is selected and `slot` is its rank among the selected tokens.
-template <typename scalar_t, typename Visit>
+// Calls visit(i, s, taken, slot) for every token of the row, tile by tile in id order: `taken`
+// says whether the token is selected and, when kSlots, `slot` is its rank among the selected
+// tokens. Block scans run only in tiles that need them.
+template <bool kSlots, typename scalar_t, typename Visit>
 __device__ void for_each_in_order(const scalar_t* row, int64_t vocab, float temperature,
                                   const RowSelection& selection, SharedState& shared,
                                   Visit visit) {
@@ -169,14 +183,18 @@ __device__ void for_each_in_order(const scalar_t* row, int64_t vocab, float temp
     const float s = i < vocab ? load_scaled(row, i, temperature) : -INFINITY;
     const uint32_t key = order_key(s);
     const int is_tie = i < vocab && key == selection.threshold_key;
-    int tie_rank, tile_ties;
-    BlockScanInt(shared.temp.scan).ExclusiveSum(is_tie, tie_rank, tile_ties);
-    __syncthreads();
+    int tie_rank = 0, tile_ties = 0;
+    if (__syncthreads_or(is_tie)) {
+      BlockScanInt(shared.temp.scan).ExclusiveSum(is_tie, tie_rank, tile_ties);
+      __syncthreads();
+    }
     const int taken = i < vocab && (key > selection.threshold_key ||
                                     (is_tie && ties_before + tie_rank < selection.ties_taken));
-    int slot, tile_taken;
-    BlockScanInt(shared.temp.scan).ExclusiveSum(taken, slot, tile_taken);
-    __syncthreads();
+    int slot = 0, tile_taken = 0;
+    if (kSlots && __syncthreads_or(taken)) {
+      BlockScanInt(shared.temp.scan).ExclusiveSum(taken, slot, tile_taken);
+      __syncthreads();
+    }
     if (i < vocab) visit(i, s, taken != 0, taken_before + slot);
     ties_before += tile_ties;
     taken_before += tile_taken;
@@ -210,7 +228,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (selection.status != kRowOk) return;
   const double total = static_cast<double>(selection.total_mass);
-  for_each_in_order(row, vocab, temperature, selection, shared,
+  for_each_in_order</*kSlots=*/true>(row, vocab, temperature, selection, shared,
                     [&](int64_t i, float s, bool taken, int slot) {
                       if (!taken) return;
                       row_ids[slot] = i;
@@ -248,7 +266,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     return;
   }
-  for_each_in_order(row, vocab, 1.0f, selection, shared,
+  for_each_in_order</*kSlots=*/false>(row, vocab, 1.0f, selection, shared,
                     [&](int64_t i, float, bool taken, int) { row_out[i] = taken ? row[i] : filler; });
 }
 
