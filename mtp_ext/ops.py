@@ -27,6 +27,9 @@ def _top_p_per_row(top_p: TopP, logits: Tensor) -> Tensor:
     """top_p as the float32 [B] tensor the ops take. Scalars are checked here, without reading
     any device memory; tensors are checked by the op."""
     if isinstance(top_p, Tensor):
+        # Checked here too: a meta tensor would send the call to the fake kernel.
+        if top_p.device != logits.device:
+            raise ValueError(f"top_p is on {top_p.device} but logits are on {logits.device}")
         if top_p.dim() == 0:
             top_p = top_p.expand(logits.shape[0])
         return top_p.to(torch.float32)

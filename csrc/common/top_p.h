@@ -182,9 +182,10 @@ MTP_HD int choose_bucket(const int64_t* bucket_counts, const uint64_t* bucket_ma
 MTP_HD int64_t ties_to_take(const StopRule& rule, const SelectState& above, int64_t tie_count,
                             uint64_t tie_mass) {
   int64_t take = rule.cap - above.count;
-  if (tie_mass > 0) {
-    const uint64_t missing = rule.target_mass > above.mass ? rule.target_mass - above.mass : 0;
-    int64_t for_mass = static_cast<int64_t>((missing + tie_mass - 1) / tie_mass);
+  const uint64_t missing = rule.target_mass > above.mass ? rule.target_mass - above.mass : 0;
+  // Zero-mass ties can complete the selection only when the mass is already there.
+  if (missing == 0 || tie_mass > 0) {
+    int64_t for_mass = missing == 0 ? 0 : static_cast<int64_t>((missing + tie_mass - 1) / tie_mass);
     if (for_mass < rule.min_keep - above.count) for_mass = rule.min_keep - above.count;
     if (for_mass < take) take = for_mass;
   }

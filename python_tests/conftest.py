@@ -1,0 +1,33 @@
+"""Fixtures shared by the python tests."""
+import zlib
+
+import pytest
+import torch
+
+import mtp_ext
+
+
+def cuda_kernels_available() -> bool:
+    """A CUDA device is present and mtp_ext was built with its CUDA kernels."""
+    return torch.cuda.is_available() and mtp_ext.build_info()["cuda"]
+
+
+def pytest_report_header(config):
+    # Says up front whether the `cuda` tests can run, so that a run full of skips explains itself.
+    return f"mtp_ext build: {mtp_ext.build_info()}; CUDA kernels usable: {cuda_kernels_available()}"
+
+
+@pytest.fixture
+def generator(request) -> torch.Generator:
+    """A CPU generator seeded from the test's id: every parametrisation draws its own fresh
+    inputs, and a rerun of the same test draws the same ones."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def restore_num_threads():
+    """Puts torch's intra-op thread count back after a test that changes it."""
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
