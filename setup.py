@@ -58,11 +58,13 @@ def extension():
     with_cuda = cuda_wanted()
     sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fno-trapping-math lets gcc if-convert and vectorise the exp loops (values are unchanged).
-    cxx_flags = ["-O3", "-g0", "-fopenmp-simd", "-fno-trapping-math",
+    # -fopenmp: at::parallel_for is inline OpenMP, serial in a library built without it.
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math",
                  f'-DMTP_EXT_TORCH_VERSION="{torch.__version__}"']
     cxx_flags += host_simd_flags()
     if not with_cuda:
-        return CppExtension("mtp_ext._C", sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension("mtp_ext._C", sources, extra_compile_args={"cxx": cxx_flags},
+                            extra_link_args=["-fopenmp"])
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     cxx_flags += ["-DMTP_EXT_WITH_CUDA", f'-DMTP_EXT_CUDA_ARCHS="{archs}"']
@@ -71,6 +73,7 @@ def extension():
         "mtp_ext._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
     )
 
 

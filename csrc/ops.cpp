@@ -14,4 +14,21 @@ TORCH_LIBRARY(mtp_ext, m) {
   m.def(
       "top_p_mask(Tensor logits, Tensor top_p, int min_tokens_to_keep, float filter_value)"
       " -> Tensor");
+  // A draft tree per row after a prefix held in a KV cache, packed for one forward pass:
+  // input_ids [B, N] int64 (pad_id in unused slots), position_ids [B, N] int64 and
+  // attention_mask [B, 1, N, T + N] bool (True = may attend), in which every node sees the
+  // real prefix tokens, its ancestors and itself (within sliding_window positions, if > 0).
+  m.def(
+      "tree_pack(Tensor tree_ids, Tensor parents, Tensor counts, Tensor prefix_mask, int pad_id,"
+      " int sliding_window) -> (Tensor input_ids, Tensor position_ids, Tensor attention_mask)");
+  // tree_pack for a tree after each of the tokens first_position .. first_position + W - 1
+  // of a sequence [B, T] held in a KV cache (teacher forcing): trees [B, W, N] packed into
+  // [B, W * N] tokens and a mask [B, 1, W * N, T + W * N].
+  m.def(
+      "tree_pack_teacher(Tensor tree_ids, Tensor parents, Tensor counts, Tensor seq_mask,"
+      " int pad_id, int sliding_window, int first_position=0)"
+      " -> (Tensor input_ids, Tensor position_ids, Tensor attention_mask)");
+  // sum_n weights[b, n] * softmax(logits[b, n]) as float32 [B, V], fused: the probabilities
+  // are never written, and rows of weight 0 are never read.
+  m.def("marginal_accumulate(Tensor weights, Tensor logits) -> Tensor");
 }

@@ -6,13 +6,29 @@ from mtp_ext._library import build_info, load_compiled_library
 
 _C = load_compiled_library()
 
-from mtp_ext.ops import TopPCandidates, top_p_candidates, top_p_mask  # noqa: E402
+from mtp_ext.ops import (  # noqa: E402
+    TopPCandidates,
+    TreePack,
+    marginal_accumulate,
+    top_p_candidates,
+    top_p_mask,
+    tree_pack,
+    tree_pack_teacher,
+)
 from mtp_ext.sampling import TopPLogitsWarper  # noqa: E402
+from mtp_ext.marginal import MarginalMTP  # noqa: E402
+from mtp_ext.evaluate import evaluate_mtp  # noqa: E402
 
 __all__ = [
+    "MarginalMTP",
+    "evaluate_mtp",
     "TopPCandidates",
     "TopPLogitsWarper",
+    "TreePack",
     "build_info",
+    "marginal_accumulate",
     "top_p_candidates",
     "top_p_mask",
+    "tree_pack",
+    "tree_pack_teacher",
 ]

@@ -117,3 +117,113 @@ def _top_p_candidates_fake(logits, top_p, max_candidates, temperature):
 def _top_p_mask_fake(logits, top_p, min_tokens_to_keep, filter_value):
     torch._check(logits.dim() == 2, lambda: "logits must be 2-D [batch, vocab]")
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+class TreePack(NamedTuple):
+    """Draft-tree tokens packed for one forward pass over a KV cache (see `tree_pack`)."""
+
+    input_ids: Tensor  # [B, P] int64, pad_id in padding slots
+    position_ids: Tensor  # [B, P] int64
+    attention_mask: Tensor  # [B, 1, P, T + P] bool, True = may attend
+
+
+def tree_pack(
+    tree_ids: Tensor,
+    parents: Tensor,
+    counts: Tensor,
+    prefix_mask: Tensor,
+    pad_id: int = 0,
+    sliding_window: int = 0,
+) -> TreePack:
+    """Packs a draft tree per row, to run after a prefix held in a KV cache.
+
+    `tree_ids` [B, N] int64 are the nodes' tokens; `parents` [B, N] int64 the index of each
+    node's parent within its row's tree (smaller than the node's own index), or -1 for a
+    child of the prefix's last token; `counts` [B] int32/int64 the nodes in use (later slots
+    are padding and may hold anything); `prefix_mask` [B, T] (bool or integer) the prefix's
+    attention mask, any pattern of real tokens (left padding included).
+
+    Returns `TreePack(input_ids, position_ids, attention_mask)`: input_ids [B, N] (pad_id in
+    padding slots); position_ids [B, N] = real prefix tokens + depth - 1 (Hugging Face's
+    cumsum(mask) - 1 convention, depth 1 for a child of the prefix); attention_mask
+    [B, 1, N, T + N] bool over (prefix, nodes), True where a node may attend: the real prefix
+    tokens, its ancestors and itself, as in the sequence [prefix, ancestors, node]. With
+    `sliding_window` > 0 a node sees only keys fewer than that many positions before it
+    (a sliding-window layer's mask); 0 means no window. Padding slots see only themselves.
+
+    Running the model on input_ids with position_ids, this mask (as an additive float mask)
+    and the prefix's cache gives every node the logits of [prefix, ancestors, node]; the
+    cache then also holds the tree tokens, so crop it back to T afterwards.
+    """
+    return TreePack(*torch.ops.mtp_ext.tree_pack(
+        tree_ids, parents, counts, prefix_mask, int(pad_id), int(sliding_window)
+    ))
+
+
+def tree_pack_teacher(
+    tree_ids: Tensor,
+    parents: Tensor,
+    counts: Tensor,
+    seq_mask: Tensor,
+    pad_id: int = 0,
+    sliding_window: int = 0,
+    first_position: int = 0,
+) -> TreePack:
+    """`tree_pack` for a tree after each of many tokens of one sequence (teacher forcing).
+
+    `seq_mask` [B, T] is the attention mask of a sequence held in a KV cache; `tree_ids`,
+    `parents` [B, W, N] and `counts` [B, W] hold a tree per sequence token
+    t = first_position + w (first_position + W <= T; by default the trees of tokens 0..W-1),
+    with parents indexing within tree w. All trees are scored in one pass.
+
+    Returns `TreePack` over the flattened nodes (w, j) -> w * N + j: input_ids and position_ids
+    [B, W * N], position = pos(t) + depth with pos(t) = cumsum(seq_mask)[t] - 1; attention_mask
+    [B, 1, W * N, T + W * N] in which node (w, j) sees the real sequence tokens up to t, its
+    ancestors in tree w and itself (within `sliding_window` positions, if > 0). Padding nodes
+    (j >= counts[b, w], or a padding token t) see only themselves.
+    """
+    return TreePack(*torch.ops.mtp_ext.tree_pack_teacher(
+        tree_ids, parents, counts, seq_mask, int(pad_id), int(sliding_window), int(first_position)
+    ))
+
+
+def marginal_accumulate(weights: Tensor, logits: Tensor) -> Tensor:
+    """sum_n weights[b, n] * softmax(logits[b, n]) as float32 [B, V]: a marginal distribution.
+
+    `weights` [B, N] float32 (finite, >= 0) are path probabilities, 0 for padding candidates;
+    `logits` [B, N, V] float32, bfloat16 or float16, any strides (unit stride along V is read
+    in place). Rows of weight 0 are never read, so they may hold anything, NaN included; a row
+    of positive weight must hold no NaN or +inf and at least one finite logit.
+
+    Fused: two reads of the live rows, and the N x V probabilities are never written.
+    """
+    return torch.ops.mtp_ext.marginal_accumulate(weights, logits)
+
+
+def _tree_pack_fake_outputs(tree_ids: Tensor, packed, seq_len):
+    batch = tree_ids.shape[0]
+    return (
+        tree_ids.new_empty((batch, packed)),
+        tree_ids.new_empty((batch, packed)),
+        tree_ids.new_empty((batch, 1, packed, seq_len + packed), dtype=torch.bool),
+    )
+
+
+@torch.library.register_fake("mtp_ext::tree_pack")
+def _tree_pack_fake(tree_ids, parents, counts, prefix_mask, pad_id, sliding_window):
+    torch._check(tree_ids.dim() == 2, lambda: "tree_ids must be 2-D [batch, nodes]")
+    torch._check(prefix_mask.dim() == 2, lambda: "prefix_mask must be 2-D [batch, length]")
+    return _tree_pack_fake_outputs(tree_ids, tree_ids.shape[1], prefix_mask.shape[1])
+
+
+@torch.library.register_fake("mtp_ext::tree_pack_teacher")
+def _tree_pack_teacher_fake(tree_ids, parents, counts, seq_mask, pad_id, sliding_window, first_position=0):
+    torch._check(tree_ids.dim() == 3, lambda: "tree_ids must be 3-D [batch, trees, nodes]")
+    torch._check(seq_mask.dim() == 2, lambda: "seq_mask must be 2-D [batch, length]")
+    return _tree_pack_fake_outputs(tree_ids, tree_ids.shape[1] * tree_ids.shape[2], seq_mask.shape[1])
+
+
+@torch.library.register_fake("mtp_ext::marginal_accumulate")
+def _marginal_accumulate_fake(weights, logits):
+    torch._check(logits.dim() == 3, lambda: "logits must be 3-D [batch, candidates, vocab]")
+    return logits.new_empty((logits.shape[0], logits.shape[2]), dtype=torch.float32)

@@ -71,3 +71,116 @@ def top_p_mask(
     whole_row = (_top_p_per_row(top_p, logits) >= 1.0).to(logits.device)[:, None]
     keep = torch.where(whole_row, logits != -math.inf, keep)
     return logits.masked_fill(~keep, filter_value)
+
+
+def tree_pack(tree_ids: Tensor, parents: Tensor, counts: Tensor, prefix_mask: Tensor, pad_id: int = 0,
+              sliding_window: int = 0):
+    """Reference for mtp_ext.tree_pack: (input_ids, position_ids, attention_mask)."""
+    last = prefix_mask.shape[1] - 1
+    return _pack_trees(tree_ids[:, None], parents[:, None], counts[:, None], prefix_mask, first_anchor=last,
+                       padding_anchor_empties_tree=False, pad_id=pad_id, sliding_window=sliding_window)
+
+
+def tree_pack_teacher(tree_ids: Tensor, parents: Tensor, counts: Tensor, seq_mask: Tensor, pad_id: int = 0,
+                      sliding_window: int = 0, first_position: int = 0):
+    """Reference for mtp_ext.tree_pack_teacher: (input_ids, position_ids, attention_mask)."""
+    return _pack_trees(tree_ids, parents, counts, seq_mask, first_anchor=first_position,
+                       padding_anchor_empties_tree=True, pad_id=pad_id, sliding_window=sliding_window)
+
+
+def _pack_trees(tree_ids, parents, counts, seq_mask, first_anchor, padding_anchor_empties_tree, pad_id,
+                sliding_window):
+    """Node by node: each live node (w, j) attends to the keys of the sequence it stands for,
+    [real tokens up to its anchor first_anchor + w, its ancestors, itself], at their positions
+    in that sequence; a padding node only to itself."""
+    batch, trees, nodes = tree_ids.shape
+    length = seq_mask.shape[1]
+    packed = trees * nodes
+    real = (seq_mask != 0).cpu()
+    seq_positions = real.long().cumsum(1) - 1
+    parent_lists, count_lists = parents.tolist(), counts.tolist()
+    input_ids = torch.full((batch, packed), pad_id, dtype=torch.long)
+    position_ids = torch.empty((batch, packed), dtype=torch.long)
+    mask = torch.zeros((batch, 1, packed, length + packed), dtype=torch.bool)
+    for b in range(batch):
+        for w in range(trees):
+            anchor = first_anchor + w
+            anchor_position = int(seq_positions[b, anchor]) if anchor >= 0 else -1
+            tree_live = not padding_anchor_empties_tree or bool(real[b, anchor])
+            for j in range(nodes):
+                slot = w * nodes + j
+                if not (tree_live and j < count_lists[b][w]):
+                    position_ids[b, slot] = anchor_position + 1
+                    mask[b, 0, slot, length + slot] = True
+                    continue
+                path = [j]  # the node and its ancestors, up to the child of the anchor
+                while parent_lists[b][w][path[-1]] >= 0:
+                    path.append(parent_lists[b][w][path[-1]])
+                position = anchor_position + len(path)
+                input_ids[b, slot] = tree_ids[b, w, j]
+                position_ids[b, slot] = position
+                in_window = torch.ones(anchor + 1, dtype=torch.bool)
+                if sliding_window > 0:
+                    in_window = position - seq_positions[b, : anchor + 1] < sliding_window
+                mask[b, 0, slot, : anchor + 1] = real[b, : anchor + 1] & in_window
+                for depth, node in enumerate(reversed(path), start=1):
+                    key_position = anchor_position + depth
+                    if sliding_window <= 0 or position - key_position < sliding_window:
+                        mask[b, 0, slot, length + w * nodes + node] = True
+    device = tree_ids.device
+    return input_ids.to(device), position_ids.to(device), mask.to(device)
+
+
+def marginal_accumulate(weights: Tensor, logits: Tensor) -> Tensor:
+    """Reference for mtp_ext.marginal_accumulate: softmax in float32, then the weighted sum.
+    Rows of weight 0 are zeroed before the sum, since they may hold NaN."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    probs.masked_fill_((weights == 0)[:, :, None], 0.0)
+    return torch.bmm(weights[:, None, :], probs)[:, 0]
+
+
+# --- Teacher-forced marginalisation, the plain ways (baselines for evaluate_mtp) ---------------
+
+
+def _cache_keyword(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def teacher_forced_marginals(model, sequence: Tensor, top_p: float = 0.99, max_candidates: int = 64,
+                             method: str = "rerun"):
+    """Step-2 marginals at every position of one sequence [L], computed without packing.
+
+    method "rerun": every candidate continuation runs as its own sequence, prefix included.
+    method "cache_copy": the sequence runs once; each candidate then runs on its own copy of the
+    cache, cut back to its position.
+    Returns (step-1 distributions [L-1, V], step-2 marginals [L-2, V], captured mass [L-2]).
+    """
+    import copy
+
+    if method not in ("rerun", "cache_copy"):
+        raise ValueError(f"method must be 'rerun' or 'cache_copy', got {method!r}")
+    from transformers import DynamicCache  # a baseline for HF models; the module needs only torch
+
+    length = sequence.shape[0]
+    # A cache without config keeps every token, so that it can be cut back (sliding layers too).
+    cache_arguments = {_cache_keyword(model): DynamicCache()} if method == "cache_copy" else {}
+    outputs = model(sequence[None], use_cache=method == "cache_copy", **cache_arguments)
+    step1 = torch.softmax(outputs.logits[0, :-1].float(), -1)
+    ids, probs, counts, _ = top_p_candidates(outputs.logits[0, :-2].float(), top_p, max_candidates)
+    marginals = torch.zeros(length - 2, step1.shape[1])
+    for position in range(length - 2):
+        for slot in range(int(counts[position])):
+            candidate = ids[position, slot].view(1, 1)
+            if method == "rerun":
+                tokens = torch.cat([sequence[None, : position + 1], candidate], 1)
+                logits = model(tokens).logits[0, -1]
+            else:
+                cache = copy.deepcopy(outputs.past_key_values)
+                cache.crop(position + 1 - length)
+                logits = model(candidate, position_ids=torch.tensor([[position + 1]]), use_cache=True,
+                               **{_cache_keyword(model): cache}).logits[0, -1]
+            marginals[position] += probs[position, slot] * torch.softmax(logits.float(), -1)
+    return step1, marginals, probs.sum(1)

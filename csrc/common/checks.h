@@ -5,6 +5,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "top_p.h"
 
 namespace mtp_ext {
@@ -38,6 +40,34 @@ inline void check_top_p_values(const at::Tensor& top_p, const char* op) {
   TORCH_CHECK(in_range, op, ": every top_p must lie in (0, 1], got min ",
               top_p.min().item<float>(), ", max ", top_p.max().item<float>(),
               " (NaN also fails)");
+}
+
+// Everything about the top-p ops' arguments; `check_values` reads top_p (see above).
+inline void check_top_p_candidates_args(const at::Tensor& logits, const at::Tensor& top_p,
+                                        int64_t max_candidates, double temperature,
+                                        bool check_values) {
+  constexpr const char* op = "mtp_ext::top_p_candidates";
+  check_logits(logits, op);
+  check_top_p_tensor(top_p, logits, op);
+  TORCH_CHECK(max_candidates >= 1, op, ": max_candidates must be >= 1, got ", max_candidates);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op,
+              ": temperature must be a finite number > 0, got ", temperature);
+  if (check_values) check_top_p_values(top_p, op);
+}
+
+inline void check_top_p_mask_args(const at::Tensor& logits, const at::Tensor& top_p,
+                                  int64_t min_tokens_to_keep, bool check_values) {
+  constexpr const char* op = "mtp_ext::top_p_mask";
+  check_logits(logits, op);
+  check_top_p_tensor(top_p, logits, op);
+  TORCH_CHECK(min_tokens_to_keep >= 1, op, ": min_tokens_to_keep must be >= 1, got ",
+              min_tokens_to_keep);
+  if (check_values) check_top_p_values(top_p, op);
+}
+
+// The kernels read rows with unit stride along the vocabulary; any row stride is fine.
+inline at::Tensor with_unit_vocab_stride(const at::Tensor& logits) {
+  return logits.stride(1) == 1 ? logits : logits.contiguous();
 }
 
 inline void check_row_status(int status, int64_t row, const char* op) {

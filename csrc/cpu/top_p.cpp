@@ -330,22 +330,12 @@ void raise_bad_rows(const std::vector<int>& statuses, const char* op) {
   for (size_t row = 0; row < statuses.size(); ++row) check_row_status(statuses[row], row, op);
 }
 
-// Rows must have unit stride along the vocabulary; any row stride is fine.
-at::Tensor rows_readable(const at::Tensor& logits) {
-  return logits.stride(1) == 1 ? logits : logits.contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_candidates_cpu(
     const at::Tensor& logits_in, const at::Tensor& top_p_in, int64_t max_candidates,
     double temperature) {
   constexpr const char* op = "mtp_ext::top_p_candidates";
-  check_logits(logits_in, op);
-  check_top_p_tensor(top_p_in, logits_in, op);
-  TORCH_CHECK(max_candidates >= 1, op, ": max_candidates must be >= 1, got ", max_candidates);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op,
-              ": temperature must be a finite number > 0, got ", temperature);
-  check_top_p_values(top_p_in, op);
-  const at::Tensor logits = rows_readable(logits_in);
+  check_top_p_candidates_args(logits_in, top_p_in, max_candidates, temperature, true);
+  const at::Tensor logits = with_unit_vocab_stride(logits_in);
   const at::Tensor top_p = top_p_in.contiguous();
   const int64_t batch = logits.size(0);
   auto ids = at::empty({batch, max_candidates}, logits.options().dtype(at::kLong));
@@ -366,12 +356,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_candidates_cpu(
 at::Tensor top_p_mask_cpu(const at::Tensor& logits_in, const at::Tensor& top_p_in,
                           int64_t min_tokens_to_keep, double filter_value) {
   constexpr const char* op = "mtp_ext::top_p_mask";
-  check_logits(logits_in, op);
-  check_top_p_tensor(top_p_in, logits_in, op);
-  TORCH_CHECK(min_tokens_to_keep >= 1, op, ": min_tokens_to_keep must be >= 1, got ",
-              min_tokens_to_keep);
-  check_top_p_values(top_p_in, op);
-  const at::Tensor logits = rows_readable(logits_in);
+  check_top_p_mask_args(logits_in, top_p_in, min_tokens_to_keep, true);
+  const at::Tensor logits = with_unit_vocab_stride(logits_in);
   const at::Tensor top_p = top_p_in.contiguous();
   auto out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   std::vector<int> statuses(logits.size(0), kRowOk);

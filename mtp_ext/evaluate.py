@@ -1,0 +1,262 @@
+"""Teacher-forced evaluation of marginalisation MTP (the paper's Fig. 1 measurement).
+
+For every position t of every sequence and every step k, the marginal distribution of
+x_{t+k} given x_{<=t} is ranked against the true token. One forward pass per batch of sequences
+fills the KV cache; then, for a window of positions at a time, one packed pass per tree level
+scores the draft trees of all those positions at once (tree_pack_teacher).
+
+Candidates are capped, so the marginal misses the left-out mass m = 1 - (captured mass). Every
+token's true marginal lies in [captured, captured + m], which bounds each top-k accuracy: a hit
+is certain when no other token can overtake the true one, and possible unless some token beats
+it even with all of m added to the true token.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mtp_ext.marginal import DraftForest, PackedTokens, score_leaves
+from mtp_ext.models.adapters import CausalLMAdapter
+from mtp_ext.ops import top_p_candidates, tree_pack_teacher
+
+# A sequence of token ids, or a (prompt, target) pair whose target tokens alone are scored.
+Example = Union[Sequence[int], tuple[Sequence[int], Sequence[int]]]
+
+
+@dataclass
+class StepAccuracy:
+    step: int
+    positions: int = 0
+    hits: dict = field(default_factory=dict)  # k -> positions whose true token ranks in the top k
+    certain_hits: dict = field(default_factory=dict)  # k -> hits that hold whatever was left out
+    possible_hits: dict = field(default_factory=dict)  # k -> positions that could be hits
+    certain_sets: dict = field(default_factory=dict)  # k -> positions whose top-k set is certain
+    captured_mass_sum: float = 0.0
+
+    def add(self, marginal: Tensor, targets: Tensor, left_out: Tensor, top_k: Sequence[int]) -> None:
+        """marginal [R, V], targets [R], left_out [R]: the positions to score."""
+        self.positions += targets.numel()
+        self.captured_mass_sum += float((1.0 - left_out).sum())
+        target_value = marginal.gather(1, targets[:, None])
+        above = (marginal > target_value).sum(1)
+        # The true token itself always counts in `maybe_above`: hence the - 1.
+        maybe_above = (marginal + left_out[:, None] >= target_value).sum(1) - 1
+        surely_above = (marginal > target_value + left_out[:, None]).sum(1)
+        top_values = marginal.topk(min(max(top_k) + 1, marginal.shape[1]), dim=1).values
+        for k in top_k:
+            self.hits[k] = self.hits.get(k, 0) + int((above < k).sum())
+            self.certain_hits[k] = self.certain_hits.get(k, 0) + int((maybe_above < k).sum())
+            self.possible_hits[k] = self.possible_hits.get(k, 0) + int((surely_above < k).sum())
+            if k < top_values.shape[1]:
+                certain = top_values[:, k - 1] > top_values[:, k] + left_out
+            else:
+                certain = torch.ones_like(left_out, dtype=torch.bool)
+            self.certain_sets[k] = self.certain_sets.get(k, 0) + int(certain.sum())
+
+    def summary(self) -> dict:
+        share = lambda counts: {f"top{k}": counts[k] / max(self.positions, 1) for k in counts}  # noqa: E731
+        return {
+            "step": self.step,
+            "positions": self.positions,
+            "accuracy": share(self.hits),
+            "accuracy_lower": share(self.certain_hits),
+            "accuracy_upper": share(self.possible_hits),
+            "certain_topk_share": share(self.certain_sets),
+            "captured_mass": self.captured_mass_sum / max(self.positions, 1),
+        }
+
+
+@dataclass
+class EvaluationResult:
+    steps: list[dict]
+    mean_nucleus_size: float
+    mean_nucleus_mass: float
+    positions: int
+    seconds: float
+    settings: dict
+
+    @property
+    def positions_per_second(self) -> float:
+        return self.positions / max(self.seconds, 1e-9)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "positions_per_second": self.positions_per_second}
+
+    def table(self, top_k: Sequence[int] = (1, 5)) -> str:
+        """The results as a Markdown table: one line per step."""
+        head = "| step | positions | " + " | ".join(f"top-{k} (bounds)" for k in top_k) + " | captured mass |"
+        lines = [head, "|" + "---|" * (3 + len(top_k))]
+        for step in self.steps:
+            cells = []
+            for k in top_k:
+                name = f"top{k}"
+                cells.append(f"{step['accuracy'][name]:.3f} ({step['accuracy_lower'][name]:.3f}-"
+                             f"{step['accuracy_upper'][name]:.3f})")
+            lines.append(f"| {step['step']} | {step['positions']} | " + " | ".join(cells)
+                         + f" | {step['captured_mass']:.4f} |")
+        lines.append(f"\nmean nucleus size (top-p {self.settings['top_p']}, cap {self.settings['max_candidates']}): "
+                     f"{self.mean_nucleus_size:.1f} tokens holding {self.mean_nucleus_mass:.4f}; "
+                     f"{self.positions_per_second:.1f} positions/s")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate_mtp(
+    model,
+    sequences: Sequence[Example],
+    steps: int = 2,
+    top_k: Sequence[int] = (1, 5),
+    top_p: float = 0.99,
+    max_candidates: int = 64,
+    max_nodes: int = 256,
+    batch_size: int = 4,
+    tokens_per_pass: int = 2048,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Top-k accuracy of the marginal of x_{t+1} .. x_{t+steps} against the true tokens.
+
+    `sequences`: token id lists, or (prompt, target) pairs of which only target tokens are
+    scored (translation). Sequences are right-padded into batches of `batch_size`; each packed
+    pass holds at most about `tokens_per_pass` tree tokens.
+    """
+    adapter = CausalLMAdapter(model)
+    _check_request(adapter, sequences, steps, top_k, top_p)
+    device = adapter.device
+    accuracies = [StepAccuracy(step) for step in range(1, steps + 1)]
+    nucleus_sizes, nucleus_masses = [], []
+    started = time.perf_counter()
+    batches = [sequences[i:i + batch_size] for i in range(0, len(sequences), batch_size)]
+    with tqdm(total=sum(_scored_count(batch) for batch in batches), unit="tok", disable=not progress,
+              desc=f"evaluate steps 1-{steps}") as bar:
+        for batch in batches:
+            input_ids, seq_mask, scored = _pad_batch(batch, device)
+            _evaluate_batch(adapter, input_ids, seq_mask, scored, steps, top_k, top_p, max_candidates,
+                            max_nodes, tokens_per_pass, accuracies, nucleus_sizes, nucleus_masses)
+            bar.update(int(scored.sum()))
+    seconds = time.perf_counter() - started
+    settings = dict(steps=steps, top_k=list(top_k), top_p=top_p, max_candidates=max_candidates,
+                    max_nodes=max_nodes, sequences=len(sequences))
+    sizes, masses = torch.cat(nucleus_sizes).float(), torch.cat(nucleus_masses)
+    return EvaluationResult([a.summary() for a in accuracies], float(sizes.mean()), float(masses.mean()),
+                            accuracies[0].positions, seconds, settings)
+
+
+def _evaluate_batch(adapter, input_ids, seq_mask, scored, steps, top_k, top_p, max_candidates, max_nodes,
+                    tokens_per_pass, accuracies, nucleus_sizes, nucleus_masses) -> None:
+    batch, length = input_ids.shape
+    cache = adapter.new_cache()
+    positions = torch.arange(length, device=input_ids.device).expand(batch, -1)
+    hidden = adapter.hidden_states(input_ids, seq_mask, positions, cache)
+    tree_size = max_candidates if steps == 2 else max_nodes
+    window = max(1, tokens_per_pass // (batch * tree_size))
+    for first in range(0, length - 1, window):
+        last = min(first + window, length - 1)
+        logits = adapter.logits(hidden[:, first:last]).reshape(-1, adapter.vocab_size)
+        _score(accuracies[0], logits, input_ids, scored, first, last, 1, torch.zeros(logits.shape[0]), top_k)
+        if steps == 1:
+            continue
+        ids, probs, counts, mass = top_p_candidates(logits, top_p, max_candidates)
+        anchored = _anchored(scored, first, last, steps)
+        nucleus_sizes.append(counts[anchored])
+        nucleus_masses.append(mass[anchored])
+        forest = DraftForest.from_candidates(ids, probs, counts)
+        settings = _Settings(top_p, max_candidates)
+        for step in range(2, steps + 1):
+            packed = _pack_window(adapter, forest, seq_mask, first, last - first)
+            node_hidden = adapter.hidden_states(packed.input_ids, packed.mask, packed.position_ids, cache)
+            adapter.trim_cache(cache, length)
+            scores = score_leaves(adapter, forest, node_hidden, settings, expand=step < steps)
+            left_out = (1.0 - scores.captured_mass).clamp(min=0.0)
+            _score(accuracies[step - 1], scores.marginal, input_ids, scored, first, last, step, left_out, top_k)
+            if step < steps:
+                forest = forest.grow(*scores.children, max_nodes=max_nodes)
+
+
+@dataclass
+class _Settings:
+    top_p: float
+    max_candidates: int
+
+
+def _pack_window(adapter: CausalLMAdapter, forest: DraftForest, seq_mask: Tensor, first: int,
+                 window: int) -> PackedTokens:
+    batch = seq_mask.shape[0]
+    shape = (batch, window, forest.size)
+    allowed = {}
+    for sliding in adapter.mask_windows():
+        packed = tree_pack_teacher(forest.token_ids.reshape(shape), forest.parents.reshape(shape),
+                                   forest.counts.reshape(batch, window), seq_mask, first_position=first,
+                                   sliding_window=sliding)
+        allowed[sliding] = packed.attention_mask
+    return PackedTokens(packed.input_ids, packed.position_ids,
+                        adapter.packed_mask(allowed, adapter.lm_head.weight.dtype))
+
+
+def _score(accuracy: StepAccuracy, distributions: Tensor, input_ids: Tensor, scored: Tensor, first: int,
+           last: int, step: int, left_out: Tensor, top_k: Sequence[int]) -> None:
+    """Rank x_{t+step} for anchors t in [first, last) whose target exists and is scored."""
+    batch, length = input_ids.shape
+    anchors = torch.arange(first, last, device=input_ids.device)
+    target_index = anchors + step
+    in_range = target_index < length
+    target_index = target_index.clamp(max=length - 1)
+    targets = input_ids[:, target_index]  # [B, P]
+    valid = (scored[:, target_index] & in_range[None, :]).reshape(-1)
+    if bool(valid.any()):
+        accuracy.add(distributions[valid], targets.reshape(-1)[valid], left_out.to(distributions.device)[valid],
+                     top_k)
+
+
+def _anchored(scored: Tensor, first: int, last: int, steps: int) -> Tensor:
+    """Anchors in [first, last) whose next token is scored: where nucleus sizes are counted."""
+    return scored[:, first + 1:last + 1].reshape(-1)
+
+
+def _pad_batch(batch: Sequence[Example], device) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded input ids, attention mask and which tokens are scored, [B, L] each."""
+    rows, scored_rows = [], []
+    for example in batch:
+        if isinstance(example, tuple):
+            prompt, target = list(example[0]), list(example[1])
+            rows.append(prompt + target)
+            scored_rows.append([False] * len(prompt) + [True] * len(target))
+        else:
+            rows.append(list(example))
+            scored_rows.append([True] * len(rows[-1]))
+    length = max(len(row) for row in rows)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    seq_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    scored = torch.zeros(len(rows), length, dtype=torch.bool)
+    for index, (row, scored_row) in enumerate(zip(rows, scored_rows)):
+        input_ids[index, :len(row)] = torch.tensor(row)
+        seq_mask[index, :len(row)] = 1
+        scored[index, :len(row)] = torch.tensor(scored_row)
+    scored[:, 0] = False  # nothing predicts the first token
+    return input_ids.to(device), seq_mask.to(device), scored.to(device)
+
+
+def _scored_count(batch: Sequence[Example]) -> int:
+    return sum(len(example[1]) if isinstance(example, tuple) else len(example) - 1 for example in batch)
+
+
+def _check_request(adapter: CausalLMAdapter, sequences, steps, top_k, top_p) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps}")
+    if not (0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if not top_k or min(top_k) < 1:
+        raise ValueError(f"top_k must hold integers >= 1, got {top_k}")
+    if len(sequences) == 0:
+        raise ValueError("no sequences to evaluate")
+    for index, example in enumerate(sequences):
+        tokens = len(example[0]) + len(example[1]) if isinstance(example, tuple) else len(example)
+        if tokens < 2:
+            raise ValueError(f"sequence {index} has {tokens} tokens: at least 2 are needed")
+        if tokens + steps - 1 > adapter.context_length:
+            raise ValueError(f"sequence {index} has {tokens} tokens, which with {steps - 1} predicted ones "
+                             f"exceeds the model's context of {adapter.context_length}")

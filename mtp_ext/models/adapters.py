@@ -1,0 +1,128 @@
+"""What mtp_ext needs from a Hugging Face causal LM, in one place, for every supported
+architecture and for the transformers versions in use (5.17 on the GPU machine, 5.24 here).
+
+A packed pass runs the base model over extra tokens that reuse the KV cache of a prefix, with
+an explicit 4-D mask and position ids; the cache is trimmed back afterwards.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Union
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel
+
+# model_type -> the name people know it by
+SUPPORTED_ARCHITECTURES = {
+    "llama": "Llama (SmolLM2)",
+    "gemma3_text": "Gemma 3",
+    "gpt2": "GPT-2",
+    "gpt_neox": "GPT-NeoX (Pythia)",
+}
+
+PackedMask = Union[Tensor, dict]
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(f"{key} ({name})" for key, name in SUPPORTED_ARCHITECTURES.items())
+        raise UnsupportedModelError(
+            f"model architecture {model_type!r} ({type(model).__name__}) is not supported; "
+            f"supported: {supported}"
+        )
+
+
+class CausalLMAdapter:
+    """Runs a supported HF causal LM the way marginalisation needs it."""
+
+    def __init__(self, model: PreTrainedModel):
+        check_supported(model)
+        self.model = model
+        self.config = model.config
+        self.base_model = model.base_model
+        self.lm_head = model.get_output_embeddings()
+        parameters = inspect.signature(self.base_model.forward).parameters
+        # transformers renamed past_key_values to cache; the GPU machine has the old name.
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        layer_types = getattr(self.config, "layer_types", None) or []
+        self.sliding_window = (
+            int(self.config.sliding_window) if "sliding_attention" in layer_types else 0
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    @property
+    def context_length(self) -> int:
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(self.config, name, None)
+            if value:
+                return int(value)
+        raise ValueError(f"cannot tell the context length of {type(self.model).__name__}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def new_cache(self) -> DynamicCache:
+        # No config: every layer keeps every token. A config would make Gemma 3's sliding
+        # layers evict tokens that packed passes still index.
+        return DynamicCache()
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: PackedMask, position_ids: Tensor,
+                      cache: DynamicCache) -> Tensor:
+        """Final-norm hidden states [B, n, H] of input_ids after the cache's tokens; the cache
+        grows by n tokens."""
+        outputs = self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_argument: cache},
+        )
+        return outputs.last_hidden_state
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """float32 next-token logits for hidden states [..., H]."""
+        logits = self.lm_head(hidden).float()
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    def packed_mask(self, allowed: dict[int, Tensor], dtype: torch.dtype) -> PackedMask:
+        """The model's attention mask from boolean masks [B, 1, n, K] keyed by sliding window
+        (0: none): additive float, and one per layer type for models with sliding layers."""
+        full = _additive(allowed[0], dtype)
+        if not self.sliding_window:
+            return full
+        return {"full_attention": full,
+                "sliding_attention": _additive(allowed[self.sliding_window], dtype)}
+
+    def mask_windows(self) -> list[int]:
+        """The sliding windows (0: none) for which packed_mask wants a boolean mask."""
+        return [0, self.sliding_window] if self.sliding_window else [0]
+
+    @staticmethod
+    def trim_cache(cache: DynamicCache, length: int) -> None:
+        """Drop the tokens after the first `length` (a negative count works in every version)."""
+        extra = cache.get_seq_length() - length
+        if extra > 0:
+            cache.crop(-extra)
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def prefix_position_ids(attention_mask: Tensor) -> Tensor:
+    """Position ids for a left- or right-padded batch: real tokens count from 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
