@@ -136,8 +136,7 @@ def evaluate_mtp(
         for batch in batches:
             input_ids, seq_mask, scored = _pad_batch(batch, device)
             _evaluate_batch(adapter, input_ids, seq_mask, scored, steps, top_k, top_p, max_candidates,
-                            max_nodes, tokens_per_pass, accuracies, nucleus_sizes, nucleus_masses)
-            bar.update(int(scored.sum()))
+                            max_nodes, tokens_per_pass, accuracies, nucleus_sizes, nucleus_masses, bar)
     seconds = time.perf_counter() - started
     settings = dict(steps=steps, top_k=list(top_k), top_p=top_p, max_candidates=max_candidates,
                     max_nodes=max_nodes, sequences=len(sequences))
@@ -147,7 +146,7 @@ def evaluate_mtp(
 
 
 def _evaluate_batch(adapter, input_ids, seq_mask, scored, steps, top_k, top_p, max_candidates, max_nodes,
-                    tokens_per_pass, accuracies, nucleus_sizes, nucleus_masses) -> None:
+                    tokens_per_pass, accuracies, nucleus_sizes, nucleus_masses, bar) -> None:
     batch, length = input_ids.shape
     cache = adapter.new_cache()
     positions = torch.arange(length, device=input_ids.device).expand(batch, -1)
@@ -156,6 +155,7 @@ def _evaluate_batch(adapter, input_ids, seq_mask, scored, steps, top_k, top_p, m
     window = max(1, tokens_per_pass // (batch * tree_size))
     for first in range(0, length - 1, window):
         last = min(first + window, length - 1)
+        bar.update(int(scored[:, first + 1:last + 1].sum()))
         logits = adapter.logits(hidden[:, first:last]).reshape(-1, adapter.vocab_size)
         _score(accuracies[0], logits, input_ids, scored, first, last, 1, torch.zeros(logits.shape[0]), top_k)
         if steps == 1:
