@@ -1,6 +1,8 @@
 """The `mtp-ext` command.
 
     mtp-ext eval --model smollm2-135m --data austen --steps 2 --top-p 0.99 --tokens 4096
+    mtp-ext analyze --model smollm2-135m --data austen --tokens 4096 --out results/smollm2-austen
+    mtp-ext report results/* --out results
 """
 from __future__ import annotations
 
@@ -33,6 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, help="write the results as JSON here")
     evaluate.add_argument("--plot", type=Path, help="draw the accuracy per step (Fig. 1 style) here (PNG)")
     evaluate.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+
+    analysis = commands.add_parser("analyze", help="logit-lens KL, entropy and nucleus sizes (Figs. 2-4)")
+    analysis.add_argument("--model", default=DEFAULT_MODEL)
+    analysis.add_argument("--data", default=DEFAULT_DATA)
+    analysis.add_argument("--tokens", type=int, default=4096, help="positions to analyse")
+    analysis.add_argument("--seq-len", type=int, default=512)
+    analysis.add_argument("--top-p", type=float, nargs="+", default=[0.99, 0.9])
+    analysis.add_argument("--out", type=Path, required=True, help="directory for analysis.json and the plots")
+    analysis.add_argument("--threads", type=int, default=None)
+
+    report = commands.add_parser("report", help="one table and the Fig. 1 chart from eval / analyze results")
+    report.add_argument("dirs", type=Path, nargs="+", help="directories holding eval.json and/or analysis.json")
+    report.add_argument("--out", type=Path, required=True, help="directory for report.md and fig1.png")
     return parser
 
 
@@ -93,14 +108,141 @@ def run_eval(args: argparse.Namespace) -> dict:
     return report
 
 
-def plot_accuracy(reports: list[dict], path: Path, k: int = 5) -> None:
-    """Bars of top-k accuracy per step for each (model, data) report, with the bounds as error
-    bars: the paper's Fig. 1."""
+def run_analyze(args: argparse.Namespace) -> dict:
+    import torch
+
+    from mtp_ext.analysis import analyze
+    from mtp_ext.models import describe_weights, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = _output_dir(args.out)
+    model, tokenizer = load_model(args.model)
+    examples, task = sequences_for(args.data, tokenizer, args.tokens, args.seq_len)
+    sequences = [list(e[0]) + list(e[1]) if isinstance(e, tuple) else e for e in examples]
+    available = sum(len(sequence) for sequence in sequences)
+    if available < args.tokens:
+        raise ValueError(f"{args.data!r} gave {available} tokens but --tokens asks for {args.tokens}")
+    result = analyze(model, sequences, top_ps=tuple(args.top_p))
+    report = {"model": args.model, "weights": describe_weights(model), "data": args.data, "task": task,
+              **result.to_dict()}
+    (out / "analysis.json").write_text(json.dumps(report))
+    plot_analysis(report, out)
+    summary = result.summary()
+    print(f"\nmodel {args.model}, data {args.data}: {summary['positions']} positions, mean entropy "
+          f"{summary['mean_entropy']:.3f} nats, mean nucleus sizes "
+          + ", ".join(f"top-{p}: {size:.1f}" for p, size in summary["mean_nucleus_size"].items()))
+    print("logit-lens KL per layer: " + " ".join(f"{kl:.2f}" for kl in summary["kl_per_layer"]))
+    print(f"wrote {out}/analysis.json, logit_lens_kl.png, entropy.png, nucleus_sizes.png")
+    return report
+
+
+def plot_analysis(report: dict, out: Path) -> None:
+    """Figs. 2-4 of the paper for one model and text."""
+    plt = _pyplot()
+    label = f"{report['model']} / {report['data']}"
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    kl = report["kl_per_layer"]
+    axes.plot(range(1, len(kl) + 1), kl, marker="o", markersize=3)
+    axes.set(xlabel="layer", ylabel="KL(p_layer || p_final) (nats)", title=f"Logit lens: {label}")
+    _save(plt, figure, out / "logit_lens_kl.png")
+
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    first = report["entropy"][0]
+    axes.plot(range(len(first)), first, linewidth=0.8)
+    axes.set(xlabel="position in the first sequence", ylabel="entropy (nats)",
+             title=f"Next-token entropy: {label}")
+    _save(plt, figure, out / "entropy.png")
+
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    for p, rows in report["nucleus_sizes"].items():
+        values = [value for row in rows for value in row]
+        axes.hist(values, bins=50, alpha=0.6, label=f"top-{p}: mean {sum(values) / len(values):.1f}")
+    axes.set(xlabel="tokens in the nucleus", ylabel="positions", yscale="log", title=f"Nucleus sizes: {label}")
+    axes.legend(fontsize=8)
+    _save(plt, figure, out / "nucleus_sizes.png")
+
+
+def run_report(args: argparse.Namespace) -> str:
+    out = _output_dir(args.out)
+    evaluations, analyses = [], {}
+    for directory in args.dirs:
+        if not directory.is_dir():
+            raise ValueError(f"{directory} is not a directory")
+        if (directory / "eval.json").is_file():
+            evaluations.append(json.loads((directory / "eval.json").read_text()))
+        if (directory / "analysis.json").is_file():
+            analysis = json.loads((directory / "analysis.json").read_text())
+            analyses[(analysis["model"], analysis["data"])] = analysis["summary"]
+    if not evaluations and not analyses:
+        raise ValueError("none of the directories holds eval.json or analysis.json")
+    table = report_table(evaluations, analyses)
+    (out / "report.md").write_text(table + "\n")
+    print(table)
+    if evaluations:
+        plot_accuracy(evaluations, out / "fig1.png")
+    print(f"wrote {out}/report.md" + (", fig1.png" if evaluations else ""))
+    return table
+
+
+def report_table(evaluations: list[dict], analyses: dict) -> str:
+    """One Markdown line per (model, data, step) of every evaluation, with the analysis of the
+    same model and data beside it."""
+    lines = ["| model | data | task | step | positions | top-1 | top-5 (bounds) | captured mass | "
+             "nucleus 0.99 | nucleus 0.9 | entropy |", "|" + "---|" * 11]
+    for report in evaluations:
+        analysis = analyses.get((report["model"], report["data"]), {})
+        sizes = analysis.get("mean_nucleus_size", {})
+        for step in report["steps"]:
+            accuracy, lower, upper = step["accuracy"], step["accuracy_lower"], step["accuracy_upper"]
+            lines.append(
+                f"| {report['model']} | {report['data']} | {report['task']} | {step['step']} | {step['positions']} "
+                f"| {accuracy.get('top1', float('nan')):.3f} | {accuracy.get('top5', float('nan')):.3f} "
+                f"({lower.get('top5', float('nan')):.3f}-{upper.get('top5', float('nan')):.3f}) "
+                f"| {step['captured_mass']:.3f} | {_number(sizes.get('0.99'))} | {_number(sizes.get('0.9'))} "
+                f"| {_number(analysis.get('mean_entropy'), 3)} |")
+    for (model, data), analysis in analyses.items():
+        if not any((r["model"], r["data"]) == (model, data) for r in evaluations):
+            sizes = analysis["mean_nucleus_size"]
+            lines.append(f"| {model} | {data} | - | - | {analysis['positions']} | - | - | - "
+                         f"| {_number(sizes.get('0.99'))} | {_number(sizes.get('0.9'))} "
+                         f"| {_number(analysis['mean_entropy'], 3)} |")
+    return "\n".join(lines)
+
+
+def _number(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _output_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create the output directory {path}: {error}") from error
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"the output directory {path} is not writable")
+    return path
+
+
+def plot_accuracy(reports: list[dict], path: Path, k: int = 5) -> None:
+    """Bars of top-k accuracy per step for each (model, data) report, with the bounds as error
+    bars: the paper's Fig. 1."""
+    plt = _pyplot()
     name = f"top{k}"
     steps = sorted({step["step"] for report in reports for step in report["steps"]})
     width = 0.8 / max(len(steps), 1)
@@ -121,9 +263,7 @@ def plot_accuracy(reports: list[dict], path: Path, k: int = 5) -> None:
     axes.set_ylim(0, 1)
     axes.legend(fontsize=8)
     axes.set_title("MTP by marginalisation")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def _check_writable(path: Path) -> None:
@@ -137,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "eval":
             run_eval(args)
+        elif args.command == "analyze":
+            run_analyze(args)
+        elif args.command == "report":
+            run_report(args)
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
