@@ -14,7 +14,7 @@ import torch
 import mtp_ext
 from mtp_ext import reference
 
-from conftest import synchronize
+from conftest import time_on_device
 from logits import lm_like_logits
 
 SHAPES = [(8, 64, 49152)]
@@ -68,10 +68,4 @@ def test_marginal(benchmark, device, threads, shape, dtype, contender):
     function = CONTENDERS[contender]
     benchmark.group = f"marginal {device} {threads} {dtype} B={batch} N={candidates} V={vocab}"
     benchmark.extra_info.update(contender=contender, baseline="softmax")
-
-    def timed():
-        result = function(weights, logits)
-        synchronize(device)
-        return result
-
-    benchmark(timed)
+    time_on_device(benchmark, device, function, weights, logits)

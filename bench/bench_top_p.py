@@ -11,7 +11,7 @@ from transformers import TopPLogitsWarper as HFTopPLogitsWarper
 import mtp_ext
 from mtp_ext import reference
 
-from conftest import synchronize
+from conftest import time_on_device
 from logits import LOGIT_KINDS
 
 SHAPES = [(32, 49152), (8, 262144)]
@@ -55,10 +55,4 @@ def test_top_p(benchmark, device, shape, kind, contender):
     function = CONTENDERS[contender]
     benchmark.group = f"top_p {device} {kind} B={shape[0]} V={shape[1]}"
     benchmark.extra_info.update(contender=contender, baseline="softmax")
-
-    def timed():
-        result = function(logits)
-        synchronize(device)
-        return result
-
-    benchmark(timed)
+    time_on_device(benchmark, device, function, logits)

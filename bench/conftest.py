@@ -17,3 +17,14 @@ def device(request):
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def time_on_device(benchmark, device: str, function, *args):
+    """Benchmarks function(*args), waiting for the device so that GPU work is timed too."""
+
+    def timed():
+        result = function(*args)
+        synchronize(device)
+        return result
+
+    return benchmark(timed)

@@ -41,34 +41,13 @@ constexpr int kRowHasNanOrPosInf = 1;
 constexpr int kRowAllNegInf = 2;
 
 
-MTP_HD uint32_t float_bits(float value) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(value);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-#endif
-}
-
-MTP_HD float bits_float(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-#endif
-}
-
-MTP_HD uint64_t double_bits(double value) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint64_t>(__double_as_longlong(value));
-#else
-  uint64_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-#endif
+// memcpy is the portable bit cast, on the host and in CUDA device code alike.
+template <typename To, typename From>
+MTP_HD To bit_cast(From value) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs types of one size");
+  To out;
+  memcpy(&out, &value, sizeof(To));
+  return out;
 }
 
 // exp(x) for x <= 0, in fp32, with explicit fused multiply-adds so that host and device round
@@ -90,7 +69,7 @@ MTP_HD float mtp_exp(float x) {
   p = fmaf(p, r, 1.6666665459e-1f);
   p = fmaf(p, r, 5.0000001201e-1f);
   p = fmaf(p, r * r, r + 1.0f);
-  const float scale = bits_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  const float scale = bit_cast<float>(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
   return underflow ? 0.0f : p * scale;
 }
 
@@ -98,19 +77,19 @@ MTP_HD float mtp_exp(float x) {
 // even) on any IEEE machine, and the low mantissa bits are that integer.
 MTP_HD uint64_t quantize_mass(float e) {
   const double kMagic = 4503599627370496.0;  // 2^52
-  return double_bits(static_cast<double>(e * kMassScale) + kMagic) - double_bits(kMagic);
+  return bit_cast<uint64_t>(static_cast<double>(e * kMassScale) + kMagic) - bit_cast<uint64_t>(kMagic);
 }
 
 MTP_HD float scaled_logit(float logit, float temperature) { return logit / temperature; }
 
 // A uint32 that orders like the float (NaN excluded): larger key, larger logit.
 MTP_HD uint32_t order_key(float s) {
-  const uint32_t bits = float_bits(s + 0.0f);  // + 0.0f folds -0.0 into +0.0: they tie
+  const uint32_t bits = bit_cast<uint32_t>(s + 0.0f);  // + 0.0f folds -0.0 into +0.0: they tie
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
 MTP_HD float key_to_float(uint32_t key) {
-  return bits_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+  return bit_cast<float>((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
 // A radix select fixes the key's bits from the top, `bits` at a time; the last level has
