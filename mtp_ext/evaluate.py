@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mtp_ext.marginal import DraftForest, PackedTokens, score_leaves
+from mtp_ext.marginal import DraftForest, pack_for_model, score_leaves
 from mtp_ext.models.adapters import CausalLMAdapter
 from mtp_ext.ops import top_p_candidates, tree_pack_teacher
 
@@ -161,40 +161,23 @@ def _evaluate_batch(adapter, input_ids, seq_mask, scored, steps, top_k, top_p, m
         if steps == 1:
             continue
         ids, probs, counts, mass = top_p_candidates(logits, top_p, max_candidates)
-        anchored = _anchored(scored, first, last, steps)
+        # Nucleus sizes count where the next token is scored.
+        anchored = scored[:, first + 1:last + 1].reshape(-1)
         nucleus_sizes.append(counts[anchored])
         nucleus_masses.append(mass[anchored])
         forest = DraftForest.from_candidates(ids, probs, counts)
-        settings = _Settings(top_p, max_candidates)
         for step in range(2, steps + 1):
-            packed = _pack_window(adapter, forest, seq_mask, first, last - first)
+            shape = (input_ids.shape[0], last - first, forest.size)
+            packed = pack_for_model(adapter, lambda window: tree_pack_teacher(
+                forest.token_ids.reshape(shape), forest.parents.reshape(shape), forest.counts.reshape(shape[:2]),
+                seq_mask, first_position=first, sliding_window=window))
             node_hidden = adapter.hidden_states(packed.input_ids, packed.mask, packed.position_ids, cache)
             adapter.trim_cache(cache, length)
-            scores = score_leaves(adapter, forest, node_hidden, settings, expand=step < steps)
+            scores = score_leaves(adapter, forest, node_hidden, top_p, max_candidates, expand=step < steps)
             left_out = (1.0 - scores.captured_mass).clamp(min=0.0)
             _score(accuracies[step - 1], scores.marginal, input_ids, scored, first, last, step, left_out, top_k)
             if step < steps:
                 forest = forest.grow(*scores.children, max_nodes=max_nodes)
-
-
-@dataclass
-class _Settings:
-    top_p: float
-    max_candidates: int
-
-
-def _pack_window(adapter: CausalLMAdapter, forest: DraftForest, seq_mask: Tensor, first: int,
-                 window: int) -> PackedTokens:
-    batch = seq_mask.shape[0]
-    shape = (batch, window, forest.size)
-    allowed = {}
-    for sliding in adapter.mask_windows():
-        packed = tree_pack_teacher(forest.token_ids.reshape(shape), forest.parents.reshape(shape),
-                                   forest.counts.reshape(batch, window), seq_mask, first_position=first,
-                                   sliding_window=sliding)
-        allowed[sliding] = packed.attention_mask
-    return PackedTokens(packed.input_ids, packed.position_ids,
-                        adapter.packed_mask(allowed, adapter.lm_head.weight.dtype))
 
 
 def _score(accuracy: StepAccuracy, distributions: Tensor, input_ids: Tensor, scored: Tensor, first: int,
@@ -210,11 +193,6 @@ def _score(accuracy: StepAccuracy, distributions: Tensor, input_ids: Tensor, sco
     if bool(valid.any()):
         accuracy.add(distributions[valid], targets.reshape(-1)[valid], left_out.to(distributions.device)[valid],
                      top_k)
-
-
-def _anchored(scored: Tensor, first: int, last: int, steps: int) -> Tensor:
-    """Anchors in [first, last) whose next token is scored: where nucleus sizes are counted."""
-    return scored[:, first + 1:last + 1].reshape(-1)
 
 
 def _pad_batch(batch: Sequence[Example], device) -> tuple[Tensor, Tensor, Tensor]:

@@ -130,10 +130,12 @@ class MarginalMTP:
         forest = DraftForest.from_candidates(*top_p_candidates(logits, self.top_p, self.max_candidates)[:3])
         prefix_length = input_ids.shape[1]
         for step in range(2, steps + 1):
-            packed = tree_pack_windows(adapter, forest, attention_mask)
+            packed = pack_for_model(adapter, lambda window: tree_pack(
+                forest.token_ids, forest.parents, forest.counts, attention_mask, sliding_window=window))
             node_hidden = adapter.hidden_states(packed.input_ids, packed.mask, packed.position_ids, cache)
             adapter.trim_cache(cache, prefix_length)
-            scores = score_leaves(adapter, forest, node_hidden, self, expand=step < steps)
+            scores = score_leaves(adapter, forest, node_hidden, self.top_p, self.max_candidates,
+                                  expand=step < steps)
             prediction.distributions.append(scores.marginal)
             prediction.captured_mass.append(scores.captured_mass)
             prediction.tree_sizes.append(forest.counts.clone())
@@ -149,18 +151,18 @@ class PackedTokens:
     mask: object  # what the model takes: a tensor, or a dict per layer type
 
 
-def tree_pack_windows(adapter: CausalLMAdapter, forest: DraftForest, prefix_mask: Tensor) -> PackedTokens:
-    """Pack one tree per row after the prefix, with a mask per sliding window the model uses."""
+def pack_for_model(adapter: CausalLMAdapter, pack) -> PackedTokens:
+    """Tree tokens and the model's mask: `pack(sliding_window)` -> TreePack runs once per
+    window that the model's layers use (0: none)."""
     allowed = {}
     for window in adapter.mask_windows():
-        packed = tree_pack(forest.token_ids, forest.parents, forest.counts, prefix_mask, sliding_window=window)
+        packed = pack(window)
         allowed[window] = packed.attention_mask
-    return PackedTokens(packed.input_ids, packed.position_ids,
-                        adapter.packed_mask(allowed, adapter.lm_head.weight.dtype))
+    return PackedTokens(packed.input_ids, packed.position_ids, adapter.packed_mask(allowed))
 
 
-def score_leaves(adapter: CausalLMAdapter, forest: DraftForest, node_hidden: Tensor, settings,
-                 expand: bool) -> LevelScores:
+def score_leaves(adapter: CausalLMAdapter, forest: DraftForest, node_hidden: Tensor, top_p: float,
+                 max_candidates: int, expand: bool) -> LevelScores:
     """Marginal of the deepest level's children: sum over leaves of weight * softmax(logits),
     in chunks of trees so that at most LOGIT_ELEMENTS_PER_CHUNK logits exist at once; with
     `expand`, also each leaf's nucleus as candidate children."""
@@ -177,17 +179,17 @@ def score_leaves(adapter: CausalLMAdapter, forest: DraftForest, node_hidden: Ten
         logits = adapter.logits(leaf_hidden)
         marginals.append(marginal_accumulate(leaf_weights[chunk], logits))
         if expand:
-            children.append(leaf_children(logits, slots[chunk], leaf_weights[chunk], settings))
+            children.append(leaf_children(logits, slots[chunk], leaf_weights[chunk], top_p, max_candidates))
     scores = LevelScores(torch.cat(marginals), leaf_weights.sum(1))
     if expand:
         scores.children = tuple(torch.cat(parts) for parts in zip(*children))
     return scores
 
 
-def leaf_children(logits: Tensor, slots: Tensor, leaf_weights: Tensor, settings):
+def leaf_children(logits: Tensor, slots: Tensor, leaf_weights: Tensor, top_p: float, max_candidates: int):
     """Nucleus candidates of every leaf as (parent slots, ids, path weights), [R, L * C]."""
     trees, leaves, vocab = logits.shape
-    ids, probs, _, _ = top_p_candidates(logits.reshape(-1, vocab), settings.top_p, settings.max_candidates)
+    ids, probs, _, _ = top_p_candidates(logits.reshape(-1, vocab), top_p, max_candidates)
     width = ids.shape[1]
     child_weights = (probs.reshape(trees, leaves, width) * leaf_weights[:, :, None]).reshape(trees, -1)
     parent_slots = slots[:, :, None].expand(-1, -1, width).reshape(trees, -1)

@@ -71,6 +71,10 @@ class CausalLMAdapter:
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
     def new_cache(self) -> DynamicCache:
         # No config: every layer keeps every token. A config would make Gemma 3's sliding
         # layers evict tokens that packed passes still index.
@@ -97,14 +101,15 @@ class CausalLMAdapter:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
 
-    def packed_mask(self, allowed: dict[int, Tensor], dtype: torch.dtype) -> PackedMask:
+    def packed_mask(self, allowed: dict[int, Tensor]) -> PackedMask:
         """The model's attention mask from boolean masks [B, 1, n, K] keyed by sliding window
-        (0: none): additive float, and one per layer type for models with sliding layers."""
-        full = _additive(allowed[0], dtype)
+        (0: none): additive in the model's dtype, and one per layer type for models with
+        sliding layers."""
+        full = _additive(allowed[0], self.dtype)
         if not self.sliding_window:
             return full
         return {"full_attention": full,
-                "sliding_attention": _additive(allowed[self.sliding_window], dtype)}
+                "sliding_attention": _additive(allowed[self.sliding_window], self.dtype)}
 
     def mask_windows(self) -> list[int]:
         """The sliding windows (0: none) for which packed_mask wants a boolean mask."""
