@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "../common/marginal.h"
+#include "graph_capture.h"
 
 namespace mtp_ext {
 namespace {
@@ -158,10 +159,6 @@ void launch_kernels(const scalar_t* logits, const LogitsView& view, const float*
   accumulate_kernel<scalar_t, kWidth><<<view.batch * tiles, kAccumulateThreads, 0, stream>>>(
       logits, view, weights, terms, tiles, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-bool capturing_graph() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
 // Reading the statuses synchronises, so it is skipped while a CUDA graph is captured.

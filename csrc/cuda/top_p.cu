@@ -21,6 +21,7 @@
 
 #include "../common/checks.h"
 #include "../common/top_p.h"
+#include "graph_capture.h"
 
 namespace mtp_ext {
 namespace {
@@ -268,10 +269,6 @@ __global__ void __launch_bounds__(kThreads)
   }
   for_each_in_order</*kSlots=*/false>(row, vocab, 1.0f, selection, shared,
                     [&](int64_t i, float, bool taken, int) { row_out[i] = taken ? row[i] : filler; });
-}
-
-bool capturing_graph() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
 // Reading statuses synchronises, so it is skipped while a CUDA graph is captured.

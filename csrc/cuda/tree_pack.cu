@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "../common/tree.h"
+#include "graph_capture.h"
 
 namespace mtp_ext {
 namespace {
@@ -40,10 +41,6 @@ void pack_trees_cuda(const TreePacking& packing, c10::Device device) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   pack_mask_kernel<<<slots, kThreads, 0, stream>>>(packing);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-bool capturing_graph() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
 TreePackOutputs tree_pack_cuda(const at::Tensor& tree_ids, const at::Tensor& parents,
