@@ -139,6 +139,34 @@ def marginal_accumulate(weights: Tensor, logits: Tensor) -> Tensor:
     return torch.bmm(weights[:, None, :], probs)[:, 0]
 
 
+def multihead_unembed_topk(hidden: Tensor, weight: Tensor, k: int):
+    """Reference for mtp_ext.multihead_unembed_topk: full logits per head, then topk and
+    logsumexp in float32. hidden [N, B, H], weight [V, H] -> (values [N, B, k] float32,
+    ids [N, B, k] int64, lse [N, B] float32); ties in value go to the lower id."""
+    logits = torch.matmul(hidden.float(), weight.float().t())
+    order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    return order.values[..., :k], order.indices[..., :k], torch.logsumexp(logits, dim=-1)
+
+
+def multihead_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, head_weights: Tensor | None = None,
+                            ignore_index: int = -100) -> Tensor:
+    """Reference for mtp_ext.multihead_cross_entropy: sum_i head_weights[i] * CE_i, where CE_i is
+    head i's mean cross-entropy over its targets that are not ignore_index (0 if it has none).
+    hidden [N, M, H], weight [V, H], targets [N, M]; head_weights [N] defaults to all ones / N.
+    Logits are computed in float32."""
+    num_heads = hidden.shape[0]
+    if head_weights is None:
+        head_weights = torch.full((num_heads,), 1.0 / num_heads, device=hidden.device)
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    for head in range(num_heads):
+        logits = torch.matmul(hidden[head].float(), weight.float().t())
+        kept = targets[head] != ignore_index
+        if kept.any():
+            head_loss = torch.nn.functional.cross_entropy(logits[kept], targets[head][kept])
+            loss = loss + head_weights[head].float() * head_loss
+    return loss
+
+
 # --- Teacher-forced marginalisation, the plain ways (baselines for evaluate_mtp) ---------------
 
 
