@@ -251,6 +251,7 @@ def multihead_unembed_topk(hidden: Tensor, weight: Tensor, k: int) -> UnembedTop
     """
     if isinstance(k, bool) or int(k) != k:
         raise ValueError(f"k must be an integer, got {k!r}")
+    _check_same_device(hidden=hidden, weight=weight)
     return UnembedTopk(*torch.ops.mtp_ext.multihead_unembed_topk(hidden, weight, int(k)))
 
 
@@ -273,6 +274,7 @@ def multihead_cross_entropy(
     to hidden, weight and head_weights. Chunked over rows so that no N x M x V logits are held;
     when a gradient is needed it is computed during this call (the backward only scales it).
     """
+    _check_same_device(hidden=hidden, weight=weight, targets=targets, head_weights=head_weights)
     if head_weights is None:
         dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         head_weights = torch.full((hidden.shape[0],), 1.0 / max(hidden.shape[0], 1), dtype=dtype,
@@ -283,6 +285,15 @@ def multihead_cross_entropy(
         grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad,
     )
     return loss
+
+
+def _check_same_device(**tensors: Tensor | None) -> None:
+    """Checked here too, before dispatch: a meta tensor among CPU ones would send the call to
+    the fake kernel instead of failing."""
+    named = [(name, tensor) for name, tensor in tensors.items() if isinstance(tensor, Tensor)]
+    for name, tensor in named[1:]:
+        if tensor.device != named[0][1].device:
+            raise ValueError(f"{name} is on {tensor.device} but {named[0][0]} is on {named[0][1].device}")
 
 
 @torch.library.register_fake("mtp_ext::multihead_unembed_topk")
