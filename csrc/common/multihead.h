@@ -129,8 +129,9 @@ inline void check_unembed_topk_args(const at::Tensor& hidden, const at::Tensor& 
 }
 
 // The GEMM tiles of multihead_unembed_topk, after check_unembed_topk_args. Reducer:
-// `add_tile(logits [rows, width] float32, first_id)` folds a tile into its running state,
-// `finish(values [rows, k], ids [rows, k], lse [rows])` writes the result.
+// `add_tile(rows [R, H], tile [width, H], first_id)` (float32) computes the tile's logits in
+// the layout its reduction reads best and folds them into its running state;
+// `finish(values [R, k], ids [R, k], lse [R])` writes the result.
 template <typename Reducer>
 UnembedTopk unembed_topk(const at::Tensor& hidden, const at::Tensor& weight, int64_t k,
                          Reducer& reducer) {
@@ -146,7 +147,7 @@ UnembedTopk unembed_topk(const at::Tensor& hidden, const at::Tensor& weight, int
   for (int64_t first = 0; first < vocab; first += kVocabTile) {
     const int64_t width = std::min(kVocabTile, vocab - first);
     const at::Tensor tile = weight.narrow(0, first, width).to(at::kFloat);
-    reducer.add_tile(at::mm(rows, tile.t()), first);
+    reducer.add_tile(rows, tile, first);
   }
   reducer.finish(out.values.view({heads * batch, k}), out.ids.view({heads * batch, k}),
                  out.lse.view({heads * batch}));

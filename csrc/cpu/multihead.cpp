@@ -2,10 +2,10 @@
 // the GEMM tiles run in MKL / oneDNN, and the per-row reductions below run in parallel over
 // rows while a tile's logits are in cache.
 //
-//   top-k: per row, a tile's max and sum of exponentials (vectorised), then a scan that keeps
-//     the candidates above the row's current k-th best key; when 2k have gathered, a selection
-//     cuts them back to k and raises the threshold. Rows of a language model need few keeps
-//     after the first tiles.
+//   top-k: per row, a tile's max and sum of exponentials (vectorised across rows), then a scan
+//     that keeps the candidates above the row's current k-th best key; when 2k have gathered, a
+//     selection cuts them back to k and raises the threshold. Few candidates pass after the
+//     first tiles.
 //   cross-entropy: per row, max, sum of exponentials, then (when a gradient is asked for) the
 //     logits overwritten by coef * (softmax - onehot), all vectorised.
 #include <ATen/Dispatch.h>
@@ -40,20 +40,38 @@ acc_t sum_exp_below(const acc_t* row, int64_t width, acc_t max) {
   return sum;
 }
 
+// Running top-k and softmax statistics of every row. A tile's logits are vocabulary-major,
+// [width, rows] (MKL computes weight_tile @ rows.T faster than its transpose here), so one
+// vector holds kRowBlock rows' logits of one token: a task owns a block of rows and walks the
+// tile kStatsChunk tokens at a time, with the vector of maxima and sums in registers.
 class TopkReducerCpu {
  public:
   TopkReducerCpu(int64_t rows, int64_t k)
-      : k_(k), candidates_(rows), thresholds_(rows, kNoCandidate), stats_(rows, empty_stats()) {}
+      : rows_(rows),
+        stride_((rows + kRowBlock - 1) / kRowBlock * kRowBlock),
+        k_(k),
+        candidates_(rows),
+        thresholds_(rows, kNoCandidate),
+        stats_(rows, empty_stats()) {}
 
-  void add_tile(const at::Tensor& logits, int64_t first_id) {
-    const int64_t width = logits.size(1);
+  void add_tile(const at::Tensor& rows, const at::Tensor& tile, int64_t first_id) {
+    if (!padded_rows_.defined()) {
+      padded_rows_ = at::zeros({stride_, rows.size(1)}, rows.options());
+      padded_rows_.narrow(0, 0, rows_).copy_(rows);
+    }
+    const at::Tensor logits = at::mm(tile, padded_rows_.t());
     const float* data = logits.data_ptr<float>();
-    at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const float* tile = data + row * width;
-        const float max = row_max(tile, width);
-        stats_[row] = merge_stats(stats_[row], SoftmaxStats{max, sum_exp_below(tile, width, max)});
-        gather(row, tile, width, first_id);
+    const int64_t width = logits.size(0);
+    at::parallel_for(0, stride_ / kRowBlock, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t first_row = block * kRowBlock;
+        const int64_t count = std::min(kRowBlock, rows_ - first_row);
+        for (int64_t v = 0; v < width; v += kStatsChunk) {
+          const int64_t tokens = std::min(kStatsChunk, width - v);
+          const float* chunk = data + v * stride_ + first_row;
+          add_stats(chunk, tokens, first_row, count);
+          gather(chunk, tokens, first_row, count, first_id + v);
+        }
       }
     });
   }
@@ -62,7 +80,7 @@ class TopkReducerCpu {
     float* value_data = values.data_ptr<float>();
     int64_t* id_data = ids.data_ptr<int64_t>();
     float* lse_data = lse.data_ptr<float>();
-    at::parallel_for(0, values.size(0), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         std::vector<uint64_t>& keys = candidates_[row];
         std::partial_sort(keys.begin(), keys.begin() + k_, keys.end(), std::greater<uint64_t>());
@@ -76,22 +94,54 @@ class TopkReducerCpu {
   }
 
  private:
-  // Keeps the tile's candidates that beat the row's threshold.
-  void gather(int64_t row, const float* tile, int64_t width, int64_t first_id) {
-    std::vector<uint64_t>& keys = candidates_[row];
-    uint64_t threshold = thresholds_[row];
-    float floor = logit_floor(threshold);
-    for (int64_t i = 0; i < width; ++i) {
-      if (!(tile[i] >= floor)) continue;
-      const uint64_t key = candidate_key(tile[i], first_id + i);
-      if (key <= threshold) continue;
-      keys.push_back(key);
-      if (static_cast<int64_t>(keys.size()) >= gather_capacity(k_)) {
-        threshold = cut_to_k(keys);
-        floor = logit_floor(threshold);
+  // One AVX-512 vector of rows; tokens per statistics chunk (32 KiB of logits, in L1).
+  static constexpr int64_t kRowBlock = 16;
+  static constexpr int64_t kStatsChunk = 512;
+
+  // chunk[t * stride_ + r]: token t of the chunk, row first_row + r (rows from `count` on are
+  // padding: computed, never kept). Whole blocks keep the lane loops one vector wide.
+  void add_stats(const float* chunk, int64_t tokens, int64_t first_row, int64_t count) {
+    float max[kRowBlock];
+    float sum[kRowBlock] = {};
+    std::fill(max, max + kRowBlock, -std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; t < tokens; ++t) {
+#pragma omp simd
+      for (int64_t r = 0; r < kRowBlock; ++r) max[r] = std::max(max[r], chunk[t * stride_ + r]);
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+#pragma omp simd
+      for (int64_t r = 0; r < kRowBlock; ++r) sum[r] += mtp_exp(chunk[t * stride_ + r] - max[r]);
+    }
+    for (int64_t r = 0; r < count; ++r) {
+      stats_[first_row + r] = merge_stats(stats_[first_row + r], SoftmaxStats{max[r], sum[r]});
+    }
+  }
+
+  // Keeps the candidates that beat their row's threshold.
+  void gather(const float* chunk, int64_t tokens, int64_t first_row, int64_t count,
+              int64_t first_id) {
+    float floor[kRowBlock];
+    std::fill(floor, floor + kRowBlock, std::numeric_limits<float>::infinity());
+    for (int64_t r = 0; r < count; ++r) floor[r] = logit_floor(thresholds_[first_row + r]);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* token = chunk + t * stride_;
+      int any_passes = 0;
+#pragma omp simd reduction(| : any_passes)
+      for (int64_t r = 0; r < kRowBlock; ++r) any_passes |= static_cast<int>(token[r] >= floor[r]);
+      if (!any_passes) continue;
+      for (int64_t r = 0; r < count; ++r) {
+        const float logit = token[r];
+        if (!(logit >= floor[r])) continue;
+        const int64_t row = first_row + r;
+        const uint64_t key = candidate_key(logit, first_id + t);
+        if (key <= thresholds_[row]) continue;
+        candidates_[row].push_back(key);
+        if (static_cast<int64_t>(candidates_[row].size()) >= gather_capacity(k_)) {
+          thresholds_[row] = cut_to_k(candidates_[row]);
+          floor[r] = logit_floor(thresholds_[row]);
+        }
       }
     }
-    thresholds_[row] = threshold;
   }
 
   // Keeps the k largest keys and returns the smallest of them: later keys must beat it.
@@ -101,7 +151,10 @@ class TopkReducerCpu {
     return keys[k_ - 1];
   }
 
+  int64_t rows_;
+  int64_t stride_;  // rows padded to whole blocks: the logits' row stride
   int64_t k_;
+  at::Tensor padded_rows_;  // [stride_, H], zero rows after rows_
   std::vector<std::vector<uint64_t>> candidates_;
   std::vector<uint64_t> thresholds_;
   std::vector<SoftmaxStats> stats_;

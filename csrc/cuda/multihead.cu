@@ -81,7 +81,8 @@ class TopkReducerCuda {
     stats_.select(1, 1).zero_();
   }
 
-  void add_tile(const at::Tensor& logits, int64_t first_id) {
+  void add_tile(const at::Tensor& rows, const at::Tensor& tile, int64_t first_id) {
+    const at::Tensor logits = at::mm(rows, tile.t());  // [rows, width]: a block reads a row
     const int64_t width = logits.size(1);
     at::Tensor keys = at::empty({rows_, k_ + width}, best_.options());
     keys.narrow(1, 0, k_).copy_(best_);
