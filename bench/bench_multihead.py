@@ -1,6 +1,8 @@
 """The fused multi-head unembedding ops against the plain approach: N separate linear layers to
 full logits, then topk / cross_entropy per head (SmolLM2-135M's sizes: H=576, V=49,152).
 
+On the CPU each case runs with torch's default thread count and with one thread.
+
 - multihead_unembed_topk (N=4 heads, B=64 rows, k=8 and 64) against F.linear + topk per head,
   and F.linear + topk + logsumexp per head (the same outputs as the op).
 - multihead_cross_entropy forward + backward (N=4, M=2,048, fp32) against F.linear +
@@ -15,6 +17,7 @@ The cross-entropy case does about 1.4 TFLOP per call: slow on a CPU, hence few r
     make bench PYTEST_ARGS="-k multihead --benchmark-json=bench/multihead.json"
     python bench/summarize.py bench/multihead.json
 """
+import functools
 import os
 import subprocess
 import sys
@@ -74,10 +77,10 @@ TOPK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 @pytest.mark.parametrize("contender", list(TOPK_CONTENDERS))
 @pytest.mark.parametrize("k", [8, 64])
 @pytest.mark.parametrize("dtype", list(TOPK_DTYPES))
-def test_multihead_unembed_topk(benchmark, device, dtype, k, contender):
+def test_multihead_unembed_topk(benchmark, device, threads, dtype, k, contender):
     weight = unembedding(device, TOPK_DTYPES[dtype])
     hidden = hidden_states(TOPK_HEADS, TOPK_ROWS, device, TOPK_DTYPES[dtype])
-    benchmark.group = (f"multihead_unembed_topk {device} {dtype} N={TOPK_HEADS} B={TOPK_ROWS} "
+    benchmark.group = (f"multihead_unembed_topk {device} {threads} {dtype} N={TOPK_HEADS} B={TOPK_ROWS} "
                        f"H={HIDDEN_SIZE} V={VOCAB} k={k}")
     benchmark.extra_info.update(contender=contender, baseline="linear_topk")
     time_on_device(benchmark, device, TOPK_CONTENDERS[contender], hidden, weight, k)
@@ -134,8 +137,10 @@ print((rss_kib("VmHWM:") - before) / 1024)
 """
 
 
+@functools.lru_cache(maxsize=None)
 def peak_memory_mib(contender: str, device: str) -> float:
-    """Peak memory that one forward + backward adds to its inputs (see the module docstring)."""
+    """Peak memory that one forward + backward adds to its inputs (see the module docstring),
+    measured once per contender and device (with torch's default thread count)."""
     if device == "cuda":
         inputs = cross_entropy_inputs(device)
         synchronize(device)
@@ -152,9 +157,9 @@ def peak_memory_mib(contender: str, device: str) -> float:
 
 @pytest.mark.benchmark(min_rounds=3, warmup=False)
 @pytest.mark.parametrize("contender", list(CE_CONTENDERS))
-def test_multihead_cross_entropy(benchmark, device, contender):
+def test_multihead_cross_entropy(benchmark, device, threads, contender):
     inputs = cross_entropy_inputs(device)
-    benchmark.group = (f"multihead_cross_entropy forward+backward {device} fp32 N={CE_HEADS} M={CE_ROWS} "
+    benchmark.group = (f"multihead_cross_entropy forward+backward {device} {threads} fp32 N={CE_HEADS} M={CE_ROWS} "
                        f"H={HIDDEN_SIZE} V={VOCAB}")
     benchmark.extra_info.update(contender=contender, baseline="linear_cross_entropy",
                                 peak_mib=round(peak_memory_mib(contender, device), 1))

@@ -18,6 +18,7 @@
 
 #include <math.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -26,8 +27,11 @@
 
 namespace mtp_ext {
 
-// Weight rows per top-k GEMM tile: a [N * B, 4096] fp32 tile is 4 MiB at N * B = 256.
+// Weight rows per top-k GEMM tile: a [N * B, 4096] fp32 tile is 4 MiB at N * B = 256; fewer
+// rows (not under 256) when there are so many rows that a tile would pass kTileLogits.
 constexpr int64_t kVocabTile = 4096;
+constexpr int64_t kMinVocabTile = 256;
+constexpr int64_t kTileLogits = int64_t(1) << 22;
 // Logits per cross-entropy chunk (at least one row): 128 MiB in fp32.
 constexpr int64_t kLogitsBudget = int64_t(1) << 25;
 
@@ -128,9 +132,29 @@ inline void check_unembed_topk_args(const at::Tensor& hidden, const at::Tensor& 
               "], got ", k);
 }
 
-// The GEMM tiles of multihead_unembed_topk, after check_unembed_topk_args. Reducer:
-// `add_tile(rows [R, H], tile [width, H], first_id)` (float32) computes the tile's logits in
-// the layout its reduction reads best and folds them into its running state;
+// The vocabulary in tiles of `width` weight rows (the last one may be shorter).
+struct VocabTiles {
+  int64_t vocab;
+  int64_t width;
+  int64_t count;
+
+  VocabTiles(int64_t rows, int64_t vocab_size)
+      : vocab(vocab_size),
+        width(std::clamp(kTileLogits / std::max<int64_t>(rows, 1), kMinVocabTile, kVocabTile)),
+        count((vocab_size + width - 1) / width) {}
+
+  int64_t first_id(int64_t tile) const { return tile * width; }
+
+  // The weight rows of `tile` as float32 [width, H].
+  at::Tensor weight_rows(const at::Tensor& weight, int64_t tile) const {
+    const int64_t first = first_id(tile);
+    return weight.narrow(0, first, std::min(width, vocab - first)).to(at::kFloat);
+  }
+};
+
+// multihead_unembed_topk after check_unembed_topk_args. Reducer: `add_tiles(rows [R, H]
+// float32, weight, tiles)` computes each tile's logits (one GEMM of all R rows, in the layout
+// its reduction reads best) and folds them into its running state, in any order;
 // `finish(values [R, k], ids [R, k], lse [R])` writes the result.
 template <typename Reducer>
 UnembedTopk unembed_topk(const at::Tensor& hidden, const at::Tensor& weight, int64_t k,
@@ -144,11 +168,7 @@ UnembedTopk unembed_topk(const at::Tensor& hidden, const at::Tensor& weight, int
                   at::empty({heads, batch}, options)};
   if (heads * batch == 0) return out;
   const at::Tensor rows = hidden.reshape({heads * batch, hidden.size(2)}).to(at::kFloat);
-  for (int64_t first = 0; first < vocab; first += kVocabTile) {
-    const int64_t width = std::min(kVocabTile, vocab - first);
-    const at::Tensor tile = weight.narrow(0, first, width).to(at::kFloat);
-    reducer.add_tile(rows, tile, first);
-  }
+  reducer.add_tiles(rows, weight, VocabTiles(heads * batch, vocab));
   reducer.finish(out.values.view({heads * batch, k}), out.ids.view({heads * batch, k}),
                  out.lse.view({heads * batch}));
   return out;

@@ -2,10 +2,10 @@
 // the GEMM tiles run in MKL / oneDNN, and the per-row reductions below run in parallel over
 // rows while a tile's logits are in cache.
 //
-//   top-k: per row, a tile's max and sum of exponentials (vectorised across rows), then a scan
-//     that keeps the candidates above the row's current k-th best key; when 2k have gathered, a
-//     selection cuts them back to k and raises the threshold. Few candidates pass after the
-//     first tiles.
+//   top-k: tiles in parallel (one GEMM and reduction per tile and thread); per row, a tile's
+//     max and sum of exponentials (vectorised across rows), then a scan that keeps the
+//     candidates above the row's current k-th best key; when 2k have gathered, a selection
+//     cuts them back to k and raises the threshold. Few candidates pass after the first tiles.
 //   cross-entropy: per row, max, sum of exponentials, then (when a gradient is asked for) the
 //     logits overwritten by coef * (softmax - onehot), all vectorised.
 #include <ATen/Dispatch.h>
@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../common/multihead.h"
@@ -40,38 +41,39 @@ acc_t sum_exp_below(const acc_t* row, int64_t width, acc_t max) {
   return sum;
 }
 
-// Running top-k and softmax statistics of every row. A tile's logits are vocabulary-major,
-// [width, rows] (MKL computes weight_tile @ rows.T faster than its transpose here), so one
-// vector holds kRowBlock rows' logits of one token: a task owns a block of rows and walks the
-// tile kStatsChunk tokens at a time, with the vector of maxima and sums in registers.
+// Running top-k candidates and softmax statistics of every row, over some of the tiles.
+struct TopkState {
+  std::vector<std::vector<uint64_t>> candidates;  // keys above threshold, per row
+  std::vector<uint64_t> thresholds;                // each row's k-th best key so far
+  std::vector<SoftmaxStats> stats;
+
+  explicit TopkState(int64_t rows)
+      : candidates(rows), thresholds(rows, kNoCandidate), stats(rows, empty_stats()) {}
+};
+
+// The tiles run in parallel, each thread's run of tiles with its own state and single-threaded
+// GEMMs (one parallel region per call: a shared machine delays every region's slowest thread). A
+// tile's logits are vocabulary-major, [width, rows] (MKL computes weight_tile @ rows.T faster
+// than its transpose here), so one vector holds kRowBlock rows' logits of one token: the
+// reductions walk a block of rows kStatsChunk tokens at a time, maxima and sums in registers.
+// finish merges the threads' states.
 class TopkReducerCpu {
  public:
   TopkReducerCpu(int64_t rows, int64_t k)
-      : rows_(rows),
-        stride_((rows + kRowBlock - 1) / kRowBlock * kRowBlock),
-        k_(k),
-        candidates_(rows),
-        thresholds_(rows, kNoCandidate),
-        stats_(rows, empty_stats()) {}
+      : rows_(rows), stride_((rows + kRowBlock - 1) / kRowBlock * kRowBlock), k_(k) {}
 
-  void add_tile(const at::Tensor& rows, const at::Tensor& tile, int64_t first_id) {
-    if (!padded_rows_.defined()) {
-      padded_rows_ = at::zeros({stride_, rows.size(1)}, rows.options());
-      padded_rows_.narrow(0, 0, rows_).copy_(rows);
-    }
-    const at::Tensor logits = at::mm(tile, padded_rows_.t());
-    const float* data = logits.data_ptr<float>();
-    const int64_t width = logits.size(0);
-    at::parallel_for(0, stride_ / kRowBlock, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; ++block) {
-        const int64_t first_row = block * kRowBlock;
-        const int64_t count = std::min(kRowBlock, rows_ - first_row);
-        for (int64_t v = 0; v < width; v += kStatsChunk) {
-          const int64_t tokens = std::min(kStatsChunk, width - v);
-          const float* chunk = data + v * stride_ + first_row;
-          add_stats(chunk, tokens, first_row, count);
-          gather(chunk, tokens, first_row, count, first_id + v);
-        }
+  void add_tiles(const at::Tensor& rows, const at::Tensor& weight, const VocabTiles& tiles) {
+    // Zero rows pad the GEMM to whole blocks: the lane loops are one full vector.
+    at::Tensor padded_rows = at::zeros({stride_, rows.size(1)}, rows.options());
+    padded_rows.narrow(0, 0, rows_).copy_(rows);
+    states_.resize(tiles.count);
+    at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
+      // Keyed by the run's first tile: right however the runs are spread over threads.
+      states_[begin] = std::make_unique<TopkState>(rows_);
+      TopkState& state = *states_[begin];
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const at::Tensor logits = at::mm(tiles.weight_rows(weight, tile), padded_rows.t());
+        add_tile(logits.data_ptr<float>(), logits.size(0), tiles.first_id(tile), state);
       }
     });
   }
@@ -81,14 +83,21 @@ class TopkReducerCpu {
     int64_t* id_data = ids.data_ptr<int64_t>();
     float* lse_data = lse.data_ptr<float>();
     at::parallel_for(0, rows_, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint64_t> keys;
       for (int64_t row = begin; row < end; ++row) {
-        std::vector<uint64_t>& keys = candidates_[row];
+        keys.clear();
+        SoftmaxStats stats = empty_stats();
+        for (const std::unique_ptr<TopkState>& state : states_) {
+          if (!state) continue;
+          keys.insert(keys.end(), state->candidates[row].begin(), state->candidates[row].end());
+          stats = merge_stats(stats, state->stats[row]);
+        }
         std::partial_sort(keys.begin(), keys.begin() + k_, keys.end(), std::greater<uint64_t>());
         for (int64_t slot = 0; slot < k_; ++slot) {
           value_data[row * k_ + slot] = candidate_logit(keys[slot]);
           id_data[row * k_ + slot] = candidate_id(keys[slot]);
         }
-        lse_data[row] = log_sum_exp(stats_[row]);
+        lse_data[row] = log_sum_exp(stats);
       }
     });
   }
@@ -98,9 +107,23 @@ class TopkReducerCpu {
   static constexpr int64_t kRowBlock = 16;
   static constexpr int64_t kStatsChunk = 512;
 
+  // logits [width, stride_] of tokens first_id.. into `state`.
+  void add_tile(const float* logits, int64_t width, int64_t first_id, TopkState& state) const {
+    for (int64_t first_row = 0; first_row < rows_; first_row += kRowBlock) {
+      const int64_t count = std::min(kRowBlock, rows_ - first_row);
+      for (int64_t v = 0; v < width; v += kStatsChunk) {
+        const int64_t tokens = std::min(kStatsChunk, width - v);
+        const float* chunk = logits + v * stride_ + first_row;
+        add_stats(chunk, tokens, first_row, count, state);
+        gather(chunk, tokens, first_row, count, first_id + v, state);
+      }
+    }
+  }
+
   // chunk[t * stride_ + r]: token t of the chunk, row first_row + r (rows from `count` on are
-  // padding: computed, never kept). Whole blocks keep the lane loops one vector wide.
-  void add_stats(const float* chunk, int64_t tokens, int64_t first_row, int64_t count) {
+  // padding: computed, never kept).
+  void add_stats(const float* chunk, int64_t tokens, int64_t first_row, int64_t count,
+                 TopkState& state) const {
     float max[kRowBlock];
     float sum[kRowBlock] = {};
     std::fill(max, max + kRowBlock, -std::numeric_limits<float>::infinity());
@@ -113,16 +136,17 @@ class TopkReducerCpu {
       for (int64_t r = 0; r < kRowBlock; ++r) sum[r] += mtp_exp(chunk[t * stride_ + r] - max[r]);
     }
     for (int64_t r = 0; r < count; ++r) {
-      stats_[first_row + r] = merge_stats(stats_[first_row + r], SoftmaxStats{max[r], sum[r]});
+      SoftmaxStats& stats = state.stats[first_row + r];
+      stats = merge_stats(stats, SoftmaxStats{max[r], sum[r]});
     }
   }
 
   // Keeps the candidates that beat their row's threshold.
   void gather(const float* chunk, int64_t tokens, int64_t first_row, int64_t count,
-              int64_t first_id) {
+              int64_t first_id, TopkState& state) const {
     float floor[kRowBlock];
     std::fill(floor, floor + kRowBlock, std::numeric_limits<float>::infinity());
-    for (int64_t r = 0; r < count; ++r) floor[r] = logit_floor(thresholds_[first_row + r]);
+    for (int64_t r = 0; r < count; ++r) floor[r] = logit_floor(state.thresholds[first_row + r]);
     for (int64_t t = 0; t < tokens; ++t) {
       const float* token = chunk + t * stride_;
       int any_passes = 0;
@@ -130,15 +154,14 @@ class TopkReducerCpu {
       for (int64_t r = 0; r < kRowBlock; ++r) any_passes |= static_cast<int>(token[r] >= floor[r]);
       if (!any_passes) continue;
       for (int64_t r = 0; r < count; ++r) {
-        const float logit = token[r];
-        if (!(logit >= floor[r])) continue;
+        if (!(token[r] >= floor[r])) continue;
         const int64_t row = first_row + r;
-        const uint64_t key = candidate_key(logit, first_id + t);
-        if (key <= thresholds_[row]) continue;
-        candidates_[row].push_back(key);
-        if (static_cast<int64_t>(candidates_[row].size()) >= gather_capacity(k_)) {
-          thresholds_[row] = cut_to_k(candidates_[row]);
-          floor[r] = logit_floor(thresholds_[row]);
+        const uint64_t key = candidate_key(token[r], first_id + t);
+        if (key <= state.thresholds[row]) continue;
+        state.candidates[row].push_back(key);
+        if (static_cast<int64_t>(state.candidates[row].size()) >= gather_capacity(k_)) {
+          state.thresholds[row] = cut_to_k(state.candidates[row]);
+          floor[r] = logit_floor(state.thresholds[row]);
         }
       }
     }
@@ -154,10 +177,7 @@ class TopkReducerCpu {
   int64_t rows_;
   int64_t stride_;  // rows padded to whole blocks: the logits' row stride
   int64_t k_;
-  at::Tensor padded_rows_;  // [stride_, H], zero rows after rows_
-  std::vector<std::vector<uint64_t>> candidates_;
-  std::vector<uint64_t> thresholds_;
-  std::vector<SoftmaxStats> stats_;
+  std::vector<std::unique_ptr<TopkState>> states_;  // one per run of tiles, at its first tile
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multihead_unembed_topk_cpu(

@@ -81,8 +81,14 @@ class TopkReducerCuda {
     stats_.select(1, 1).zero_();
   }
 
-  void add_tile(const at::Tensor& rows, const at::Tensor& tile, int64_t first_id) {
-    const at::Tensor logits = at::mm(rows, tile.t());  // [rows, width]: a block reads a row
+  void add_tiles(const at::Tensor& rows, const at::Tensor& weight, const VocabTiles& tiles) {
+    for (int64_t tile = 0; tile < tiles.count; ++tile) {
+      // [rows, width]: a block reads a row.
+      add_tile(at::mm(rows, tiles.weight_rows(weight, tile).t()), tiles.first_id(tile));
+    }
+  }
+
+  void add_tile(const at::Tensor& logits, int64_t first_id) {
     const int64_t width = logits.size(1);
     at::Tensor keys = at::empty({rows_, k_ + width}, best_.options());
     keys.narrow(1, 0, k_).copy_(best_);
