@@ -227,3 +227,18 @@ def _tree_pack_teacher_fake(tree_ids, parents, counts, seq_mask, pad_id, sliding
 def _marginal_accumulate_fake(weights, logits):
     torch._check(logits.dim() == 3, lambda: "logits must be 3-D [batch, candidates, vocab]")
     return logits.new_empty((logits.shape[0], logits.shape[2]), dtype=torch.float32)
+
+
+def multihead_unembed_topk(hidden: Tensor, weight: Tensor, k: int):
+    """TEMP: delegates to mtp_ext.reference until the fused kernel lands."""
+    from mtp_ext import reference
+
+    return reference.multihead_unembed_topk(hidden, weight, k)
+
+
+def multihead_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, head_weights: Tensor | None = None,
+                            ignore_index: int = -100) -> Tensor:
+    """TEMP: delegates to mtp_ext.reference until the fused kernel lands."""
+    from mtp_ext import reference
+
+    return reference.multihead_cross_entropy(hidden, weight, targets, head_weights, ignore_index)
