@@ -18,14 +18,17 @@ from mtp_ext.ops import (  # noqa: E402
 from mtp_ext.sampling import TopPLogitsWarper  # noqa: E402
 from mtp_ext.marginal import MarginalMTP  # noqa: E402
 from mtp_ext.evaluate import evaluate_mtp  # noqa: E402
+from mtp_ext.heads import MTPHeadsModel, load_heads  # noqa: E402
 
 __all__ = [
+    "MTPHeadsModel",
     "MarginalMTP",
     "evaluate_mtp",
     "TopPCandidates",
     "TopPLogitsWarper",
     "TreePack",
     "build_info",
+    "load_heads",
     "marginal_accumulate",
     "top_p_candidates",
     "top_p_mask",
