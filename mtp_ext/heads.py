@@ -144,7 +144,10 @@ class MTPHeadsModel(nn.Module):
             self.layer_logits = nn.Parameter(_initial_layer_logits(num_heads, backbone.config.num_hidden_layers + 1))
         self.backbone.requires_grad_(not freeze_backbone)
         self._recorded = None  # (input, output) of the final norm in the latest forward pass
+        self._in_backbone_pass = False
         self.final_norm.register_forward_hook(self._record_final_norm)
+        backbone.base_model.register_forward_pre_hook(lambda *_: self._mark_backbone_pass(True))
+        backbone.base_model.register_forward_hook(lambda *_: self._mark_backbone_pass(False), always_call=True)
 
     @property
     def steps(self) -> list[int]:
@@ -161,7 +164,11 @@ class MTPHeadsModel(nn.Module):
         return self.backbone.get_output_embeddings().weight
 
     def _record_final_norm(self, module, inputs, output) -> None:
-        self._recorded = (inputs[0], output)
+        if self._in_backbone_pass:  # the heads' (and anyone's) own uses of the norm do not count
+            self._recorded = (inputs[0], output)
+
+    def _mark_backbone_pass(self, running: bool) -> None:
+        self._in_backbone_pass = running
 
     def layer_weights(self) -> Tensor:
         """Each head's softmax-normalised weights over the embeddings and the layers [N, L + 1]."""
