@@ -65,9 +65,12 @@ def _add_heads_parsers(commands) -> None:
     train.add_argument("--out", type=Path, required=True, help="checkpoint directory (resumed if it holds one)")
     train.add_argument("--batch-size", type=int, default=2, help="windows of --seq-len tokens per step")
     train.add_argument("--lr", type=float, default=1e-3, help="learning rate of the heads and WHS weights")
+    train.add_argument("--whs-lr", type=float, default=5e-2, help="learning rate of the WHS logits (--whs)")
     train.add_argument("--backbone-lr", type=float, default=1e-5, help="learning rate of the backbone (--joint)")
     train.add_argument("--ntp-weight", type=float, default=1.0, help="weight of the NTP loss (--joint)")
     train.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    train.add_argument("--time-budget", type=float, default=None,
+                       help="stop (and checkpoint) after this many seconds of training; rerun to go on")
     train.add_argument("--eval-tokens", type=int, default=1024, help="held-out positions scored after training")
 
     evaluate = commands.add_parser("eval-heads", help="held-out top-k accuracy of MTP heads beside marginalisation")
@@ -331,7 +334,7 @@ def run_train_heads(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = TrainingSettings(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+    settings = TrainingSettings(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, whs_lr=args.whs_lr,
                                 backbone_lr=args.backbone_lr, ntp_weight=args.ntp_weight,
                                 checkpoint_every=args.checkpoint_every)
     settings.check()
@@ -340,7 +343,7 @@ def run_train_heads(args: argparse.Namespace) -> dict:
     args.tokens = args.eval_tokens
     windows, held_out, split = _heads_data(args, tokenizer, max(1, args.steps * args.batch_size))
     heads = MTPHeadsModel(backbone, args.heads, args.head_type, args.whs, freeze_backbone=not args.joint)
-    record = train_heads(heads, windows, settings, out)
+    record = train_heads(heads, windows, settings, out, time_budget_s=args.time_budget)
     accuracies = evaluate_heads(heads, held_out, batch_size=1)
     report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
               "settings": vars(settings), "heads": heads.config_dict(), "training": record,

@@ -31,6 +31,7 @@ class TrainingSettings:
     seq_len: int = 256
     batch_size: int = 2
     lr: float = 1e-3
+    whs_lr: float = 5e-2  # the WHS logits: a softmax over ~30 layers moves only with steps of this size
     backbone_lr: float = 1e-5  # joint training only
     ntp_weight: float = 1.0  # joint training only: loss = ntp_weight * NTP + mean of the heads' losses
     checkpoint_every: int = 25
@@ -43,8 +44,8 @@ class TrainingSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 3:
             raise ValueError(f"seq_len must be >= 3 (a head predicts at least two tokens ahead), got {self.seq_len}")
-        if not (self.lr > 0 and self.backbone_lr > 0 and self.ntp_weight >= 0):
-            raise ValueError("lr and backbone_lr must be > 0 and ntp_weight >= 0")
+        if not (self.lr > 0 and self.whs_lr > 0 and self.backbone_lr > 0 and self.ntp_weight >= 0):
+            raise ValueError("lr, whs_lr and backbone_lr must be > 0 and ntp_weight >= 0")
 
 
 def split_documents(documents: Sequence[str], held_out_share: float = 0.1) -> tuple[list[str], list[str], dict]:
@@ -71,7 +72,7 @@ def head_targets(input_ids: Tensor, steps: Sequence[int]) -> Tensor:
     batch, length = input_ids.shape
     targets = input_ids.new_full((len(steps), batch, length), IGNORE_INDEX)
     for index, step in enumerate(steps):
-        targets[index, :, : length - step] = input_ids[:, step:]
+        targets[index, :, : max(length - step, 0)] = input_ids[:, step:]
     return targets
 
 
@@ -89,9 +90,11 @@ def heads_loss(model: MTPHeadsModel, input_ids: Tensor, ntp_weight: float = 1.0)
 
 
 def build_optimizer(model: MTPHeadsModel, settings: TrainingSettings) -> torch.optim.Optimizer:
-    """AdamW: the heads and WHS weights at lr; in joint training the backbone at backbone_lr."""
-    groups = [{"params": [p for name, p in model.named_parameters() if not name.startswith("backbone.")],
-               "lr": settings.lr}]
+    """AdamW: the heads at lr, the WHS logits at whs_lr and, in joint training, the backbone at
+    backbone_lr."""
+    groups = [{"params": list(model.heads.parameters()), "lr": settings.lr}]
+    if model.layer_logits is not None:
+        groups.append({"params": [model.layer_logits], "lr": settings.whs_lr})
     if not model.freeze_backbone:
         groups.append({"params": list(model.backbone.parameters()), "lr": settings.backbone_lr})
     return torch.optim.AdamW(groups, weight_decay=0.0)
@@ -113,10 +116,11 @@ def _training_step(model: MTPHeadsModel, optimizer: torch.optim.Optimizer, input
 
 
 def train_heads(model: MTPHeadsModel, windows: Sequence[Sequence[int]], settings: TrainingSettings, out: Path,
-                progress: bool = True) -> dict:
+                progress: bool = True, time_budget_s: float | None = None) -> dict:
     """Trains `model` on token windows (each settings.seq_len long) up to settings.steps steps,
-    resuming from the checkpoint in `out` if there is one. Returns the training record
-    (losses per step, wall time of this run, tokens seen)."""
+    resuming from the checkpoint in `out` if there is one; with `time_budget_s`, starts no step
+    once this run has taken that many seconds (and checkpoints). Returns the
+    training record (losses per step, wall time of all runs, tokens seen)."""
     settings.check()
     if not windows or any(len(window) != settings.seq_len for window in windows):
         raise ValueError(f"training needs windows of exactly {settings.seq_len} tokens")
@@ -129,7 +133,7 @@ def train_heads(model: MTPHeadsModel, windows: Sequence[Sequence[int]], settings
     step = first_step = record["step"]
     with tqdm(total=settings.steps, initial=step, desc="train heads", unit="step", disable=not progress) as bar:
         try:
-            while step < settings.steps:
+            while step < settings.steps and not (time_budget_s and time.perf_counter() - started > time_budget_s):
                 batch = _batch_for_step(windows, step, settings.batch_size, device)
                 record["losses"].append(_training_step(model, optimizer, batch, settings.ntp_weight))
                 step += 1

@@ -210,6 +210,14 @@ def test_resume_after_interruption_gives_the_uninterrupted_weights(tmp_path, mon
     assert not torch.equal(straight.layer_logits, fresh().layer_logits)  # training changed something
 
 
+def test_time_budget_stops_with_a_checkpoint_to_go_on_from(tmp_path):
+    settings = TrainingSettings(steps=2, seq_len=LENGTH)
+    model = MTPHeadsModel(tiny_model("llama", VOCAB))
+    assert train_heads(model, windows(2), settings, tmp_path, progress=False, time_budget_s=1e-9)["step"] == 0
+    assert torch.load(tmp_path / "training_state.pt")["record"]["step"] == 0
+    assert train_heads(model, windows(2), settings, tmp_path, progress=False)["step"] == 2
+
+
 def test_resume_refuses_other_heads(tmp_path):
     settings = TrainingSettings(steps=1, seq_len=LENGTH)
     train_heads(MTPHeadsModel(tiny_model("llama", VOCAB), num_heads=2), windows(2), settings, tmp_path, progress=False)
