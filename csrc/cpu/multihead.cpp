@@ -180,12 +180,11 @@ class TopkReducerCpu {
   std::vector<std::unique_ptr<TopkState>> states_;  // one per run of tiles, at its first tile
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multihead_unembed_topk_cpu(
+UnembedTopk multihead_unembed_topk_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, int64_t k) {
   check_unembed_topk_args(hidden, weight, k);
   TopkReducerCpu reducer(hidden.size(0) * hidden.size(1), k);
-  const UnembedTopk out = unembed_topk(hidden, weight, k, reducer);
-  return {out.values, out.ids, out.lse};
+  return unembed_topk(hidden, weight, k, reducer);
 }
 
 template <typename acc_t>
@@ -209,9 +208,7 @@ void reduce_cross_entropy_rows(acc_t* logits, int64_t count, int64_t vocab,
   });
 }
 
-using CrossEntropyTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-CrossEntropyTuple multihead_cross_entropy_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+CrossEntropyOutputs multihead_cross_entropy_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                               const at::Tensor& targets,
                                               const at::Tensor& head_weights, int64_t ignore_index,
                                               bool hidden_grad, bool weight_grad) {
@@ -227,9 +224,8 @@ CrossEntropyTuple multihead_cross_entropy_cpu(const at::Tensor& hidden, const at
                                 row_losses.data_ptr<scalar_t>(), write_gradient, ignore_index);
     });
   };
-  CrossEntropyOutputs out = cross_entropy(hidden, weight, targets, head_weights, ignore_index,
-                                          hidden_grad, weight_grad, reduce_rows);
-  return {out.loss, out.head_losses, out.grad_hidden, out.grad_weight};
+  return cross_entropy(hidden, weight, targets, head_weights, ignore_index, hidden_grad,
+                       weight_grad, reduce_rows);
 }
 
 }  // namespace

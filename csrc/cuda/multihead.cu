@@ -117,13 +117,12 @@ class TopkReducerCuda {
   at::Tensor stats_;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multihead_unembed_topk_cuda(
+UnembedTopk multihead_unembed_topk_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, int64_t k) {
   check_unembed_topk_args(hidden, weight, k);
   const c10::cuda::CUDAGuard guard(hidden.device());
   TopkReducerCuda reducer(hidden.size(0) * hidden.size(1), k, hidden.options());
-  const UnembedTopk out = unembed_topk(hidden, weight, k, reducer);
-  return {out.values, out.ids, out.lse};
+  return unembed_topk(hidden, weight, k, reducer);
 }
 
 // Row `blockIdx.x` of a chunk (see reduce_rows in csrc/common/multihead.h).
@@ -163,9 +162,7 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-using CrossEntropyTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-CrossEntropyTuple multihead_cross_entropy_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+CrossEntropyOutputs multihead_cross_entropy_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                                                const at::Tensor& targets,
                                                const at::Tensor& head_weights,
                                                int64_t ignore_index, bool hidden_grad,
@@ -188,9 +185,8 @@ CrossEntropyTuple multihead_cross_entropy_cuda(const at::Tensor& hidden, const a
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   };
-  CrossEntropyOutputs out = cross_entropy(hidden, weight, targets, head_weights, ignore_index,
-                                          hidden_grad, weight_grad, reduce_rows);
-  return {out.loss, out.head_losses, out.grad_hidden, out.grad_weight};
+  return cross_entropy(hidden, weight, targets, head_weights, ignore_index, hidden_grad,
+                       weight_grad, reduce_rows);
 }
 
 }  // namespace
