@@ -255,6 +255,15 @@ def test_cross_entropy_grad_output_scales_the_gradients(generator):
     torch.testing.assert_close(scaled_weight, 3.0 * grad_weight)
 
 
+@pytest.mark.parametrize("heads,rows", [(2, 0), (0, 3)])
+def test_cross_entropy_empty_shapes(heads, rows, generator):
+    hidden, weight = draw_inputs(heads, rows, 4, 10, generator)
+    loss, grad_hidden, grad_weight = loss_and_grads(mtp_ext.multihead_cross_entropy, hidden, weight,
+                                                    torch.zeros((heads, rows), dtype=torch.long))
+    assert loss.item() == 0.0 and grad_hidden.shape == (heads, rows, 4)
+    assert torch.equal(grad_weight, torch.zeros_like(weight))
+
+
 def test_cross_entropy_huge_logits(generator):
     hidden, weight = draw_inputs(2, 5, 16, 400, generator)
     targets = draw_targets(2, 5, 400, generator)
