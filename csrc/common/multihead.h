@@ -145,16 +145,17 @@ struct VocabTiles {
 
   int64_t first_id(int64_t tile) const { return tile * width; }
 
-  // The weight rows of `tile` as float32 [width, H].
+  // The weight rows of `tile`, [width, H] in the weight's dtype.
   at::Tensor weight_rows(const at::Tensor& weight, int64_t tile) const {
     const int64_t first = first_id(tile);
-    return weight.narrow(0, first, std::min(width, vocab - first)).to(at::kFloat);
+    return weight.narrow(0, first, std::min(width, vocab - first));
   }
 };
 
-// multihead_unembed_topk after check_unembed_topk_args. Reducer: `add_tiles(rows [R, H]
-// float32, weight, tiles)` computes each tile's logits (one GEMM of all R rows, in the layout
-// its reduction reads best) and folds them into its running state, in any order;
+// multihead_unembed_topk after check_unembed_topk_args. Reducer: `add_tiles(rows [R, H],
+// weight, tiles)` (both in the input dtype) computes each tile's float32 logits (one GEMM of
+// all R rows, in the layout its reduction reads best) and folds them into its running state,
+// in any order;
 // `finish(values [R, k], ids [R, k], lse [R])` writes the result.
 template <typename Reducer>
 UnembedTopk unembed_topk(const at::Tensor& hidden, const at::Tensor& weight, int64_t k,
@@ -167,7 +168,7 @@ UnembedTopk unembed_topk(const at::Tensor& hidden, const at::Tensor& weight, int
   at::Tensor ids = at::empty({heads, batch, k}, options.dtype(at::kLong));
   at::Tensor lse = at::empty({heads, batch}, options);
   if (heads * batch == 0) return {values, ids, lse};
-  const at::Tensor rows = hidden.reshape({heads * batch, hidden.size(2)}).to(at::kFloat);
+  const at::Tensor rows = hidden.reshape({heads * batch, hidden.size(2)});
   reducer.add_tiles(rows, weight, VocabTiles(heads * batch, vocab));
   reducer.finish(values.view({heads * batch, k}), ids.view({heads * batch, k}),
                  lse.view({heads * batch}));

@@ -64,7 +64,7 @@ class TopkReducerCpu {
 
   void add_tiles(const at::Tensor& rows, const at::Tensor& weight, const VocabTiles& tiles) {
     // Zero rows pad the GEMM to whole blocks: the lane loops are one full vector.
-    at::Tensor padded_rows = at::zeros({stride_, rows.size(1)}, rows.options());
+    at::Tensor padded_rows = at::zeros({stride_, rows.size(1)}, rows.options().dtype(at::kFloat));
     padded_rows.narrow(0, 0, rows_).copy_(rows);
     states_.resize(tiles.count);
     at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
@@ -72,7 +72,8 @@ class TopkReducerCpu {
       states_[begin] = std::make_unique<TopkState>(rows_);
       TopkState& state = *states_[begin];
       for (int64_t tile = begin; tile < end; ++tile) {
-        const at::Tensor logits = at::mm(tiles.weight_rows(weight, tile), padded_rows.t());
+        const at::Tensor weight_rows = tiles.weight_rows(weight, tile).to(at::kFloat);
+        const at::Tensor logits = at::mm(weight_rows, padded_rows.t());
         add_tile(logits.data_ptr<float>(), logits.size(0), tiles.first_id(tile), state);
       }
     });

@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cub/block/block_reduce.cuh>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <limits>
 
@@ -69,6 +70,18 @@ __global__ void decode_kernel(const int64_t* keys, const SoftmaxStats* stats, in
   if (slot % k == 0) lse[slot / k] = log_sum_exp(stats[slot / k]);
 }
 
+// float32 logits [rows, width] (a block reads a row). bf16 / fp16 inputs go straight into
+// float32 through cuBLAS (mm.dtype, torch >= 2.8): their products are exact in float32 and the
+// sums are float32, so this is the float32 computation without converting the weight.
+at::Tensor tile_logits(const at::Tensor& rows, const at::Tensor& weight_rows) {
+  if (rows.scalar_type() == at::kFloat) return at::mm(rows, weight_rows.t());
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  return at::mm(rows, weight_rows.t(), at::kFloat);
+#else
+  return at::mm(rows.to(at::kFloat), weight_rows.to(at::kFloat).t());
+#endif
+}
+
 class TopkReducerCuda {
  public:
   TopkReducerCuda(int64_t rows, int64_t k, const at::TensorOptions& options)
@@ -83,8 +96,7 @@ class TopkReducerCuda {
 
   void add_tiles(const at::Tensor& rows, const at::Tensor& weight, const VocabTiles& tiles) {
     for (int64_t tile = 0; tile < tiles.count; ++tile) {
-      // [rows, width]: a block reads a row.
-      add_tile(at::mm(rows, tiles.weight_rows(weight, tile).t()), tiles.first_id(tile));
+      add_tile(tile_logits(rows, tiles.weight_rows(weight, tile)), tiles.first_id(tile));
     }
   }
 
