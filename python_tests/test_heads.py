@@ -230,7 +230,7 @@ def test_evaluate_heads_counts_hits_like_the_reference():
     model = MTPHeadsModel(tiny_model("gpt_neox", VOCAB), num_heads=2)
     perturb(model)
     sequences = windows(3)
-    results = evaluate_heads(model, sequences, top_k=(1, 3), batch_size=2)
+    results = evaluate_heads(model, sequences, top_k=(1, 3), batch_size=2, progress=False)
     assert [r.step for r in results] == [1, 2, 3]
     for result in results:
         hits = {1: 0, 3: 0}
