@@ -384,7 +384,11 @@ def run_eval_heads(args: argparse.Namespace) -> dict:
             if accuracy.positions != step["positions"]:
                 raise RuntimeError(f"{name}: step {accuracy.step} scored {accuracy.positions} positions, "
                                    f"marginalisation {step['positions']}")
-    table = heads_table(results, marginal.steps)
+    labels = [directory.resolve().name for directory in args.heads_dir]
+    if len(set(labels)) == len(labels):  # short column names where they stay distinct
+        table = heads_table(dict(zip(labels, results.values())), marginal.steps)
+    else:
+        table = heads_table(results, marginal.steps)
     report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
               "sequences": len(held_out), "seq_len": args.seq_len, "marginalisation": marginal.to_dict(),
               "heads": {name: {"config": configs[name], "steps": [vars(a) for a in accuracies]}

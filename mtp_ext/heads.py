@@ -179,7 +179,8 @@ class MTPHeadsModel(nn.Module):
     def head_hidden(self, hidden_states: Sequence[Tensor]) -> Tensor:
         """Every head's output after the final norm [N, B, T, H], from the `hidden_states` of the
         backbone's latest forward pass (output_hidden_states=True). Feeding element j through
-        the unembedding gives head j's logits for x_{t+j+2}."""
+        the unembedding gives head j's logits for x_{t+j+2}. "block" heads attend over the
+        tokens of this pass only, so they need a pass over whole sequences (no KV cache)."""
         last = self._last_layer_output(hidden_states)
         if self.layer_logits is None:
             inputs = [last] * self.num_heads

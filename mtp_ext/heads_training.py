@@ -190,7 +190,7 @@ class HeadAccuracy:
 
 @torch.no_grad()
 def evaluate_heads(model: MTPHeadsModel, sequences: Sequence[Sequence[int]], top_k: Sequence[int] = (1, 5),
-                   batch_size: int = 4) -> list[HeadAccuracy]:
+                   batch_size: int = 4, progress: bool = True) -> list[HeadAccuracy]:
     """Teacher-forced top-k accuracy and cross-entropy of every head, and of the backbone's own
     next-token prediction (step 1, first), on `sequences` (equal lengths within a batch).
     A step s is scored at every position t with t + s inside the sequence, the positions
@@ -202,7 +202,8 @@ def evaluate_heads(model: MTPHeadsModel, sequences: Sequence[Sequence[int]], top
     positions = torch.zeros(len(steps), dtype=torch.long)
     losses = torch.zeros(len(steps), dtype=torch.float64)
     device = model.unembed_weight.device
-    for first in range(0, len(sequences), batch_size):
+    for first in tqdm(range(0, len(sequences), batch_size), desc="evaluate heads", unit="batch",
+                      disable=not progress):
         input_ids = torch.tensor(list(sequences[first:first + batch_size]), device=device)
         final, heads = model(input_ids)
         hidden = torch.cat([final[None], heads]).flatten(1, 2)  # [S, B * T, H]

@@ -230,7 +230,7 @@ def test_evaluate_heads_counts_hits_like_the_reference():
     model = MTPHeadsModel(tiny_model("gpt_neox", VOCAB), num_heads=2)
     perturb(model)
     sequences = windows(3)
-    results = evaluate_heads(model, sequences, top_k=(1, 3), batch_size=2)
+    results = evaluate_heads(model, sequences, top_k=(1, 3), batch_size=2, progress=False)
     assert [r.step for r in results] == [1, 2, 3]
     for result in results:
         hits = {1: 0, 3: 0}
@@ -290,7 +290,8 @@ def test_cli_train_resume_and_eval(tmp_path, tiny_checkpoint, capsys):
         assert [s["positions"] for s in report["heads"][name]["steps"]] == [s["positions"] for s in marginal_steps]
     # the original backbone's next-token accuracy is marginalisation's step 1
     assert report["heads"][str(out)]["steps"][0]["accuracy"] == pytest.approx(marginal_steps[0]["accuracy"])
-    assert "marginalisation top-1 / top-5" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "marginalisation top-1 / top-5" in printed and "| heads top-1 / top-5 | joint top-1 / top-5 |" in printed
 
 
 def test_cli_bad_input(tmp_path, tiny_checkpoint, capsys, monkeypatch):
