@@ -50,9 +50,9 @@ CONTENDERS = {
 @pytest.mark.parametrize("contender", list(CONTENDERS))
 @pytest.mark.parametrize("kind", list(LOGIT_KINDS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: f"B{shape[0]}xV{shape[1]}")
-def test_top_p(benchmark, device, shape, kind, contender):
+def test_top_p(benchmark, device, threads, shape, kind, contender):
     logits = LOGIT_KINDS[kind](*shape, device=device)
     function = CONTENDERS[contender]
-    benchmark.group = f"top_p {device} {kind} B={shape[0]} V={shape[1]}"
+    benchmark.group = f"top_p {device} {threads} {kind} B={shape[0]} V={shape[1]}"
     benchmark.extra_info.update(contender=contender, baseline="softmax")
     time_on_device(benchmark, device, function, logits)
