@@ -1,0 +1,390 @@
+"""Lossless self-speculative decoding: a drafter proposes a tree of continuations, one forward
+pass over the packed tree (tree_pack, reusing the KV cache) verifies it, and the longest path
+that the model itself would have produced is kept.
+
+Every step starts from a *root*: the next token, already chosen by the model's own rule from
+exact logits. The tree holds the root and drafted descendants. After the pass every node has
+the model's exact next-token logits for [sequence, path to the node], so the walk is: at a
+node, choose the next token by the model's rule (argmax, or one draw from the temperature /
+top-p distribution); if a child holds that token, descend, else that token is the next root.
+Each emitted token is thus chosen by the model's rule from the model's exact distribution given
+everything before it, whatever the drafts were: the output of greedy decoding is
+model.generate's, and sampling is plain ancestral sampling. Drafts are deterministic candidate
+sets, not samples, so no rejection-ratio correction (as in Leviathan et al.) is needed: a draft
+only decides whether the logits for the next token are already at hand.
+
+The accepted nodes' cache entries are gathered to the slots right after the cache's tokens and
+the rest are cropped; a row that accepted fewer nodes than the longest row leaves invisible
+slots (holes) that its 2-D slot mask hides, and positions count visible slots only.
+
+Drafters (see `Drafter`): `MarginalDrafter` uses the step-2 marginal that the verification pass
+gives for free at the last accepted node, `HeadsDrafter` trained MTP heads.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mtp_ext.marginal import DraftForest, check_inputs, pack_for_model
+from mtp_ext.models.adapters import CausalLMAdapter, prefix_position_ids
+from mtp_ext.ops import marginal_accumulate, top_p_candidates, top_p_mask, tree_pack
+
+
+@dataclass
+class VerifiedPass:
+    """One forward pass and its walk: what drafters learn from for the next tree."""
+
+    forest: DraftForest  # the nodes evaluated, one tree per row (slot 0: the root)
+    hidden: Union[Tensor, tuple[Tensor, ...]]  # [B, N, H], or per layer when a drafter asks
+    stop_nodes: Tensor  # [B] slot of each row's last accepted node
+    stop_logits: Tensor  # [B, V] float32 model logits at the last accepted node
+    next_tokens: Tensor  # [B] the next roots, chosen from stop_logits
+    adapter: CausalLMAdapter
+
+    def node_logits(self, slots: Tensor) -> Tensor:
+        """float32 logits [B, M, V] at node slots [B, M]."""
+        return self.adapter.logits(gather_nodes(final_hidden(self.hidden), slots))
+
+
+class Drafter:
+    """Proposes each step's draft tree. `draft(previous)` returns a DraftForest whose slot 0 of
+    every row is `previous.next_tokens` (parent -1) and whose other nodes descend from it,
+    level by level (as DraftForest.grow builds them)."""
+
+    name = "drafter"
+    every_layer = False  # whether draft() reads every layer's hidden states
+
+    def bind(self, adapter: CausalLMAdapter) -> None:
+        """Called once per generation with the verifying model."""
+
+    def draft(self, previous: VerifiedPass) -> DraftForest:
+        raise NotImplementedError
+
+
+def root_forest(roots: Tensor) -> DraftForest:
+    """Trees of one node each: the roots [B]."""
+    ones = torch.ones(roots.shape[0], dtype=torch.long, device=roots.device)
+    return DraftForest.from_candidates(roots[:, None], torch.ones(roots.shape[0], 1, device=roots.device), ones)
+
+
+class MarginalDrafter(Drafter):
+    """Drafts the root's children from the step-2 marginal of the last pass.
+
+    At the last accepted node n the pass also evaluated n's children c, so
+    sum_c p(c | n) p(x | n, c) (marginal_accumulate) predicts the token after the next root
+    without another forward; its top candidates (nucleus `top_p`, at most `branching`) become
+    the root's children. That is all the marginal can draft: the next root is chosen at n
+    because no child of n held it (or n was a leaf), so the marginal mixes the continuations of
+    the *other* candidates and, after a leaf, there is none. Nothing the pass evaluates
+    conditions on the next root, since a node holding it would have been accepted.
+    """
+
+    name = "marginal"
+
+    def __init__(self, branching: int = 4, top_p: float = 0.9):
+        if branching < 1:
+            raise ValueError(f"branching must be >= 1, got {branching}")
+        if not (0.0 < float(top_p) <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        self.branching = int(branching)
+        self.top_p = float(top_p)
+
+    def draft(self, previous: VerifiedPass) -> DraftForest:
+        forest = root_forest(previous.next_tokens)
+        children, is_child = child_slots(previous.forest, previous.stop_nodes)
+        if not bool(is_child.any()):
+            return forest
+        child_tokens = previous.forest.token_ids.gather(1, children)
+        weights = torch.softmax(previous.stop_logits, -1).gather(1, child_tokens) * is_child
+        marginal = marginal_accumulate(weights, previous.node_logits(children))
+        ids, probs, counts, _ = top_p_candidates(marginal.clamp(min=1e-30).log(), self.top_p, self.branching)
+        probs = probs * (weights.sum(1, keepdim=True) > 0)
+        return forest.grow(torch.zeros_like(ids), ids.clamp(min=0), probs, max_nodes=1 + self.branching)
+
+
+def child_slots(forest: DraftForest, nodes: Tensor) -> tuple[Tensor, Tensor]:
+    """Slots [B, C] of the children of nodes [B] and which of them are real [B, C]."""
+    slot = torch.arange(forest.size, device=nodes.device)[None, :]
+    is_child = (forest.parents == nodes[:, None]) & (slot < forest.counts[:, None])
+    width = max(int(is_child.sum(1).max()), 1)
+    order = torch.argsort(is_child.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
+    return order, is_child.gather(1, order)
+
+
+def final_hidden(hidden: Union[Tensor, tuple[Tensor, ...]]) -> Tensor:
+    return hidden[-1] if isinstance(hidden, tuple) else hidden
+
+
+def gather_nodes(hidden: Tensor, slots: Tensor) -> Tensor:
+    """hidden [B, N, H] at slots [B, M] -> [B, M, H]."""
+    return hidden.gather(1, slots[:, :, None].expand(-1, -1, hidden.shape[-1]))
+
+
+@dataclass
+class TokenRule:
+    """How the model chooses a token from logits: argmax, or one draw from softmax(logits /
+    temperature) restricted to the top-p nucleus (top_p_mask)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generator: Optional[torch.Generator] = None
+
+    def __post_init__(self):
+        if not (self.temperature > 0.0 and self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+    def choose(self, logits: Tensor) -> Tensor:
+        """One token [R] per row of logits [R, V]; one random draw per row when sampling."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        scores = logits / self.temperature
+        if self.top_p < 1.0:
+            scores = top_p_mask(scores, self.top_p)
+        probs = torch.softmax(scores, -1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+
+@dataclass
+class GenerationStats:
+    new_tokens: list[int]  # per row, up to and including EOS
+    verification_steps: int  # packed forward passes after the prompt's
+    accepted_drafts: int  # drafted tokens accepted, all rows
+    row_steps: int  # (row, step) pairs in which the row was still generating
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(self.new_tokens) / max(self.seconds, 1e-12)
+
+    @property
+    def mean_accepted_per_step(self) -> float:
+        """Tokens emitted per verification step and row: accepted drafts + the one the model
+        chooses itself (1.0 = no draft ever accepted)."""
+        return 1.0 + self.accepted_drafts / max(self.row_steps, 1)
+
+    def to_dict(self) -> dict:
+        return {"new_tokens": self.new_tokens, "verification_steps": self.verification_steps,
+                "accepted_drafts": self.accepted_drafts, "seconds": self.seconds,
+                "tokens_per_second": self.tokens_per_second,
+                "mean_accepted_per_step": self.mean_accepted_per_step}
+
+
+@dataclass
+class SpeculativeOutput:
+    sequences: Tensor  # [B, T + new] like model.generate: prompt, new tokens, pad after EOS
+    stats: GenerationStats
+
+
+@dataclass
+class _Rows:
+    """What each row has produced so far."""
+
+    tokens: list[list[int]]
+    limit: int
+    eos: set[int]
+    done: list[bool] = field(default_factory=list)
+
+    def add(self, row: int, new: Sequence[int]) -> None:
+        for token in new:
+            if self.done[row]:
+                return
+            self.tokens[row].append(token)
+            self.done[row] = token in self.eos or len(self.tokens[row]) >= self.limit
+
+    def remaining(self) -> list[int]:
+        return [0 if done else self.limit - len(tokens) for tokens, done in zip(self.tokens, self.done)]
+
+
+def resolve_drafter(drafter: Union[str, Drafter]) -> Drafter:
+    """A Drafter from an instance or a name ("marginal")."""
+    if isinstance(drafter, Drafter):
+        return drafter
+    if drafter == "marginal":
+        return MarginalDrafter()
+    raise ValueError(f"unknown drafter {drafter!r}: use 'marginal', a HeadsDrafter or another Drafter")
+
+
+@torch.no_grad()
+def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                         drafter: Union[str, Drafter] = "marginal", max_new_tokens: int = 32,
+                         do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                         eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+                         generator: Optional[torch.Generator] = None) -> SpeculativeOutput:
+    """Generate up to `max_new_tokens` per row with drafts verified in one packed pass per step.
+
+    Greedy (do_sample=False) gives model.generate(do_sample=False)'s tokens; sampling draws from
+    the model's distribution at `temperature`, restricted to the top-p nucleus. Rows stop at
+    `eos_token_id` (default: the model's generation config) and are padded with `pad_token_id`
+    (default: the generation config's, else the first EOS id), as model.generate does. Padding
+    of the prompt may be on either side.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    drafter = resolve_drafter(drafter)
+    rule = TokenRule(do_sample, float(temperature), float(top_p), generator)
+    adapter = CausalLMAdapter(model)
+    drafter.bind(adapter)
+    attention_mask = check_inputs(adapter, input_ids, attention_mask, steps=1)
+    eos, pad = generation_ids(model, eos_token_id, pad_token_id)
+    longest = int(attention_mask.sum(1).max()) + max_new_tokens
+    if longest > adapter.context_length:
+        raise ValueError(f"a prompt of {longest - max_new_tokens} tokens plus {max_new_tokens} new ones exceeds "
+                         f"the model's context of {adapter.context_length}")
+
+    start = time.perf_counter()
+    decoder = SpeculativeDecoder(adapter, drafter, rule, input_ids, attention_mask)
+    rows = _Rows([[] for _ in range(input_ids.shape[0])], max_new_tokens, eos, [False] * input_ids.shape[0])
+    for row, token in enumerate(decoder.previous.next_tokens.tolist()):
+        rows.add(row, [token])
+    while not all(rows.done):
+        for row, new in enumerate(decoder.step(rows.remaining())):
+            rows.add(row, new)
+    stats = GenerationStats([len(tokens) for tokens in rows.tokens], decoder.steps, decoder.accepted_drafts,
+                            decoder.row_steps, time.perf_counter() - start)
+    return SpeculativeOutput(assemble(input_ids, rows.tokens, pad), stats)
+
+
+class SpeculativeDecoder:
+    """The decoding state between steps: the KV cache, which of its slots each row sees
+    (`slot_mask` [B, K]) and the last pass. The prompt runs on construction; `step()` drafts,
+    verifies and returns each row's new tokens."""
+
+    def __init__(self, adapter: CausalLMAdapter, drafter: Drafter, rule: TokenRule, input_ids: Tensor,
+                 attention_mask: Tensor):
+        self.adapter, self.drafter, self.rule = adapter, drafter, rule
+        self.cache = adapter.new_cache()
+        self.slot_mask = attention_mask.bool()
+        self.previous = prefill(adapter, drafter, self.cache, input_ids, self.slot_mask, rule)
+        self.steps = self.accepted_drafts = self.row_steps = 0
+
+    def step(self, remaining: list[int]) -> list[list[int]]:
+        """One draft-and-verify step. `remaining` [B]: tokens each row may still emit (0: the
+        row is finished; it runs along and its tokens are not counted). Returns per row the
+        accepted drafts followed by the next root."""
+        forest = prune_to_budget(self.drafter.draft(self.previous), remaining, self.adapter.context_length,
+                                 self.slot_mask.sum(1))
+        self.previous, paths, lengths = verify(self.adapter, self.drafter, self.cache, self.slot_mask, forest,
+                                               self.rule)
+        kept = torch.arange(paths.shape[1], device=lengths.device)[None, :] < lengths[:, None]
+        self.slot_mask = torch.cat([self.slot_mask, kept], 1)
+        self.steps += 1
+        new_tokens = []
+        for row, (path, length) in enumerate(zip(paths.tolist(), lengths.tolist())):
+            if remaining[row] > 0:
+                self.row_steps += 1
+                self.accepted_drafts += length - 1
+            drafted = forest.token_ids[row, path[1:length]].tolist()
+            new_tokens.append(drafted + [int(self.previous.next_tokens[row])])
+        return new_tokens
+
+
+def generation_ids(model, eos_token_id, pad_token_id) -> tuple[set[int], int]:
+    """EOS ids and the pad id, defaulting to the model's generation config as model.generate does."""
+    config = getattr(model, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    eos = set() if eos_token_id is None else {int(t) for t in ([eos_token_id] if isinstance(eos_token_id, int)
+                                                                  else eos_token_id)}
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = min(eos) if eos else 0
+    return eos, int(pad_token_id)
+
+
+def assemble(input_ids: Tensor, tokens: list[list[int]], pad: int) -> Tensor:
+    width = max(len(row) for row in tokens)
+    new = torch.full((len(tokens), width), pad, dtype=input_ids.dtype, device=input_ids.device)
+    for row, row_tokens in enumerate(tokens):
+        new[row, : len(row_tokens)] = torch.tensor(row_tokens, dtype=input_ids.dtype)
+    return torch.cat([input_ids, new], 1)
+
+
+def prefill(adapter: CausalLMAdapter, drafter: Drafter, cache, input_ids: Tensor, slot_mask: Tensor,
+            rule: TokenRule) -> VerifiedPass:
+    """The prompt's pass, as a VerifiedPass whose trees are each row's last real token."""
+    hidden = adapter.hidden_states(input_ids, slot_mask.long(), prefix_position_ids(slot_mask.long()), cache,
+                                   every_layer=drafter.every_layer)
+    last_real = slot_mask.shape[1] - 1 - slot_mask.flip(1).long().argmax(1)
+    last = last_real[:, None]
+    last_hidden = tuple(h.gather(1, last[:, :, None].expand(-1, -1, h.shape[-1])) for h in hidden) \
+        if isinstance(hidden, tuple) else gather_nodes(hidden, last)
+    logits = adapter.logits(final_hidden(last_hidden)[:, 0])
+    forest = root_forest(input_ids.gather(1, last)[:, 0])
+    zero = torch.zeros_like(last_real)
+    return VerifiedPass(forest, last_hidden, zero, logits, rule.choose(logits), adapter)
+
+
+def verify(adapter: CausalLMAdapter, drafter: Drafter, cache, slot_mask: Tensor, forest: DraftForest,
+           rule: TokenRule) -> tuple[VerifiedPass, Tensor, Tensor]:
+    """One packed pass over the trees, the walk, and the cache kept to the accepted paths.
+
+    Returns the pass, the accepted node slots [B, L] (root first; padded with the last
+    accepted slot) and the path lengths [B]."""
+    length = cache.get_seq_length()
+    packed = pack_for_model(adapter, lambda window: tree_pack(
+        forest.token_ids, forest.parents, forest.counts, slot_mask, sliding_window=window))
+    hidden = adapter.hidden_states(packed.input_ids, packed.mask, packed.position_ids, cache,
+                                   every_layer=drafter.every_layer)
+    paths, stop_logits, next_tokens = walk(adapter, forest, final_hidden(hidden), rule)
+    lengths = (paths != -1).sum(1)
+    paths = torch.where(paths == -1, paths.max(1, keepdim=True).values, paths)
+    adapter.keep_cache_slots(cache, length, paths)
+    return VerifiedPass(forest, hidden, paths.gather(1, lengths[:, None] - 1)[:, 0], stop_logits, next_tokens,
+                        adapter), paths, lengths
+
+
+def walk(adapter: CausalLMAdapter, forest: DraftForest, hidden: Tensor, rule: TokenRule):
+    """From every root, descend while the model's chosen token is a child's token.
+
+    Returns the accepted slots [B, D] (-1 after a row's last), the logits at each row's last
+    accepted node [B, V] and the token chosen there [B]."""
+    batch, device = forest.token_ids.shape[0], hidden.device
+    rows = torch.arange(batch, device=device)
+    current = torch.zeros(batch, dtype=torch.long, device=device)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    stop_logits = hidden.new_empty(batch, adapter.vocab_size, dtype=torch.float32)
+    chosen = torch.empty(batch, dtype=torch.long, device=device)
+    path = [current.clone()]
+    live = torch.arange(forest.size, device=device)[None, :] < forest.counts[:, None]
+    while bool(active.any()):
+        logits = adapter.logits(hidden[rows[active], current[active]])
+        tokens = rule.choose(logits)
+        stop_logits[active], chosen[active] = logits, tokens
+        matches = live[active] & (forest.parents[active] == current[active, None]) & \
+            (forest.token_ids[active] == tokens[:, None])
+        descend = matches.any(1)
+        step = torch.full((batch,), -1, dtype=torch.long, device=device)
+        step[rows[active][descend]] = matches[descend].long().argmax(1)
+        active = step >= 0
+        current = torch.where(active, step, current)
+        path.append(step)
+    return torch.stack(path[:-1], 1), stop_logits, chosen
+
+
+def prune_to_budget(forest: DraftForest, remaining: list[int], context_length: int, visible: Tensor) -> DraftForest:
+    """Cut each tree below the depth that can still be emitted (tokens left to generate, room
+    in the context); rows with nothing left keep their root only."""
+    depth = node_depths(forest)
+    allowed = torch.tensor(remaining, device=depth.device) - 1
+    allowed = torch.minimum(allowed, context_length - 1 - visible).clamp(min=0)
+    # Levels are stored in order, so the kept nodes are a prefix of each tree.
+    slots = torch.arange(forest.size, device=depth.device)[None, :]
+    counts = ((depth <= allowed[:, None]) & (slots < forest.counts[:, None])).sum(1)
+    return DraftForest(forest.token_ids, forest.parents, forest.weights, counts, forest.leaf_counts)
+
+
+def node_depths(forest: DraftForest) -> Tensor:
+    """Depth [B, N] of every node, 0 for the root."""
+    depth = torch.zeros_like(forest.parents)
+    for slot in range(1, forest.size):
+        parent = forest.parents[:, slot]
+        depth[:, slot] = torch.where(parent >= 0, depth.gather(1, parent.clamp(min=0)[:, None])[:, 0] + 1, 0)
+    return depth
