@@ -18,8 +18,11 @@ from mtp_ext.ops import (  # noqa: E402
 from mtp_ext.sampling import TopPLogitsWarper  # noqa: E402
 from mtp_ext.marginal import MarginalMTP  # noqa: E402
 from mtp_ext.evaluate import evaluate_mtp  # noqa: E402
+from mtp_ext.speculative import HeadsDrafter, MarginalDrafter, speculative_generate  # noqa: E402
 
 __all__ = [
+    "HeadsDrafter",
+    "MarginalDrafter",
     "MarginalMTP",
     "evaluate_mtp",
     "TopPCandidates",
@@ -28,6 +31,7 @@ __all__ = [
     "build_info",
     "marginal_accumulate",
     "top_p_candidates",
+    "speculative_generate",
     "top_p_mask",
     "tree_pack",
     "tree_pack_teacher",

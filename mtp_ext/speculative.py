@@ -31,7 +31,7 @@ from torch import Tensor
 
 from mtp_ext.marginal import DraftForest, check_inputs, pack_for_model
 from mtp_ext.models.adapters import CausalLMAdapter, prefix_position_ids
-from mtp_ext.ops import marginal_accumulate, top_p_candidates, top_p_mask, tree_pack
+from mtp_ext.ops import marginal_accumulate, multihead_unembed_topk, top_p_candidates, top_p_mask, tree_pack
 
 
 @dataclass
@@ -104,6 +104,55 @@ class MarginalDrafter(Drafter):
         ids, probs, counts, _ = top_p_candidates(marginal.clamp(min=1e-30).log(), self.top_p, self.branching)
         probs = probs * (weights.sum(1, keepdim=True) > 0)
         return forest.grow(torch.zeros_like(ids), ids.clamp(min=0), probs, max_nodes=1 + self.branching)
+
+
+class HeadsDrafter(Drafter):
+    """Medusa-style drafts from trained MTP heads (mtp_ext.heads.MTPHeadsModel).
+
+    Head i predicts x_{t+i+1} from position t, so at the last accepted node (position t, whose
+    next token x_{t+1} is the next root, chosen from the model's own logits) head d drafts the
+    root's descendants at depth d: the top `branching[d - 1]` tokens of head d under every node of
+    depth d - 1, the tree pruned to the `max_nodes` paths of highest probability (the product of
+    the heads' probabilities). Head 0 predicts what the model itself gives exactly, so it is
+    unused.
+    """
+
+    name = "heads"
+    every_layer = True  # heads with weighted hidden states read every layer
+
+    def __init__(self, heads, branching: Sequence[int] = (4, 3, 2, 2), max_nodes: int = 16):
+        if not branching or min(branching) < 1:
+            raise ValueError(f"branching must be a non-empty list of counts >= 1, got {branching}")
+        if max_nodes < 1:
+            raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
+        if heads.num_heads < 2:
+            raise ValueError(f"drafting needs at least 2 heads (head 0 predicts the next token), got {heads.num_heads}")
+        self.heads = heads
+        self.branching = tuple(int(k) for k in branching)[: heads.num_heads - 1]
+        self.max_nodes = int(max_nodes)
+
+    @classmethod
+    def load(cls, directory, model, **tree) -> "HeadsDrafter":
+        """Heads saved by MTPHeadsModel.save in `directory`, for `model` (a clear error if they
+        were trained for another model)."""
+        from mtp_ext.heads import MTPHeadsModel
+
+        return cls(MTPHeadsModel.load(directory, model), **tree)
+
+    def draft(self, previous: VerifiedPass) -> DraftForest:
+        stop = previous.stop_nodes[:, None]
+        at_stop = tuple(gather_nodes(layer, stop) for layer in previous.hidden)
+        head_hidden = self.heads.head_hidden(at_stop)[:, :, 0]  # [N, B, H]
+        values, ids, lse = multihead_unembed_topk(head_hidden, self.heads.unembed_weight, max(self.branching))
+        probs = torch.exp(values - lse[..., None])
+        forest = root_forest(previous.next_tokens)
+        for depth, width in enumerate(self.branching, start=1):
+            slots, real = forest.leaf_slots()
+            leaf_weights = forest.weights.gather(1, slots) * real
+            child_weights = leaf_weights[:, :, None] * probs[depth, :, None, :width]
+            forest = forest.grow(slots.repeat_interleave(width, 1), ids[depth, :, :width].repeat(1, slots.shape[1]),
+                                 child_weights.flatten(1), max_nodes=self.max_nodes)
+        return forest
 
 
 def child_slots(forest: DraftForest, nodes: Tensor) -> tuple[Tensor, Tensor]:
@@ -202,13 +251,16 @@ class _Rows:
         return [0 if done else self.limit - len(tokens) for tokens, done in zip(self.tokens, self.done)]
 
 
-def resolve_drafter(drafter: Union[str, Drafter]) -> Drafter:
-    """A Drafter from an instance or a name ("marginal")."""
+def resolve_drafter(drafter: Union[str, Drafter], model) -> Drafter:
+    """A Drafter from an instance or a name: "marginal", or "heads:DIR" for the heads saved in
+    DIR (trained for `model`)."""
     if isinstance(drafter, Drafter):
         return drafter
     if drafter == "marginal":
         return MarginalDrafter()
-    raise ValueError(f"unknown drafter {drafter!r}: use 'marginal', a HeadsDrafter or another Drafter")
+    if isinstance(drafter, str) and drafter.startswith("heads:") and len(drafter) > len("heads:"):
+        return HeadsDrafter.load(drafter[len("heads:"):], model)
+    raise ValueError(f"unknown drafter {drafter!r}: use 'marginal', 'heads:DIR' or a Drafter")
 
 
 @torch.no_grad()
@@ -227,7 +279,7 @@ def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tens
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
-    drafter = resolve_drafter(drafter)
+    drafter = resolve_drafter(drafter, model)
     rule = TokenRule(do_sample, float(temperature), float(top_p), generator)
     adapter = CausalLMAdapter(model)
     drafter.bind(adapter)
