@@ -77,15 +77,19 @@ class MarginalDrafter(Drafter):
     At the last accepted node n the pass also evaluated n's children c, so
     sum_c p(c | n) p(x | n, c) (marginal_accumulate) predicts the token after the next root
     without another forward; its top candidates (nucleus `top_p`, at most `branching`) become
-    the root's children. That is all the marginal can draft: the next root is chosen at n
-    because no child of n held it (or n was a leaf), so the marginal mixes the continuations of
-    the *other* candidates and, after a leaf, there is none. Nothing the pass evaluates
-    conditions on the next root, since a node holding it would have been accepted.
+    the root's children. Where n has no evaluated children (after the prompt, or n a leaf) the
+    children are n's own runner-up tokens, so that the next pass has a marginal again.
+
+    That is all a marginal can draft, and it is weak: the next root is chosen at n because no
+    child of n held it, so the marginal mixes the continuations of the *other* candidates.
+    Nothing a pass evaluates is conditioned on the next root, since a node holding it would have
+    been accepted: the step-k marginal of a tree of depth k - 1 predicts the token that
+    verifying the same tree already gives exactly.
     """
 
     name = "marginal"
 
-    def __init__(self, branching: int = 4, top_p: float = 0.9):
+    def __init__(self, branching: int = 8, top_p: float = 0.9):
         if branching < 1:
             raise ValueError(f"branching must be >= 1, got {branching}")
         if not (0.0 < float(top_p) <= 1.0):
@@ -94,15 +98,14 @@ class MarginalDrafter(Drafter):
         self.top_p = float(top_p)
 
     def draft(self, previous: VerifiedPass) -> DraftForest:
-        forest = root_forest(previous.next_tokens)
+        at_stop = torch.softmax(previous.stop_logits, -1)
         children, is_child = child_slots(previous.forest, previous.stop_nodes)
-        if not bool(is_child.any()):
-            return forest
-        child_tokens = previous.forest.token_ids.gather(1, children)
-        weights = torch.softmax(previous.stop_logits, -1).gather(1, child_tokens) * is_child
-        marginal = marginal_accumulate(weights, previous.node_logits(children))
-        ids, probs, counts, _ = top_p_candidates(marginal.clamp(min=1e-30).log(), self.top_p, self.branching)
-        probs = probs * (weights.sum(1, keepdim=True) > 0)
+        weights = at_stop.gather(1, previous.forest.token_ids.gather(1, children)) * is_child
+        runner_ups = at_stop.scatter(1, previous.next_tokens[:, None], 0.0)
+        guess = torch.where(is_child.any(1, keepdim=True),
+                            marginal_accumulate(weights, previous.node_logits(children)), runner_ups)
+        ids, probs, _, _ = top_p_candidates(guess.clamp(min=1e-30).log(), self.top_p, self.branching)
+        forest = root_forest(previous.next_tokens)
         return forest.grow(torch.zeros_like(ids), ids.clamp(min=0), probs, max_nodes=1 + self.branching)
 
 
@@ -205,6 +208,7 @@ class GenerationStats:
     new_tokens: list[int]  # per row, up to and including EOS
     verification_steps: int  # packed forward passes after the prompt's
     accepted_drafts: int  # drafted tokens accepted, all rows
+    drafted_nodes: int  # drafted tokens verified, all rows
     row_steps: int  # (row, step) pairs in which the row was still generating
     seconds: float
 
@@ -220,7 +224,7 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         return {"new_tokens": self.new_tokens, "verification_steps": self.verification_steps,
-                "accepted_drafts": self.accepted_drafts, "seconds": self.seconds,
+                "accepted_drafts": self.accepted_drafts, "drafted_nodes": self.drafted_nodes, "seconds": self.seconds,
                 "tokens_per_second": self.tokens_per_second,
                 "mean_accepted_per_step": self.mean_accepted_per_step}
 
@@ -299,7 +303,7 @@ def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tens
         for row, new in enumerate(decoder.step(rows.remaining())):
             rows.add(row, new)
     stats = GenerationStats([len(tokens) for tokens in rows.tokens], decoder.steps, decoder.accepted_drafts,
-                            decoder.row_steps, time.perf_counter() - start)
+                            decoder.drafted_nodes, decoder.row_steps, time.perf_counter() - start)
     return SpeculativeOutput(assemble(input_ids, rows.tokens, pad), stats)
 
 
@@ -314,7 +318,7 @@ class SpeculativeDecoder:
         self.cache = adapter.new_cache()
         self.slot_mask = attention_mask.bool()
         self.previous = prefill(adapter, drafter, self.cache, input_ids, self.slot_mask, rule)
-        self.steps = self.accepted_drafts = self.row_steps = 0
+        self.steps = self.accepted_drafts = self.drafted_nodes = self.row_steps = 0
 
     def step(self, remaining: list[int]) -> list[list[int]]:
         """One draft-and-verify step. `remaining` [B]: tokens each row may still emit (0: the
@@ -332,6 +336,7 @@ class SpeculativeDecoder:
             if remaining[row] > 0:
                 self.row_steps += 1
                 self.accepted_drafts += length - 1
+                self.drafted_nodes += int(forest.counts[row]) - 1
             drafted = forest.token_ids[row, path[1:length]].tolist()
             new_tokens.append(drafted + [int(self.previous.next_tokens[row])])
         return new_tokens

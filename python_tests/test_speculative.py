@@ -118,6 +118,7 @@ def test_greedy_equals_generate(architecture, batch, drafter):
     stats = got.stats
     assert stats.new_tokens == [len(row) for row in emitted_rows(got.sequences, input_ids.shape[1],
                                                                     model.generation_config.eos_token_id)]
+    assert stats.drafted_nodes > 0
     if isinstance(drafter, ScriptedDrafter):
         # Drafts were accepted, and not always all of them.
         assert 1.5 < stats.mean_accepted_per_step < 4.0
