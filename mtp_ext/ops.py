@@ -227,10 +227,3 @@ def _tree_pack_teacher_fake(tree_ids, parents, counts, seq_mask, pad_id, sliding
 def _marginal_accumulate_fake(weights, logits):
     torch._check(logits.dim() == 3, lambda: "logits must be 3-D [batch, candidates, vocab]")
     return logits.new_empty((logits.shape[0], logits.shape[2]), dtype=torch.float32)
-
-
-def multihead_unembed_topk(hidden: Tensor, weight: Tensor, k: int):
-    """TEMP: stands in for issue 5's kernel until it merges; see mtp_ext.reference."""
-    from mtp_ext import reference
-
-    return reference.multihead_unembed_topk(hidden, weight, k)
