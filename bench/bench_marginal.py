@@ -46,18 +46,6 @@ CONTENDERS = {
 }
 
 
-@pytest.fixture(params=["default", "1"])
-def threads(request, device):
-    """torch's intra-op threads for the CPU runs: the default, or one."""
-    if request.param == "1" and device != "cpu":
-        pytest.skip("thread count applies to the CPU")
-    saved = torch.get_num_threads()
-    if request.param == "1":
-        torch.set_num_threads(1)
-    yield f"{torch.get_num_threads()} threads" if device == "cpu" else "gpu"
-    torch.set_num_threads(saved)
-
-
 @pytest.mark.parametrize("contender", list(CONTENDERS))
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "B{}xN{}xV{}".format(*shape))

@@ -25,13 +25,17 @@ def main() -> None:
     for group, benches in groups.items():
         baselines = args.baselines or sorted({b["extra_info"].get("baseline") for b in benches.values()} - {None})
         baselines = [name for name in baselines if name in benches]
+        # Benchmarks that also measure memory record extra_info peak_mib.
+        with_memory = any("peak_mib" in bench["extra_info"] for bench in benches.values())
+        memory_header = " peak MiB |" if with_memory else ""
         print(f"### {group}\n")
-        print("| contender | median (ms) | " + " | ".join(f"x {name}" for name in baselines) + " |")
-        print("|---|---:|" + "---:|" * len(baselines))
+        print("| contender | median (ms) | " + " | ".join(f"x {name}" for name in baselines) + " |" + memory_header)
+        print("|---|---:|" + "---:|" * len(baselines) + ("---:|" if with_memory else ""))
         for contender, bench in benches.items():
             median = bench["stats"]["median"]
             ratios = [median / benches[name]["stats"]["median"] for name in baselines]
-            print(f"| {contender} | {median * 1e3:.3f} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+            memory = f" {bench['extra_info'].get('peak_mib', '-')} |" if with_memory else ""
+            print(f"| {contender} | {median * 1e3:.3f} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |" + memory)
         print()
 
 

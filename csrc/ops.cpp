@@ -31,4 +31,19 @@ TORCH_LIBRARY(mtp_ext, m) {
   // sum_n weights[b, n] * softmax(logits[b, n]) as float32 [B, V], fused: the probabilities
   // are never written, and rows of weight 0 are never read.
   m.def("marginal_accumulate(Tensor weights, Tensor logits) -> Tensor");
+  // Per head n, the k largest logits of hidden[n] @ weight.T (float32, computed in float32):
+  // values [N, B, k] float32 in descending order (ties: lower id first), their ids [N, B, k]
+  // int64, and each row's log-sum-exp [N, B] float32. The weight is read once for all heads.
+  m.def(
+      "multihead_unembed_topk(Tensor hidden, Tensor weight, int k)"
+      " -> (Tensor values, Tensor ids, Tensor lse)");
+  // sum_n head_weights[n] * (head n's mean cross-entropy of hidden[n] @ weight.T against
+  // targets[n], over the targets that are not ignore_index; 0 for a head without any), and the
+  // gradients of that loss for hidden and weight when asked for (computed in the same pass;
+  // empty [0] otherwise). head_losses [N] are the unweighted per-head means. Computed in
+  // float32 (float64 for float64 inputs).
+  m.def(
+      "multihead_cross_entropy(Tensor hidden, Tensor weight, Tensor targets, Tensor head_weights,"
+      " int ignore_index, bool hidden_grad, bool weight_grad)"
+      " -> (Tensor loss, Tensor head_losses, Tensor grad_hidden, Tensor grad_weight)");
 }

@@ -227,3 +227,128 @@ def _tree_pack_teacher_fake(tree_ids, parents, counts, seq_mask, pad_id, sliding
 def _marginal_accumulate_fake(weights, logits):
     torch._check(logits.dim() == 3, lambda: "logits must be 3-D [batch, candidates, vocab]")
     return logits.new_empty((logits.shape[0], logits.shape[2]), dtype=torch.float32)
+
+
+class UnembedTopk(NamedTuple):
+    """Each head's top-k tokens and log-sum-exp (see `multihead_unembed_topk`)."""
+
+    values: Tensor  # [N, B, k] float32 logits, descending
+    ids: Tensor  # [N, B, k] int64 token ids
+    lse: Tensor  # [N, B] float32 log-sum-exp of each row's logits
+
+
+def multihead_unembed_topk(hidden: Tensor, weight: Tensor, k: int) -> UnembedTopk:
+    """The k most likely tokens of N heads through one shared unembedding.
+
+    `hidden` [N, B, H] holds N heads' hidden states, `weight` [V, H] the unembedding (same
+    dtype: float32, bfloat16 or float16). Logits hidden[n] @ weight.T are computed in float32,
+    one tile of the vocabulary at a time with all N * B rows in one GEMM, so the weight is read
+    once and the N x B x V logits are never held.
+
+    Returns `UnembedTopk(values, ids, lse)`: per head and row the k largest logits in
+    descending order (ties: lower id first) [N, B, k] float32, their ids [N, B, k] int64, and
+    the log-sum-exp of all V logits [N, B] float32 (so values - lse are log-probabilities).
+    """
+    if isinstance(k, bool) or int(k) != k:
+        raise ValueError(f"k must be an integer, got {k!r}")
+    _check_same_device(hidden=hidden, weight=weight)
+    return UnembedTopk(*torch.ops.mtp_ext.multihead_unembed_topk(hidden, weight, int(k)))
+
+
+def multihead_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    head_weights: Tensor | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """The weighted mean of N heads' cross-entropy losses through one shared unembedding.
+
+    `hidden` [N, M, H] (float32, bfloat16, float16, or float64), `weight` [V, H] of the same
+    dtype, `targets` [N, M] int64 in [0, V) or `ignore_index`. The loss is
+    sum_n head_weights[n] * CE_n, where CE_n is the mean cross-entropy of logits
+    hidden[n] @ weight.T (float32; float64 for float64 inputs) over head n's targets that are
+    not ignore_index, and 0 for a head without any. `head_weights` [N] defaults to 1 / N each.
+
+    Returns a scalar float32 tensor (float64 for float64 inputs), differentiable with respect
+    to hidden, weight and head_weights. Chunked over rows so that no N x M x V logits are held;
+    when a gradient is needed it is computed during this call (the backward only scales it).
+    """
+    _check_same_device(hidden=hidden, weight=weight, targets=targets, head_weights=head_weights)
+    if head_weights is None:
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        head_weights = torch.full((hidden.shape[0],), 1.0 / max(hidden.shape[0], 1), dtype=dtype,
+                                  device=hidden.device)
+    grad_enabled = torch.is_grad_enabled()
+    loss, _, _, _ = torch.ops.mtp_ext.multihead_cross_entropy(
+        hidden, weight, targets, head_weights, int(ignore_index),
+        grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad,
+    )
+    return loss
+
+
+def _check_same_device(**tensors: Tensor | None) -> None:
+    """Checked here too, before dispatch: a meta tensor among CPU ones would send the call to
+    the fake kernel instead of failing."""
+    named = [(name, tensor) for name, tensor in tensors.items() if isinstance(tensor, Tensor)]
+    for name, tensor in named[1:]:
+        if tensor.device != named[0][1].device:
+            raise ValueError(f"{name} is on {tensor.device} but {named[0][0]} is on {named[0][1].device}")
+
+
+@torch.library.register_fake("mtp_ext::multihead_unembed_topk")
+def _multihead_unembed_topk_fake(hidden, weight, k):
+    torch._check(hidden.dim() == 3, lambda: "hidden must be 3-D [heads, rows, hidden_size]")
+    heads, batch = hidden.shape[0], hidden.shape[1]
+    return (
+        hidden.new_empty((heads, batch, k), dtype=torch.float32),
+        hidden.new_empty((heads, batch, k), dtype=torch.long),
+        hidden.new_empty((heads, batch), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("mtp_ext::multihead_cross_entropy")
+def _multihead_cross_entropy_fake(hidden, weight, targets, head_weights, ignore_index, hidden_grad, weight_grad):
+    torch._check(hidden.dim() == 3, lambda: "hidden must be 3-D [heads, rows, hidden_size]")
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return (
+        hidden.new_empty((), dtype=dtype),
+        hidden.new_empty((hidden.shape[0],), dtype=dtype),
+        torch.empty_like(hidden, memory_format=torch.contiguous_format) if hidden_grad else hidden.new_empty((0,)),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else weight.new_empty((0,)),
+    )
+
+
+def _multihead_cross_entropy_setup_context(ctx, inputs, output):
+    _, _, _, head_weights, _, hidden_grad, weight_grad = inputs
+    _, head_losses, grad_hidden, grad_weight = output
+    ctx.computed = (hidden_grad, weight_grad)
+    ctx.head_weights_dtype = head_weights.dtype
+    ctx.save_for_backward(head_losses, grad_hidden, grad_weight)
+
+
+def _multihead_cross_entropy_backward(ctx, grad_loss, _grad_head_losses, _grad_hidden, _grad_weight):
+    """The gradients were computed in the forward call: scale them by the loss's gradient."""
+    head_losses, grad_hidden, grad_weight = ctx.saved_tensors
+    needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if (needs_hidden and not ctx.computed[0]) or (needs_weight and not ctx.computed[1]):
+        raise RuntimeError(
+            "mtp_ext::multihead_cross_entropy was called with hidden_grad/weight_grad False for an "
+            "input that needs a gradient; call mtp_ext.multihead_cross_entropy instead"
+        )
+    return (
+        grad_hidden * grad_loss.to(grad_hidden.dtype) if needs_hidden else None,
+        grad_weight * grad_loss.to(grad_weight.dtype) if needs_weight else None,
+        None,
+        (head_losses * grad_loss).to(ctx.head_weights_dtype) if ctx.needs_input_grad[3] else None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "mtp_ext::multihead_cross_entropy",
+    _multihead_cross_entropy_backward,
+    setup_context=_multihead_cross_entropy_setup_context,
+)

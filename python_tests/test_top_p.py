@@ -432,12 +432,18 @@ MASK_MARGIN = 1e-5
 HF_MARGIN = 2e-5
 
 
+# The CPU kernel brackets the threshold from a sample of rows of 1024 tokens or more, and takes
+# the general path below that (and whenever the sample misleads it): both sizes are tested.
+MASK_VOCABS = [997, 4133]
+
+
+@pytest.mark.parametrize("vocab", MASK_VOCABS)
 @pytest.mark.parametrize("filter_value", [-math.inf, -1e4], ids=["neg_inf", "minus_1e4"])
 @pytest.mark.parametrize("min_tokens_to_keep", [1, 3, 50])
 @pytest.mark.parametrize("top_p_case", MASK_TOP_P_CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_mask_equals_reference(dtype, top_p_case, min_tokens_to_keep, filter_value, generator):
-    batch, vocab = 6, 997
+def test_mask_equals_reference(dtype, top_p_case, min_tokens_to_keep, filter_value, vocab, generator):
+    batch = 6
     top_p = resolve_top_p(top_p_case, batch, generator)
     # all_equal rows sit exactly on a borderline at most top_p: test_all_equal_row_* has them.
     excluded = {"all_equal"}
@@ -465,13 +471,34 @@ def test_mask_min_tokens_above_vocab_keeps_every_token(generator):
     assert torch.equal(mtp_ext.top_p_mask(logits, 0.1, 50, -1e4), logits)
 
 
-def test_mask_keeps_the_candidates(generator):
-    # Same nucleus, two outputs: at temperature 1 without a cap, the finite entries of the mask
-    # are exactly the candidate ids, and they hold the input logits.
-    logits = draw_rows(mixed_kinds(12, generator), 3000, generator)
+def sample_defeating_rows(vocab: int) -> Tensor:
+    """Rows whose mass hides from a strided sample: a heavy token in each of the first 16 chunks
+    of 32 (sampled in full), and in every other chunk a token of moderate logit off the sample's
+    stride, together most of the mass. The kernel's bracket from the sample then misses the
+    threshold, and the row must still come out right."""
+    logits = torch.full((3, vocab), -8.0)
+    logits[:, 7::32] = torch.tensor([[2.0], [3.0], [4.5]])
+    logits[:, 3:512:32] = 6.0
+    logits[:, 0::32] = -1.0  # what the stride sees
+    logits[1, 5::97] = 1.0  # some scattered structure on top
+    return logits
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_mask_when_the_sample_misleads(top_p):
+    logits = sample_defeating_rows(20_000)
+    assert torch.equal(mtp_ext.top_p_mask(logits, top_p), reference.top_p_mask(logits, top_p_rows(top_p, 3), 1, -math.inf))
+
+
+@pytest.mark.parametrize("vocab", [3000, 50_021])
+def test_mask_keeps_the_candidates(vocab, generator):
+    # Same nucleus, two outputs (the candidates never take the mask's bracketed path): at
+    # temperature 1 without a cap, the finite entries of the mask are exactly the candidate
+    # ids, and they hold the input logits.
+    logits = draw_rows(mixed_kinds(12, generator), vocab, generator)
     top_p = draw_top_p(12, generator)
     top_p[top_p >= 1.0] = 0.999  # at 1 the mask keeps dead tokens too (Hugging Face's rule)
-    result = mtp_ext.top_p_candidates(logits, top_p, 3000)
+    result = mtp_ext.top_p_candidates(logits, top_p, vocab)
     masked = mtp_ext.top_p_mask(logits, top_p)
     for row in range(12):
         kept = torch.isfinite(masked[row]).nonzero().flatten()

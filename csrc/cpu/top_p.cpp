@@ -8,12 +8,14 @@
 //   4. radix select of the threshold key over the survivors (csrc/common/top_p.h)
 //   5. the selected survivors, sorted: at most max_candidates of them
 // For peaked rows (language models) step 3 keeps a handful of tokens, so the cost is about two
-// reads of the row.
+// reads of the row. top_p_mask has no cap to prune with; it brackets the threshold from a sample
+// of the row instead (steps 2-3 become one exact pass, see "top_p_mask's fast path").
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -29,6 +31,10 @@ struct RowScratch {
   std::vector<float> scaled;  // s for the row when the input cannot be read as it is
   std::vector<float> chunk_max;
   std::vector<float> chunk_max_sorted;
+  std::vector<uint8_t> inside_bracket;  // per token: inside the mask's threshold bracket
+  // Survivor arrays only grow (a shrinking resize would refill them on every row); the first
+  // survivor_count entries are live.
+  int64_t survivor_count = 0;
   std::vector<int64_t> survivor_ids;
   std::vector<float> survivor_logits;
   std::vector<uint32_t> survivor_keys;
@@ -38,6 +44,12 @@ struct RowScratch {
   std::vector<int64_t> bucket_counts;
   std::vector<uint64_t> bucket_masses;
 };
+
+template <typename T>
+T* room_for(std::vector<T>& buffer, int64_t count) {
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
+}
 
 struct RowStats {
   int status = kRowOk;
@@ -65,7 +77,8 @@ const float* scaled_row(const scalar_t* row, int64_t vocab, float temperature,
   return out;
 }
 
-RowStats scan_row(const float* scaled, int64_t vocab, RowScratch& scratch) {
+// Max logit, chunk maxima and validity: the first read of a row.
+RowStats scan_extremes(const float* scaled, int64_t vocab, RowScratch& scratch) {
   RowStats stats;
   const int64_t num_chunks = (vocab + kChunk - 1) / kChunk;
   scratch.chunk_max.resize(num_chunks);
@@ -92,12 +105,15 @@ RowStats scan_row(const float* scaled, int64_t vocab, RowScratch& scratch) {
     stats.status = kRowAllNegInf;
     return stats;
   }
+  stats.max_logit = row_max;
+  return stats;
+}
+
+uint64_t total_mass(const float* scaled, int64_t vocab, float max_logit) {
   uint64_t total = 0;
 #pragma omp simd reduction(+ : total)
-  for (int64_t i = 0; i < vocab; ++i) total += quantize_mass(mtp_exp(scaled[i] - row_max));
-  stats.max_logit = row_max;
-  stats.total_mass = total;
-  return stats;
+  for (int64_t i = 0; i < vocab; ++i) total += quantize_mass(mtp_exp(scaled[i] - max_logit));
+  return total;
 }
 
 // The largest logit such that the survivors (tokens at or above it) contain the selection.
@@ -120,13 +136,25 @@ float survivor_cutoff(const RowStats& stats, int64_t vocab, float top_p, int64_t
   return cutoff;
 }
 
+// Keys and integer masses of the first `count` survivors, whose ids and logits are written.
+void finish_survivors(int64_t count, float max_logit, RowScratch& scratch) {
+  scratch.survivor_count = count;
+  const float* logits = scratch.survivor_logits.data();
+  uint32_t* keys = room_for(scratch.survivor_keys, count);
+  uint64_t* masses = room_for(scratch.survivor_masses, count);
+#pragma omp simd
+  for (int64_t k = 0; k < count; ++k) {
+    keys[k] = order_key(logits[k]);
+    masses[k] = quantize_mass(mtp_exp(logits[k] - max_logit));
+  }
+}
+
+// The tokens with s >= cutoff, with their keys and integer masses, in id order.
 void collect_survivors(const float* scaled, int64_t vocab, float cutoff, float max_logit,
                        RowScratch& scratch) {
   // Branch-free compaction: dense rows keep most tokens, where a branch would mispredict.
-  scratch.survivor_ids.resize(vocab);
-  scratch.survivor_logits.resize(vocab);
-  int64_t* ids = scratch.survivor_ids.data();
-  float* logits = scratch.survivor_logits.data();
+  int64_t* ids = room_for(scratch.survivor_ids, vocab);
+  float* logits = room_for(scratch.survivor_logits, vocab);
   int64_t count = 0;
   const int64_t num_chunks = static_cast<int64_t>(scratch.chunk_max.size());
   for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
@@ -138,17 +166,9 @@ void collect_survivors(const float* scaled, int64_t vocab, float cutoff, float m
       count += scaled[i] >= cutoff;
     }
   }
-  scratch.survivor_ids.resize(count);
-  scratch.survivor_keys.resize(count);
-  scratch.survivor_masses.resize(count);
-  uint32_t* keys = scratch.survivor_keys.data();
-  uint64_t* masses = scratch.survivor_masses.data();
-#pragma omp simd
-  for (int64_t k = 0; k < count; ++k) {
-    keys[k] = order_key(logits[k]);
-    masses[k] = quantize_mass(mtp_exp(logits[k] - max_logit));
-  }
+  finish_survivors(count, max_logit, scratch);
 }
+
 
 // 4096 buckets resolve sign, exponent and three mantissa bits in the first pass, so that
 // the later levels see only the survivors of one narrow bucket.
@@ -156,11 +176,12 @@ constexpr RadixLevel kCpuRadixLevels[] = {{20, 12}, {8, 12}, {0, 8}};
 constexpr int kCpuMaxBuckets = 1 << 12;
 
 // Radix select over the survivors: the key of the last selected token and how many of the
-// tokens with that key (in id order) are selected.
-Threshold select_threshold(const StopRule& rule, RowScratch& scratch) {
+// tokens with that key (in id order) are selected. `above` holds what lies above every survivor
+// and is already selected.
+Threshold select_threshold(const StopRule& rule, RowScratch& scratch, SelectState above = {}) {
   const uint32_t* keys = scratch.survivor_keys.data();
   const uint64_t* masses = scratch.survivor_masses.data();
-  const int64_t survivor_count = static_cast<int64_t>(scratch.survivor_keys.size());
+  const int64_t survivor_count = scratch.survivor_count;
   scratch.bucket_counts.resize(kCpuMaxBuckets);
   scratch.bucket_masses.resize(kCpuMaxBuckets);
   int64_t* bucket_counts = scratch.bucket_counts.data();
@@ -169,6 +190,7 @@ Threshold select_threshold(const StopRule& rule, RowScratch& scratch) {
   members.resize(survivor_count);
 
   Threshold threshold;
+  threshold.above = above;
   bool first_level = true;
   int64_t member_count = survivor_count;
   for (const RadixLevel level : kCpuRadixLevels) {
@@ -202,7 +224,7 @@ Threshold select_threshold(const StopRule& rule, RowScratch& scratch) {
 void gather_selected(const Threshold& threshold, RowScratch& scratch) {
   scratch.selected.clear();
   int64_t ties_seen = 0;
-  for (size_t i = 0; i < scratch.survivor_keys.size(); ++i) {
+  for (int64_t i = 0; i < scratch.survivor_count; ++i) {
     const uint32_t key = scratch.survivor_keys[i];
     if (key > threshold.key || (key == threshold.key && ties_seen++ < threshold.ties_taken)) {
       scratch.selected.push_back(static_cast<int32_t>(i));
@@ -210,22 +232,164 @@ void gather_selected(const Threshold& threshold, RowScratch& scratch) {
   }
 }
 
-// Steps 1-4 for one row; returns the row status.
-int select_row(const float* scaled, int64_t vocab, float top_p, const StopRule& base_rule,
-               RowScratch& scratch, RowStats& stats, Threshold& threshold) {
-  stats = scan_row(scaled, vocab, scratch);
-  if (stats.status != kRowOk) return stats.status;
+// Steps 2-4 for one row, after scan_extremes.
+Threshold select_general(const float* scaled, int64_t vocab, float top_p, const StopRule& base_rule,
+                         RowScratch& scratch, RowStats& stats) {
+  stats.total_mass = total_mass(scaled, vocab, stats.max_logit);
   StopRule rule = base_rule;
   rule.target_mass = mass_target(top_p, stats.total_mass);
   float cutoff = survivor_cutoff(stats, vocab, top_p, rule.cap, scratch);
   collect_survivors(scaled, vocab, cutoff, stats.max_logit, scratch);
-  if (static_cast<int64_t>(scratch.survivor_ids.size()) < rule.min_keep) {
+  if (scratch.survivor_count < rule.min_keep) {
     // The mass bound does not cover min_keep: every token is a survivor.
     collect_survivors(scaled, vocab, -std::numeric_limits<float>::infinity(), stats.max_logit,
                       scratch);
   }
-  threshold = select_threshold(rule, scratch);
-  return kRowOk;
+  return select_threshold(rule, scratch);
+}
+
+// ---- top_p_mask's fast path ----------------------------------------------------------------
+// Without a cap to prune with, the general path's survivors can be most of the row. Instead a
+// sample of the row brackets the threshold logit, one exact pass adds up the integer masses
+// (the total, and what lies above the bracket), and the radix select runs over the bracket's
+// tokens only. The exact sums decide whether the bracket holds the threshold; when it does not
+// (an unlucky sample) the row takes the general path, so the result never depends on the sample.
+
+constexpr int64_t kMinBracketVocab = 1024;  // below this the general path is as fast
+constexpr int64_t kSampleStride = 32;
+// The chunks with the largest maxima hold the heavy tokens of a peaked row: sampled in full.
+constexpr int64_t kFullySampledChunks = 16;
+constexpr float kBucketNats = 0.125f;
+constexpr int kNumBuckets = 256;  // 32 nats below the max: past kDeadLogitGap
+
+struct Bracket {
+  float low;   // the threshold logit is expected in [low, high)
+  float high;
+};
+
+// The sample's estimate of the mass per 1/8-nat band below the max (and its variance), and a
+// bracket of bands around the crossing of the stop condition A >= p (A + B), for the mass A above
+// and B below a boundary: f = (1 - p) A - p B changes sign at the threshold. A and B come from
+// disjoint tokens, so f's variance is (1 - p)^2 var(A) + p^2 var(B); the bracket's edges are
+// where f is three standard errors from zero.
+Bracket estimate_bracket(const float* scaled, int64_t vocab, float max_logit, float top_p,
+                         RowScratch& scratch) {
+  const auto& chunk_max = scratch.chunk_max;
+  const int64_t num_chunks = static_cast<int64_t>(chunk_max.size());
+  float full_floor = -std::numeric_limits<float>::infinity();
+  if (num_chunks > kFullySampledChunks) {
+    auto& sorted = scratch.chunk_max_sorted;
+    sorted.assign(chunk_max.begin(), chunk_max.end());
+    std::nth_element(sorted.begin(), sorted.begin() + (kFullySampledChunks - 1), sorted.end(),
+                     std::greater<float>());
+    full_floor = sorted[kFullySampledChunks - 1];
+  }
+  double bucket_mass[kNumBuckets] = {};
+  double bucket_variance[kNumBuckets] = {};
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    const int64_t end = std::min((chunk + 1) * kChunk, vocab);
+    const int64_t stride = chunk_max[chunk] >= full_floor ? 1 : kSampleStride;
+    const double weight = static_cast<double>(stride);
+    for (int64_t i = chunk * kChunk; i < end; i += stride) {
+      const float gap = max_logit - scaled[i];
+      if (!(gap < kNumBuckets * kBucketNats)) continue;
+      const double e = mtp_exp(-gap);
+      const int bucket = static_cast<int>(gap * (1.0f / kBucketNats));
+      bucket_mass[bucket] += weight * e;
+      bucket_variance[bucket] += weight * (weight - 1.0) * e * e;
+    }
+  }
+  double total = 0.0;
+  double total_variance = 0.0;
+  for (int bucket = 0; bucket < kNumBuckets; ++bucket) {
+    total += bucket_mass[bucket];
+    total_variance += bucket_variance[bucket];
+  }
+  const double p = top_p;
+  Bracket bracket{-std::numeric_limits<float>::infinity(), std::numeric_limits<float>::infinity()};
+  double above = 0.0;
+  double above_variance = 0.0;
+  for (int bucket = 0; bucket < kNumBuckets; ++bucket) {
+    above += bucket_mass[bucket];
+    above_variance += bucket_variance[bucket];
+    const double below = total - above;
+    const double below_variance = std::max(total_variance - above_variance, 0.0);
+    const double f = (1.0 - p) * above - p * below;
+    const double margin = 3.0 * std::sqrt((1.0 - p) * (1.0 - p) * above_variance + p * p * below_variance) +
+                          1e-6 * total;
+    const float bucket_floor = max_logit - (bucket + 1) * kBucketNats;
+    if (f + margin < 0.0) bracket.high = bucket_floor;
+    if (f - margin > 0.0) {
+      bracket.low = bucket_floor;
+      break;
+    }
+  }
+  return bracket;
+}
+
+struct BracketSums {
+  uint64_t total_mass;
+  uint64_t above_mass;  // of the tokens at or above bracket.high
+  int64_t above_count;
+};
+
+// The exact integer sums, and a flag per token inside the bracket: setting it here, where the
+// compare is nearly free next to the exp, spares the branchy compaction another pass.
+BracketSums bracket_sums(const float* scaled, int64_t vocab, float max_logit, Bracket bracket,
+                         RowScratch& scratch) {
+  uint8_t* inside = room_for(scratch.inside_bracket, vocab + 8);
+  uint64_t total = 0;
+  uint64_t above_mass = 0;
+  int64_t above_count = 0;
+#pragma omp simd reduction(+ : total, above_mass, above_count)
+  for (int64_t i = 0; i < vocab; ++i) {
+    const float s = scaled[i];
+    const uint64_t q = quantize_mass(mtp_exp(s - max_logit));
+    const bool above = s >= bracket.high;
+    total += q;
+    above_mass += above ? q : 0;
+    above_count += above;
+    inside[i] = (s >= bracket.low) & !above;
+  }
+  std::fill(inside + vocab, inside + vocab + 8, 0);  // the last word of the scan in collect_bracket
+  return {total, above_mass, above_count};
+}
+
+// The bracket's tokens as the survivors, from bracket_sums' flags, eight at a time.
+void collect_bracket(const float* scaled, int64_t vocab, float max_logit, RowScratch& scratch) {
+  const uint8_t* inside = scratch.inside_bracket.data();
+  int64_t* ids = room_for(scratch.survivor_ids, vocab);
+  float* logits = room_for(scratch.survivor_logits, vocab);
+  int64_t count = 0;
+  for (int64_t begin = 0; begin < vocab; begin += 8) {
+    uint64_t word;
+    std::memcpy(&word, inside + begin, sizeof(word));
+    for (; word != 0; word &= word - 1) {  // flags are 0 or 1: one set bit per flagged byte
+      const int64_t token = begin + __builtin_ctzll(word) / 8;
+      ids[count] = token;
+      logits[count] = scaled[token];
+      ++count;
+    }
+  }
+  finish_survivors(count, max_logit, scratch);
+}
+
+// The threshold through the bracket; false when the exact sums show that it lies outside.
+bool select_bracketed(const float* scaled, int64_t vocab, float top_p, const StopRule& base_rule,
+                      const RowStats& stats, RowScratch& scratch, Threshold& threshold) {
+  const Bracket bracket = estimate_bracket(scaled, vocab, stats.max_logit, top_p, scratch);
+  const BracketSums sums = bracket_sums(scaled, vocab, stats.max_logit, bracket, scratch);
+  StopRule rule = base_rule;
+  rule.target_mass = mass_target(top_p, sums.total_mass);
+  const SelectState above{sums.above_count, sums.above_mass};
+  if (reaches_stop(rule, above.count, above.mass)) return false;  // stops above the bracket
+  collect_bracket(scaled, vocab, stats.max_logit, scratch);
+  const int64_t bracket_count = scratch.survivor_count;
+  uint64_t bracket_mass = 0;
+  for (int64_t k = 0; k < bracket_count; ++k) bracket_mass += scratch.survivor_masses[k];
+  if (!reaches_stop(rule, above.count + bracket_count, above.mass + bracket_mass)) return false;
+  threshold = select_threshold(rule, scratch, above);
+  return true;
 }
 
 template <typename scalar_t>
@@ -246,11 +410,11 @@ void candidates_rows(const at::Tensor& logits, const float* top_p, int64_t max_c
       counts[row] = 0;
       mass[row] = 0.0f;
       const float* scaled = scaled_row(data + row * row_stride, vocab, temperature, scratch);
-      RowStats stats;
-      Threshold threshold;
+      RowStats stats = scan_extremes(scaled, vocab, scratch);
+      statuses[row] = stats.status;
+      if (stats.status != kRowOk) continue;
       const StopRule rule{0, max_candidates, 1};
-      statuses[row] = select_row(scaled, vocab, top_p[row], rule, scratch, stats, threshold);
-      if (statuses[row] != kRowOk) continue;
+      const Threshold threshold = select_general(scaled, vocab, top_p[row], rule, scratch, stats);
 
       gather_selected(threshold, scratch);
       auto& selected = scratch.selected;
@@ -274,7 +438,7 @@ void candidates_rows(const at::Tensor& logits, const float* top_p, int64_t max_c
 }
 
 // Keeps the tokens above the threshold in one vectorised pass, then the first ties_taken tokens
-// at the threshold, looking only in chunks whose maximum reaches it.
+// at the threshold: the survivors hold every token with the threshold key, in id order.
 template <typename scalar_t>
 void write_mask(const scalar_t* row_in, const float* scaled, int64_t vocab,
                 const Threshold& threshold, scalar_t filler, scalar_t* row_out,
@@ -282,16 +446,11 @@ void write_mask(const scalar_t* row_in, const float* scaled, int64_t vocab,
   const float threshold_logit = key_to_float(threshold.key);
   for (int64_t i = 0; i < vocab; ++i) row_out[i] = scaled[i] > threshold_logit ? row_in[i] : filler;
   int64_t ties_left = threshold.ties_taken;
-  const int64_t num_chunks = static_cast<int64_t>(scratch.chunk_max.size());
-  for (int64_t chunk = 0; chunk < num_chunks && ties_left > 0; ++chunk) {
-    if (scratch.chunk_max[chunk] < threshold_logit) continue;
-    const int64_t end = std::min((chunk + 1) * kChunk, vocab);
-    for (int64_t i = chunk * kChunk; i < end && ties_left > 0; ++i) {
-      if (scaled[i] == threshold_logit) {
-        row_out[i] = row_in[i];
-        --ties_left;
-      }
-    }
+  for (int64_t k = 0; k < scratch.survivor_count && ties_left > 0; ++k) {
+    if (scratch.survivor_keys[k] != threshold.key) continue;
+    const int64_t token = scratch.survivor_ids[k];
+    row_out[token] = row_in[token];
+    --ties_left;
   }
 }
 
@@ -309,11 +468,9 @@ void mask_rows(const at::Tensor& logits, const float* top_p, int64_t min_tokens_
       const scalar_t* row_in = data + row * row_stride;
       scalar_t* row_out = out + row * vocab;
       const float* scaled = scaled_row(row_in, vocab, 1.0f, scratch);
-      RowStats stats;
-      Threshold threshold;
-      const StopRule rule{0, vocab, std::min(min_tokens_to_keep, vocab)};
-      statuses[row] = select_row(scaled, vocab, top_p[row], rule, scratch, stats, threshold);
-      if (statuses[row] != kRowOk) continue;
+      RowStats stats = scan_extremes(scaled, vocab, scratch);
+      statuses[row] = stats.status;
+      if (stats.status != kRowOk) continue;
       if (top_p[row] >= 1.0f) {
         // As Hugging Face's warper: top_p = 1 filters only tokens of probability zero.
         for (int64_t i = 0; i < vocab; ++i) {
@@ -321,6 +478,11 @@ void mask_rows(const at::Tensor& logits, const float* top_p, int64_t min_tokens_
         }
         continue;
       }
+      const StopRule rule{0, vocab, std::min(min_tokens_to_keep, vocab)};
+      Threshold threshold;
+      const bool bracketed = vocab >= kMinBracketVocab &&
+          select_bracketed(scaled, vocab, top_p[row], rule, stats, scratch, threshold);
+      if (!bracketed) threshold = select_general(scaled, vocab, top_p[row], rule, scratch, stats);
       write_mask(row_in, scaled, vocab, threshold, filler, row_out, scratch);
     }
   });
