@@ -145,8 +145,10 @@ class HeadsDrafter(Drafter):
     def draft(self, previous: VerifiedPass) -> DraftForest:
         stop = previous.stop_nodes[:, None]
         at_stop = tuple(gather_nodes(layer, stop) for layer in previous.hidden)
-        head_hidden = self.heads.head_hidden(at_stop)[:, :, 0]  # [N, B, H]
-        values, ids, lse = multihead_unembed_topk(head_hidden, self.heads.unembed_weight, max(self.branching))
+        head_hidden, weight = self.heads.head_hidden(at_stop)[:, :, 0], self.heads.unembed_weight  # [N, B, H]
+        if head_hidden.dtype == torch.float64:  # the kernel takes 16/32-bit floats; guesses need no more
+            head_hidden, weight = head_hidden.float(), weight.float()
+        values, ids, lse = multihead_unembed_topk(head_hidden, weight, max(self.branching))
         probs = torch.exp(values - lse[..., None])
         forest = root_forest(previous.next_tokens)
         for depth, width in enumerate(self.branching, start=1):
