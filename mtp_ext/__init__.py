@@ -21,10 +21,12 @@ from mtp_ext.ops import (  # noqa: E402
 from mtp_ext.sampling import TopPLogitsWarper  # noqa: E402
 from mtp_ext.marginal import MarginalMTP  # noqa: E402
 from mtp_ext.evaluate import evaluate_mtp  # noqa: E402
+from mtp_ext.heads import MTPHeadsModel, load_heads  # noqa: E402
 from mtp_ext.speculative import HeadsDrafter, MarginalDrafter, speculative_generate  # noqa: E402
 
 __all__ = [
     "HeadsDrafter",
+    "MTPHeadsModel",
     "MarginalDrafter",
     "MarginalMTP",
     "evaluate_mtp",
@@ -33,6 +35,7 @@ __all__ = [
     "TreePack",
     "UnembedTopk",
     "build_info",
+    "load_heads",
     "marginal_accumulate",
     "multihead_cross_entropy",
     "multihead_unembed_topk",

@@ -4,6 +4,8 @@
     mtp-ext analyze --model smollm2-135m --data austen --tokens 4096 --out results/smollm2-austen
     mtp-ext report results/* --out results
     mtp-ext generate --model smollm2-135m --prompt "It is a truth" --drafter marginal --max-new-tokens 64 --compare
+    mtp-ext train-heads --model smollm2-135m --data austen --heads 3 --whs --steps 200 --out runs/whs
+    mtp-ext eval-heads --model smollm2-135m --data austen --heads-dir runs/frozen runs/whs --json heads.json
 """
 from __future__ import annotations
 
@@ -62,7 +64,47 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="one table and the Fig. 1 chart from eval / analyze results")
     report.add_argument("dirs", type=Path, nargs="+", help="directories holding eval.json and/or analysis.json")
     report.add_argument("--out", type=Path, required=True, help="directory for report.md and fig1.png")
+    _add_heads_parsers(commands)
     return parser
+
+
+def _add_heads_parsers(commands) -> None:
+    train = commands.add_parser("train-heads", help="train MTP heads on a frozen or jointly trained backbone")
+    _add_heads_data_arguments(train)
+    train.add_argument("--heads", type=int, default=3, help="number of heads (head j predicts x_{t+j+2})")
+    train.add_argument("--head-type", choices=["resblock", "block"], default="resblock")
+    train.add_argument("--whs", action="store_true", help="weighted hidden states: each head mixes every layer")
+    train.add_argument("--joint", action="store_true", help="train the backbone too (loss adds the NTP loss)")
+    train.add_argument("--steps", type=int, required=True, help="train up to this step (resumes from --out)")
+    train.add_argument("--out", type=Path, required=True, help="checkpoint directory (resumed if it holds one)")
+    train.add_argument("--batch-size", type=int, default=2, help="windows of --seq-len tokens per step")
+    train.add_argument("--lr", type=float, default=1e-3, help="learning rate of the heads and WHS weights")
+    train.add_argument("--whs-lr", type=float, default=5e-2, help="learning rate of the WHS logits (--whs)")
+    train.add_argument("--backbone-lr", type=float, default=1e-5, help="learning rate of the backbone (--joint)")
+    train.add_argument("--ntp-weight", type=float, default=1.0, help="weight of the NTP loss (--joint)")
+    train.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    train.add_argument("--time-budget", type=float, default=None,
+                       help="stop (and checkpoint) after this many seconds of training; rerun to go on")
+    train.add_argument("--eval-tokens", type=int, default=1024, help="held-out positions scored after training")
+
+    evaluate = commands.add_parser("eval-heads", help="held-out top-k accuracy of MTP heads beside marginalisation")
+    _add_heads_data_arguments(evaluate)
+    evaluate.add_argument("--heads-dir", type=Path, nargs="+", required=True, help="train-heads checkpoints")
+    evaluate.add_argument("--tokens", type=int, default=1024, help="held-out positions (of step 1)")
+    evaluate.add_argument("--marginal-steps", type=int, default=None,
+                          help="marginalise up to this step (default: the heads' last step; 1: none)")
+    evaluate.add_argument("--top-p", type=float, default=0.99)
+    evaluate.add_argument("--max-candidates", type=int, default=16)
+    evaluate.add_argument("--max-nodes", type=int, default=64)
+    evaluate.add_argument("--json", type=Path, help="write the results as JSON here")
+
+
+def _add_heads_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--data", default=DEFAULT_DATA, help="documents; the last --held-out-share are held out")
+    parser.add_argument("--held-out-share", type=float, default=0.1)
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    parser.add_argument("--threads", type=int, default=None)
 
 
 def sequences_for(data: str, tokenizer, tokens: int, seq_len: int):
@@ -319,6 +361,118 @@ def plot_accuracy(reports: list[dict], path: Path, k: int = 5) -> None:
     _save(plt, figure, path)
 
 
+def _heads_data(args: argparse.Namespace, tokenizer, training_windows: int):
+    """(training windows, held-out sequences of up to args.tokens positions, the split)."""
+    from mtp_ext import data as corpora
+    from mtp_ext.heads_training import split_documents
+
+    if not 0.0 < args.held_out_share < 1.0:
+        raise ValueError(f"--held-out-share must lie in (0, 1), got {args.held_out_share}")
+    train_documents, held_out_documents, split = split_documents(corpora.load_text(args.data), args.held_out_share)
+    windows = corpora.token_sequences(tokenizer, train_documents, args.seq_len,
+                                      max_tokens=training_windows * (args.seq_len - 1))
+    held_out = corpora.token_sequences(tokenizer, held_out_documents, args.seq_len, max_tokens=args.tokens)
+    if not windows or not held_out:
+        raise ValueError(f"{args.data!r} holds too little text for windows of {args.seq_len} tokens on both "
+                         "sides of the held-out split")
+    return windows, held_out, split
+
+
+def run_train_heads(args: argparse.Namespace) -> dict:
+    import torch
+
+    from mtp_ext.heads import MTPHeadsModel
+    from mtp_ext.heads_training import TrainingSettings, evaluate_heads, train_heads
+    from mtp_ext.models import describe_weights, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = TrainingSettings(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, whs_lr=args.whs_lr,
+                                backbone_lr=args.backbone_lr, ntp_weight=args.ntp_weight,
+                                checkpoint_every=args.checkpoint_every)
+    settings.check()
+    out = _output_dir(args.out)
+    backbone, tokenizer = load_model(args.model)
+    args.tokens = args.eval_tokens
+    windows, held_out, split = _heads_data(args, tokenizer, max(1, args.steps * args.batch_size))
+    heads = MTPHeadsModel(backbone, args.heads, args.head_type, args.whs, freeze_backbone=not args.joint)
+    record = train_heads(heads, windows, settings, out, time_budget_s=args.time_budget)
+    accuracies = evaluate_heads(heads, held_out, batch_size=1)
+    report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
+              "settings": vars(settings), "heads": heads.config_dict(), "training": record,
+              "held_out": [vars(accuracy) for accuracy in accuracies]}
+    (out / "train.json").write_text(json.dumps(report, indent=2))
+    print(f"\ntrained to step {record['step']} ({record['tokens_seen']} tokens, {record['seconds']:.0f} s); "
+          f"held-out ({split['by']} split):")
+    print(heads_table({"heads": accuracies}))
+    print(f"wrote {out}")
+    return report
+
+
+def run_eval_heads(args: argparse.Namespace) -> dict:
+    import torch
+
+    from mtp_ext.evaluate import evaluate_mtp
+    from mtp_ext.heads import load_heads
+    from mtp_ext.heads_training import evaluate_heads
+    from mtp_ext.models import describe_weights, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.json is not None:
+        _check_writable(args.json)
+    backbone, tokenizer = load_model(args.model)
+    _, held_out, split = _heads_data(args, tokenizer, 1)
+    results, configs = {}, {}
+    for directory in args.heads_dir:
+        # A joint checkpoint overwrites the backbone's weights: each gets a fresh copy.
+        heads = load_heads(directory, load_model(args.model)[0])
+        results[str(directory)] = evaluate_heads(heads, held_out, batch_size=1)
+        configs[str(directory)] = heads.config_dict()
+    marginal_steps = args.marginal_steps or max(len(accuracies) for accuracies in results.values())
+    marginal = evaluate_mtp(backbone, held_out, steps=marginal_steps, top_p=args.top_p,
+                            max_candidates=args.max_candidates, max_nodes=args.max_nodes, batch_size=1)
+    for name, accuracies in results.items():
+        for accuracy, step in zip(accuracies, marginal.steps):
+            if accuracy.positions != step["positions"]:
+                raise RuntimeError(f"{name}: step {accuracy.step} scored {accuracy.positions} positions, "
+                                   f"marginalisation {step['positions']}")
+    table = heads_table(results, marginal.steps)
+    report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
+              "sequences": len(held_out), "seq_len": args.seq_len, "marginalisation": marginal.to_dict(),
+              "heads": {name: {"config": configs[name], "steps": [vars(a) for a in accuracies]}
+                        for name, accuracies in results.items()}, "table": table}
+    print(f"\nmodel {args.model}, data {args.data} (held out: {split['by']} split), top-1 / top-5 per step "
+          "(step 1: the backbone's own next-token prediction)\n")
+    print(table)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return report
+
+
+def heads_table(results: dict, marginal_steps: list[dict] | None = None) -> str:
+    """Markdown: one line per step, top-1 / top-5 of marginalisation (with the top-5 bounds) and
+    of each set of heads."""
+    names = list(results)
+    marginal_steps = marginal_steps or []
+    head = "| step | positions |" + (" marginalisation top-1 / top-5 (bounds) |" if marginal_steps else "")
+    lines = [head + "".join(f" {name} top-1 / top-5 |" for name in names),
+             "|" + "---|" * (2 + bool(marginal_steps) + len(names))]
+    for row, accuracy in enumerate(results[names[0]]):
+        cells = [str(accuracy.step), str(accuracy.positions)]
+        if marginal_steps:
+            step = marginal_steps[row] if row < len(marginal_steps) else None
+            cells.append("-" if step is None else
+                         f"{step['accuracy']['top1']:.3f} / {step['accuracy']['top5']:.3f} "
+                         f"({step['accuracy_lower']['top5']:.3f}-{step['accuracy_upper']['top5']:.3f})")
+        for name in names:
+            values = results[name][row].accuracy
+            cells.append(f"{values['top1']:.3f} / {values['top5']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _check_writable(path: Path) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir() or not os.access(directory, os.W_OK):
@@ -336,6 +490,10 @@ def main(argv: list[str] | None = None) -> int:
             run_report(args)
         elif args.command == "generate":
             run_generate(args)
+        elif args.command == "train-heads":
+            run_train_heads(args)
+        elif args.command == "eval-heads":
+            run_eval_heads(args)
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

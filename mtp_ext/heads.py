@@ -1,0 +1,293 @@
+"""MTP heads on a next-token backbone (the paper's Fig. 5).
+
+N independent heads read the backbone's final hidden state (before its final norm), or, with
+weighted hidden states (WHS), each its own softmax-normalised learned mix of every layer's
+hidden state; each head's output goes through the backbone's final norm and the shared
+unembedding. Head j (0-based) predicts x_{t+j+2}: the backbone itself predicts x_{t+1}, so
+three heads give steps 2, 3 and 4 (`MTPHeadsModel.steps`).
+
+Hugging Face's `hidden_states` tuple ends with the final-normed state, not the last layer's
+output. The pre-norm state is taken from a forward hook on the final norm, recorded by the
+backbone's latest forward pass; `head_hidden` checks that the tuple it gets belongs to that pass.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mtp_ext.analysis import final_norm
+from mtp_ext.models.adapters import check_supported
+
+HEAD_TYPES = ("resblock", "block")
+CONFIG_FILE = "heads_config.json"
+HEADS_FILE = "heads.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
+# Share of the initial WHS mix on the last layer: heads start near the NTP state yet every
+# layer gets a gradient.
+WHS_INITIAL_LAST_LAYER_SHARE = 0.9
+
+
+class ResBlockHead(nn.Module):
+    """Medusa's head, x + SiLU(Linear(x)); the linear starts at zero so that an untrained head
+    passes the backbone's state through."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return hidden + nn.functional.silu(self.linear(hidden))
+
+
+class DecoderBlockHead(nn.Module):
+    """One decoder layer of the backbone's own class, initialised as a copy of its last layer,
+    run causally over whole sequences (positions 0..T-1, no cache)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        base = backbone.base_model
+        self.layer = copy.deepcopy(_decoder_layers(base)[-1])
+        config = backbone.config
+        layer_types = getattr(config, "layer_types", None)
+        self.layer_type = layer_types[-1] if layer_types else None
+        self.sliding_window = int(config.sliding_window) if self.layer_type == "sliding_attention" else 0
+        # Not a submodule: the rotary embedding belongs to (and is saved with) the backbone.
+        self._rotary = (getattr(base, "rotary_emb", None),)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        length = hidden.shape[1]
+        position_ids = torch.arange(length, device=hidden.device)[None]
+        arguments = {"attention_mask": _causal_mask(length, self.sliding_window, hidden),
+                     "position_ids": position_ids}
+        rotary = self._rotary[0]
+        if rotary is not None:
+            extra = (self.layer_type,) if self.layer_type is not None else ()
+            arguments["position_embeddings"] = rotary(hidden, position_ids, *extra)
+        output = self.layer(hidden, **arguments)
+        return output[0] if isinstance(output, tuple) else output
+
+
+def _decoder_layers(base: nn.Module) -> nn.ModuleList:
+    for name in ("layers", "h"):
+        if isinstance(getattr(base, name, None), nn.ModuleList):
+            return getattr(base, name)
+    raise ValueError(f"cannot find the decoder layers of {type(base).__name__}")
+
+
+def _causal_mask(length: int, sliding_window: int, like: Tensor) -> Tensor:
+    """Additive [1, 1, T, T] mask: each position sees itself and the earlier ones (within the
+    window, if any)."""
+    query = torch.arange(length, device=like.device)[:, None]
+    key = torch.arange(length, device=like.device)[None, :]
+    allowed = key <= query
+    if sliding_window:
+        allowed &= query - key < sliding_window
+    mask = torch.zeros((1, 1, length, length), dtype=like.dtype, device=like.device)
+    return mask.masked_fill_(~allowed, torch.finfo(like.dtype).min)
+
+
+def model_fingerprint(backbone: nn.Module) -> dict:
+    """What identifies the backbone a checkpoint belongs to."""
+    config = backbone.config
+    name = getattr(config, "mtp_ext_model_name", None) or getattr(config, "_name_or_path", "") or None
+    return {
+        "model_type": config.model_type,
+        "hidden_size": int(backbone.get_output_embeddings().weight.shape[1]),
+        "vocab_size": int(backbone.get_output_embeddings().weight.shape[0]),
+        "num_layers": int(config.num_hidden_layers),
+        "name": name,
+    }
+
+
+class MTPHeadsModel(nn.Module):
+    """A backbone with `num_heads` MTP heads sharing its final norm and unembedding.
+
+    `head_type`: "resblock" (Medusa's x + SiLU(Linear(x)), zero-initialised) or "block" (a copy
+    of the backbone's last decoder layer, run over whole sequences without a cache).
+    `weighted_hidden_states`: each head reads its own softmax-normalised mix of the embeddings
+    and every layer's output instead of the last layer's output.
+    `freeze_backbone`: False for joint training (backbone and unembedding get gradients).
+    """
+
+    def __init__(self, backbone: nn.Module, num_heads: int = 3, head_type: str = "resblock",
+                 weighted_hidden_states: bool = False, freeze_backbone: bool = True):
+        super().__init__()
+        check_supported(backbone)
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {head_type!r}")
+        if getattr(backbone.config, "final_logit_softcapping", None):
+            raise ValueError("backbones with final logit soft-capping are not supported by the MTP heads")
+        self.backbone = backbone
+        self.num_heads = num_heads
+        self.head_type = head_type
+        self.weighted_hidden_states = weighted_hidden_states
+        self.freeze_backbone = freeze_backbone
+        hidden_size = self.unembed_weight.shape[1]
+        self.heads = nn.ModuleList(
+            ResBlockHead(hidden_size) if head_type == "resblock" else DecoderBlockHead(backbone)
+            for _ in range(num_heads)
+        )
+        self.heads.to(device=self.unembed_weight.device, dtype=self.unembed_weight.dtype)
+        self.layer_logits = None
+        if weighted_hidden_states:
+            self.layer_logits = nn.Parameter(_initial_layer_logits(num_heads, backbone.config.num_hidden_layers + 1))
+        self.backbone.requires_grad_(not freeze_backbone)
+        self._recorded = None  # (input, output) of the final norm in the latest forward pass
+        self._in_backbone_pass = False
+        self.final_norm.register_forward_hook(self._record_final_norm)
+        backbone.base_model.register_forward_pre_hook(lambda *_: self._mark_backbone_pass(True))
+        backbone.base_model.register_forward_hook(lambda *_: self._mark_backbone_pass(False), always_call=True)
+
+    @property
+    def steps(self) -> list[int]:
+        """The token each head predicts: head j gives x_{t + steps[j]}."""
+        return list(range(2, self.num_heads + 2))
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return final_norm(self.backbone)
+
+    @property
+    def unembed_weight(self) -> Tensor:
+        """The backbone's output embedding weight [V, H], shared by every head."""
+        return self.backbone.get_output_embeddings().weight
+
+    def _record_final_norm(self, module, inputs, output) -> None:
+        if self._in_backbone_pass:  # the heads' (and anyone's) own uses of the norm do not count
+            self._recorded = (inputs[0], output)
+
+    def _mark_backbone_pass(self, running: bool) -> None:
+        self._in_backbone_pass = running
+
+    def layer_weights(self) -> Tensor:
+        """Each head's softmax-normalised weights over the embeddings and the layers [N, L + 1]."""
+        if self.layer_logits is None:
+            raise ValueError("this model reads the final hidden state only (weighted_hidden_states=False)")
+        return torch.softmax(self.layer_logits.float(), dim=-1)
+
+    def head_hidden(self, hidden_states: Sequence[Tensor]) -> Tensor:
+        """Every head's output after the final norm [N, B, T, H], from the `hidden_states` of the
+        backbone's latest forward pass (output_hidden_states=True). Feeding element j through
+        the unembedding gives head j's logits for x_{t+j+2}."""
+        last = self._last_layer_output(hidden_states)
+        if self.layer_logits is None:
+            inputs = [last] * self.num_heads
+        else:
+            layers = torch.stack(list(hidden_states[:-1]) + [last])  # [L + 1, B, T, H]
+            mixed = torch.einsum("nl,lbth->nbth", self.layer_weights().to(last.dtype), layers)
+            inputs = list(mixed)
+        norm = self.final_norm
+        return torch.stack([norm(head(state)) for head, state in zip(self.heads, inputs)])
+
+    def _last_layer_output(self, hidden_states: Sequence[Tensor]) -> Tensor:
+        expected = self.backbone.config.num_hidden_layers + 1
+        if len(hidden_states) != expected:
+            raise ValueError(f"expected the backbone's {expected} hidden states (embeddings and every layer), "
+                             f"got {len(hidden_states)}")
+        recorded = self._recorded
+        final = hidden_states[-1]
+        if recorded is None or recorded[1].data_ptr() != final.data_ptr() or recorded[1].numel() != final.numel():
+            raise ValueError("head_hidden needs the hidden_states of the backbone's latest forward pass "
+                             "(the final norm's input is recorded there)")
+        return recorded[0].reshape(final.shape)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(final-normed backbone states [B, T, H], head states [N, B, T, H]) for input_ids [B, T].
+        With a frozen backbone it runs without gradients."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
+            outputs = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                               output_hidden_states=True)
+        return outputs.hidden_states[-1], self.head_hidden(outputs.hidden_states)
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """The heads' and the WHS weights' tensors (what a frozen-backbone checkpoint holds)."""
+        return {name: value for name, value in self.state_dict().items() if not name.startswith("backbone.")}
+
+    def config_dict(self) -> dict:
+        return {"num_heads": self.num_heads, "head_type": self.head_type,
+                "weighted_hidden_states": self.weighted_hidden_states, "freeze_backbone": self.freeze_backbone,
+                "model": model_fingerprint(self.backbone)}
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Writes the heads (and WHS weights; and the backbone too when it is trained jointly)
+        as safetensors, with a config naming the backbone. Each file is replaced atomically."""
+        from safetensors.torch import save_file, save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: value.detach().contiguous() for name, value in self.trainable_state().items()}
+        _atomic_write(directory / HEADS_FILE, lambda path: save_file(tensors, path))
+        if not self.freeze_backbone:
+            _atomic_write(directory / BACKBONE_FILE, lambda path: save_model(self.backbone, path))
+        _atomic_write(directory / CONFIG_FILE,
+                      lambda path: Path(path).write_text(json.dumps(self.config_dict(), indent=2)))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], backbone: nn.Module) -> "MTPHeadsModel":
+        """The heads saved in `directory`, on `backbone` (which must be the model they were
+        trained on; a joint checkpoint also loads its backbone weights into it)."""
+        from safetensors.torch import load_file, load_model
+
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise ValueError(f"{directory} holds no MTP heads checkpoint ({CONFIG_FILE} is missing)")
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        check_fingerprint(config["model"], backbone)
+        model = cls(backbone, config["num_heads"], config["head_type"], config["weighted_hidden_states"],
+                    config["freeze_backbone"])
+        if not model.freeze_backbone:
+            load_model(backbone, str(directory / BACKBONE_FILE), device=str(model.unembed_weight.device))
+        tensors = load_file(str(directory / HEADS_FILE), device=str(model.unembed_weight.device))
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        missing = [name for name in missing if not name.startswith("backbone.")]
+        if missing or unexpected:
+            raise ValueError(f"{directory / HEADS_FILE} does not match its config: missing {missing}, "
+                             f"unexpected {unexpected}")
+        return model
+
+
+def check_fingerprint(saved: dict, backbone: nn.Module) -> None:
+    """Raises when a checkpoint of backbone `saved` is put on another model. The name counts
+    only when both are known (a copy of a model in another directory is the same model)."""
+    current = model_fingerprint(backbone)
+    differences = [f"{key} {saved.get(key)!r} (checkpoint) vs {current[key]!r} (model)"
+                   for key in ("model_type", "hidden_size", "vocab_size", "num_layers") if saved.get(key) != current[key]]
+    if saved.get("name") and current["name"] and saved["name"] != current["name"] and not differences:
+        differences.append(f"name {saved['name']!r} (checkpoint) vs {current['name']!r} (model)")
+    if differences:
+        raise ValueError("the MTP heads checkpoint belongs to another model: " + "; ".join(differences))
+
+
+def load_heads(directory: str | os.PathLike[str], backbone: nn.Module) -> MTPHeadsModel:
+    """MTPHeadsModel.load."""
+    return MTPHeadsModel.load(directory, backbone)
+
+
+def _initial_layer_logits(num_heads: int, num_states: int) -> Tensor:
+    others = (1.0 - WHS_INITIAL_LAST_LAYER_SHARE) / max(num_states - 1, 1)
+    logits = torch.full((num_heads, num_states), float(torch.tensor(others).log()))
+    logits[:, -1] = float(torch.tensor(WHS_INITIAL_LAST_LAYER_SHARE).log())
+    return logits
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(temporary path) then rename over `path`: a reader never sees half a file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

@@ -1,0 +1,221 @@
+"""Training MTP heads (frozen backbone, weighted hidden states, or jointly with the backbone) and
+scoring them on held-out text.
+
+Training windows come from the training documents, in order, `batch_size` per step and cycling,
+so that the data position is a function of the step and a resumed run sees exactly the windows
+an uninterrupted one would. Checkpoints are written atomically every `checkpoint_every` steps, at
+the end and on Ctrl-C: the heads as safetensors (`MTPHeadsModel.save`) and `training_state.pt`
+(weights, optimizer, step, RNG, loss history) from which training resumes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mtp_ext.heads import MTPHeadsModel, _atomic_write
+from mtp_ext.ops import multihead_cross_entropy, multihead_unembed_topk
+
+IGNORE_INDEX = -100
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class TrainingSettings:
+    steps: int
+    seq_len: int = 256
+    batch_size: int = 2
+    lr: float = 1e-3
+    whs_lr: float = 5e-2  # the WHS logits: a softmax over ~30 layers moves only with steps of this size
+    backbone_lr: float = 1e-5  # joint training only
+    ntp_weight: float = 1.0  # joint training only: loss = ntp_weight * NTP + mean of the heads' losses
+    checkpoint_every: int = 25
+
+    def check(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        for name in ("seq_len", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 3:
+            raise ValueError(f"seq_len must be >= 3 (a head predicts at least two tokens ahead), got {self.seq_len}")
+        if not (self.lr > 0 and self.whs_lr > 0 and self.backbone_lr > 0 and self.ntp_weight >= 0):
+            raise ValueError("lr, whs_lr and backbone_lr must be > 0 and ntp_weight >= 0")
+
+
+def split_documents(documents: Sequence[str], held_out_share: float = 0.1) -> tuple[list[str], list[str], dict]:
+    """(training documents, held-out documents, a description of the split): the last
+    `held_out_share` of the documents (at least one) are held out. A single document is split
+    at the line break nearest to the same share of its characters from the end."""
+    if not documents:
+        raise ValueError("no documents to split")
+    if len(documents) == 1:
+        text = documents[0]
+        cut = text.rfind("\n", 0, int(len(text) * (1 - held_out_share)))
+        cut = cut if cut > 0 else int(len(text) * (1 - held_out_share))
+        return [text[:cut]], [text[cut:]], {"by": "characters", "documents": 1, "held_out_from_char": cut,
+                                            "characters": len(text)}
+    held = max(1, round(len(documents) * held_out_share))
+    train = len(documents) - held
+    return list(documents[:train]), list(documents[train:]), {
+        "by": "documents", "documents": len(documents), "training": list(range(train)),
+        "held_out": list(range(train, len(documents)))}
+
+
+def head_targets(input_ids: Tensor, steps: Sequence[int]) -> Tensor:
+    """Targets [len(steps), B, T]: x_{t+step} at position t, IGNORE_INDEX past the end."""
+    batch, length = input_ids.shape
+    targets = input_ids.new_full((len(steps), batch, length), IGNORE_INDEX)
+    for index, step in enumerate(steps):
+        targets[index, :, : max(length - step, 0)] = input_ids[:, step:]
+    return targets
+
+
+def heads_loss(model: MTPHeadsModel, input_ids: Tensor, ntp_weight: float = 1.0) -> Tensor:
+    """The mean cross-entropy of the heads, in one multihead_cross_entropy call; in joint training
+    plus ntp_weight times the backbone's next-token loss."""
+    final, heads = model(input_ids)
+    steps, head_weights = model.steps, [1.0 / model.num_heads] * model.num_heads
+    if not model.freeze_backbone:
+        heads = torch.cat([final[None], heads])
+        steps, head_weights = [1] + steps, [ntp_weight] + head_weights
+    targets = head_targets(input_ids, steps)
+    return multihead_cross_entropy(heads.flatten(1, 2), model.unembed_weight, targets.flatten(1),
+                                   torch.tensor(head_weights, device=input_ids.device), IGNORE_INDEX)
+
+
+def build_optimizer(model: MTPHeadsModel, settings: TrainingSettings) -> torch.optim.Optimizer:
+    """AdamW: the heads at lr, the WHS logits at whs_lr and, in joint training, the backbone at
+    backbone_lr."""
+    groups = [{"params": list(model.heads.parameters()), "lr": settings.lr}]
+    if model.layer_logits is not None:
+        groups.append({"params": [model.layer_logits], "lr": settings.whs_lr})
+    if not model.freeze_backbone:
+        groups.append({"params": list(model.backbone.parameters()), "lr": settings.backbone_lr})
+    return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+def _batch_for_step(windows: Sequence[Sequence[int]], step: int, batch_size: int, device) -> Tensor:
+    first = step * batch_size
+    rows = [windows[(first + index) % len(windows)] for index in range(batch_size)]
+    return torch.tensor(rows, device=device)
+
+
+def _training_step(model: MTPHeadsModel, optimizer: torch.optim.Optimizer, input_ids: Tensor,
+                   ntp_weight: float) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss = heads_loss(model, input_ids, ntp_weight)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def train_heads(model: MTPHeadsModel, windows: Sequence[Sequence[int]], settings: TrainingSettings, out: Path,
+                progress: bool = True, time_budget_s: float | None = None) -> dict:
+    """Trains `model` on token windows (each settings.seq_len long) up to settings.steps steps,
+    resuming from the checkpoint in `out` if there is one; with `time_budget_s`, starts no step
+    once this run has taken that many seconds (and checkpoints). Returns the
+    training record (losses per step, wall time of all runs, tokens seen)."""
+    settings.check()
+    if not windows or any(len(window) != settings.seq_len for window in windows):
+        raise ValueError(f"training needs windows of exactly {settings.seq_len} tokens")
+    out = Path(out)
+    optimizer = build_optimizer(model, settings)
+    record = _resume(model, optimizer, settings, out)
+    model.backbone.eval()  # no dropout: a resumed run repeats an uninterrupted one exactly
+    device = model.unembed_weight.device
+    started = time.perf_counter()
+    step = first_step = record["step"]
+    with tqdm(total=settings.steps, initial=step, desc="train heads", unit="step", disable=not progress) as bar:
+        try:
+            while step < settings.steps and not (time_budget_s and time.perf_counter() - started > time_budget_s):
+                batch = _batch_for_step(windows, step, settings.batch_size, device)
+                record["losses"].append(_training_step(model, optimizer, batch, settings.ntp_weight))
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['losses'][-1]:.3f}")
+                if step % settings.checkpoint_every == 0 and step < settings.steps:
+                    _save_checkpoint(model, optimizer, settings, out, record, step, started)
+        finally:  # also on Ctrl-C: no finished step is lost
+            if step > first_step or not (out / STATE_FILE).is_file():
+                _save_checkpoint(model, optimizer, settings, out, record, step, started)
+    return record
+
+
+def _save_checkpoint(model, optimizer, settings, out: Path, record: dict, step: int, started: float) -> None:
+    record.update(step=step, tokens_seen=step * settings.batch_size * settings.seq_len)
+    record["seconds"] = record.get("seconds_before", 0.0) + time.perf_counter() - started
+    model.save(out)
+    state = {"record": record, "settings": asdict(settings), "config": model.config_dict(),
+             "model": model.state_dict() if not model.freeze_backbone else model.trainable_state(),
+             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+    _atomic_write(out / STATE_FILE, lambda path: torch.save(state, path))
+
+
+def _resume(model: MTPHeadsModel, optimizer, settings: TrainingSettings, out: Path) -> dict:
+    """The training record to continue: from out/training_state.pt if present (weights,
+    optimizer and RNG restored), else a fresh one."""
+    path = out / STATE_FILE
+    if not path.is_file():
+        return {"step": 0, "losses": [], "seconds_before": 0.0}
+    state = torch.load(path, weights_only=True)
+    saved, current = state["config"], model.config_dict()
+    if saved != current:
+        raise ValueError(f"{out} holds a checkpoint of other heads or another model: {saved} (checkpoint) "
+                         f"vs {current} (now); use another --out")
+    for key in ("seq_len", "batch_size"):
+        if state["settings"][key] != getattr(settings, key):
+            raise ValueError(f"{out} was trained with {key}={state['settings'][key]}, not "
+                             f"{getattr(settings, key)}: resuming must keep the data the same")
+    model.load_state_dict(state["model"], strict=not model.freeze_backbone)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    record = state["record"]
+    record["seconds_before"] = record["seconds"]
+    return record
+
+
+@dataclass
+class HeadAccuracy:
+    step: int
+    positions: int
+    accuracy: dict  # "top{k}" -> share of positions whose true token is among the head's top k
+    loss: float  # mean cross-entropy (nats)
+
+
+@torch.no_grad()
+def evaluate_heads(model: MTPHeadsModel, sequences: Sequence[Sequence[int]], top_k: Sequence[int] = (1, 5),
+                   batch_size: int = 4) -> list[HeadAccuracy]:
+    """Teacher-forced top-k accuracy and cross-entropy of every head, and of the backbone's own
+    next-token prediction (step 1, first), on `sequences` (equal lengths within a batch).
+    A step s is scored at every position t with t + s inside the sequence, the positions
+    evaluate_mtp scores for step s."""
+    if not sequences:
+        raise ValueError("no sequences to evaluate")
+    steps = [1] + model.steps
+    hits = torch.zeros(len(steps), len(top_k), dtype=torch.long)
+    positions = torch.zeros(len(steps), dtype=torch.long)
+    losses = torch.zeros(len(steps), dtype=torch.float64)
+    device = model.unembed_weight.device
+    for first in range(0, len(sequences), batch_size):
+        input_ids = torch.tensor(list(sequences[first:first + batch_size]), device=device)
+        final, heads = model(input_ids)
+        hidden = torch.cat([final[None], heads]).flatten(1, 2)  # [S, B * T, H]
+        targets = head_targets(input_ids, steps).flatten(1)
+        _, ids, lse = multihead_unembed_topk(hidden, model.unembed_weight, max(top_k))
+        scored = targets != IGNORE_INDEX
+        found = ids == targets[..., None]  # [S, M, k]
+        for index, k in enumerate(top_k):
+            hits[:, index] += (found[..., :k].any(-1) & scored).sum(-1).cpu()
+        target_logits = torch.einsum("smh,smh->sm", hidden.float(),
+                                     model.unembed_weight.float()[targets.clamp(min=0)])
+        losses += ((lse - target_logits) * scored).sum(-1).double().cpu()
+        positions += scored.sum(-1).cpu()
+    return [HeadAccuracy(step, int(count), {f"top{k}": int(hits[row, index]) / max(int(count), 1)
+                                            for index, k in enumerate(top_k)}, float(losses[row] / max(int(count), 1)))
+            for row, (step, count) in enumerate(zip(steps, positions))]
