@@ -39,7 +39,8 @@ class VerifiedPass:
     """One forward pass and its walk: what drafters learn from for the next tree."""
 
     forest: DraftForest  # the nodes evaluated, one tree per row (slot 0: the root)
-    hidden: Union[Tensor, tuple[Tensor, ...]]  # [B, N, H], or per layer when a drafter asks
+    hidden: Union[Tensor, tuple[Tensor, ...]]  # [B, T, H] of the pass, or the model's tuple per layer
+    node_positions: Tensor  # [B, N] where each forest slot lies along hidden's T
     stop_nodes: Tensor  # [B] slot of each row's last accepted node
     stop_logits: Tensor  # [B, V] float32 model logits at the last accepted node
     next_tokens: Tensor  # [B] the next roots, chosen from stop_logits
@@ -47,7 +48,11 @@ class VerifiedPass:
 
     def node_logits(self, slots: Tensor) -> Tensor:
         """float32 logits [B, M, V] at node slots [B, M]."""
-        return self.adapter.logits(gather_nodes(final_hidden(self.hidden), slots))
+        return self.adapter.logits(gather_nodes(final_hidden(self.hidden), self.node_positions.gather(1, slots)))
+
+    def stop_positions(self) -> Tensor:
+        """[B] where each row's last accepted node lies along hidden's T."""
+        return self.node_positions.gather(1, self.stop_nodes[:, None])[:, 0]
 
 
 class Drafter:
@@ -112,12 +117,13 @@ class MarginalDrafter(Drafter):
 class HeadsDrafter(Drafter):
     """Medusa-style drafts from trained MTP heads (mtp_ext.heads.MTPHeadsModel).
 
-    Head i predicts x_{t+i+1} from position t, so at the last accepted node (position t, whose
-    next token x_{t+1} is the next root, chosen from the model's own logits) head d drafts the
-    root's descendants at depth d: the top `branching[d - 1]` tokens of head d under every node of
-    depth d - 1, the tree pruned to the `max_nodes` paths of highest probability (the product of
-    the heads' probabilities). Head 0 predicts what the model itself gives exactly, so it is
-    unused.
+    Head j predicts x_{t + heads.steps[j]} (steps 2, 3, ...) from position t, so at the last
+    accepted node (position t, whose next token x_{t+1} is the next root, chosen from the model's
+    own logits) the head of step d + 1 drafts the root's descendants at depth d: its top
+    `branching[d - 1]` tokens under every node of depth d - 1, the tree pruned to the `max_nodes`
+    paths of highest probability (the product of the heads' probabilities). The heads read the
+    hidden states of the whole verification pass, so "block" heads (a decoder layer over the
+    sequence) see the packed tree instead of the text: their drafts are worse, never wrong.
     """
 
     name = "heads"
@@ -128,10 +134,12 @@ class HeadsDrafter(Drafter):
             raise ValueError(f"branching must be a non-empty list of counts >= 1, got {branching}")
         if max_nodes < 1:
             raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
-        if heads.num_heads < 2:
-            raise ValueError(f"drafting needs at least 2 heads (head 0 predicts the next token), got {heads.num_heads}")
         self.heads = heads
-        self.branching = tuple(int(k) for k in branching)[: heads.num_heads - 1]
+        self.head_of_depth = [heads.steps.index(depth + 1) for depth in range(1, len(branching) + 1)
+                              if depth + 1 in heads.steps]
+        self.branching = tuple(int(k) for k in branching)[: len(self.head_of_depth)]
+        if not self.branching:
+            raise ValueError(f"no head predicts x_(t+2) (heads' steps: {heads.steps}): nothing to draft")
         self.max_nodes = int(max_nodes)
 
     @classmethod
@@ -143,19 +151,23 @@ class HeadsDrafter(Drafter):
         return cls(MTPHeadsModel.load(directory, model), **tree)
 
     def draft(self, previous: VerifiedPass) -> DraftForest:
-        stop = previous.stop_nodes[:, None]
-        at_stop = tuple(gather_nodes(layer, stop) for layer in previous.hidden)
-        head_hidden, weight = self.heads.head_hidden(at_stop)[:, :, 0], self.heads.unembed_weight  # [N, B, H]
+        # head_hidden takes the pass's own hidden states (it checks them against the backbone's
+        # latest pass), so every position goes through the heads and the stop nodes are picked after.
+        every_position = self.heads.head_hidden(previous.hidden)  # [N, B, T, H]
+        at_stop = previous.stop_positions()[None, :, None, None].expand(every_position.shape[0], -1, 1,
+                                                                        every_position.shape[-1])
+        head_hidden = every_position.gather(2, at_stop)[:, :, 0]  # [N, B, H]
+        weight = self.heads.unembed_weight
         if head_hidden.dtype == torch.float64:  # the kernel takes 16/32-bit floats; guesses need no more
             head_hidden, weight = head_hidden.float(), weight.float()
         values, ids, lse = multihead_unembed_topk(head_hidden, weight, max(self.branching))
         probs = torch.exp(values - lse[..., None])
         forest = root_forest(previous.next_tokens)
-        for depth, width in enumerate(self.branching, start=1):
+        for head, width in zip(self.head_of_depth, self.branching):
             slots, real = forest.leaf_slots()
             leaf_weights = forest.weights.gather(1, slots) * real
-            child_weights = leaf_weights[:, :, None] * probs[depth, :, None, :width]
-            forest = forest.grow(slots.repeat_interleave(width, 1), ids[depth, :, :width].repeat(1, slots.shape[1]),
+            child_weights = leaf_weights[:, :, None] * probs[head, :, None, :width]
+            forest = forest.grow(slots.repeat_interleave(width, 1), ids[head, :, :width].repeat(1, slots.shape[1]),
                                  child_weights.flatten(1), max_nodes=self.max_nodes)
         return forest
 
@@ -371,14 +383,11 @@ def prefill(adapter: CausalLMAdapter, drafter: Drafter, cache, input_ids: Tensor
     """The prompt's pass, as a VerifiedPass whose trees are each row's last real token."""
     hidden = adapter.hidden_states(input_ids, slot_mask.long(), prefix_position_ids(slot_mask.long()), cache,
                                    every_layer=drafter.every_layer)
-    last_real = slot_mask.shape[1] - 1 - slot_mask.flip(1).long().argmax(1)
-    last = last_real[:, None]
-    last_hidden = tuple(h.gather(1, last[:, :, None].expand(-1, -1, h.shape[-1])) for h in hidden) \
-        if isinstance(hidden, tuple) else gather_nodes(hidden, last)
-    logits = adapter.logits(final_hidden(last_hidden)[:, 0])
-    forest = root_forest(input_ids.gather(1, last)[:, 0])
-    zero = torch.zeros_like(last_real)
-    return VerifiedPass(forest, last_hidden, zero, logits, rule.choose(logits), adapter)
+    last_real = (slot_mask.shape[1] - 1 - slot_mask.flip(1).long().argmax(1))[:, None]
+    logits = adapter.logits(gather_nodes(final_hidden(hidden), last_real)[:, 0])
+    forest = root_forest(input_ids.gather(1, last_real)[:, 0])
+    return VerifiedPass(forest, hidden, last_real, torch.zeros_like(last_real[:, 0]), logits, rule.choose(logits),
+                        adapter)
 
 
 def verify(adapter: CausalLMAdapter, drafter: Drafter, cache, slot_mask: Tensor, forest: DraftForest,
@@ -396,8 +405,9 @@ def verify(adapter: CausalLMAdapter, drafter: Drafter, cache, slot_mask: Tensor,
     lengths = (paths != -1).sum(1)
     paths = torch.where(paths == -1, paths.max(1, keepdim=True).values, paths)
     adapter.keep_cache_slots(cache, length, paths)
-    return VerifiedPass(forest, hidden, paths.gather(1, lengths[:, None] - 1)[:, 0], stop_logits, next_tokens,
-                        adapter), paths, lengths
+    node_positions = torch.arange(forest.size, device=paths.device).expand(paths.shape[0], -1)
+    stop_nodes = paths.gather(1, lengths[:, None] - 1)[:, 0]
+    return VerifiedPass(forest, hidden, node_positions, stop_nodes, stop_logits, next_tokens, adapter), paths, lengths
 
 
 def walk(adapter: CausalLMAdapter, forest: DraftForest, hidden: Tensor, rule: TokenRule):

@@ -271,68 +271,69 @@ def test_bad_input():
         MarginalDrafter(branching=0)
 
 
-class FakeHeads(torch.nn.Module):
-    """Test-only stand-in for mtp_ext.heads.MTPHeadsModel's interface: head i is a random
-    linear map of the final hidden state (head 0 the identity)."""
-
-    def __init__(self, model, num_heads: int = 3, seed: int = 0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.unembed_weight = model.get_output_embeddings().weight
-        size = self.unembed_weight.shape[1]
-        generator = torch.Generator().manual_seed(seed)
-        maps = [torch.eye(size)] + [torch.randn(size, size, generator=generator) / size**0.5
-                                    for _ in range(num_heads - 1)]
-        self.maps = torch.stack(maps).to(self.unembed_weight.dtype)
-
-    def head_hidden(self, hidden_states):
-        return torch.einsum("nij,btj->nbti", self.maps, hidden_states[-1])
+def random_heads(model, num_heads: int = 3, weighted_hidden_states: bool = False):
+    """MTPHeadsModel with random (not zero) head weights, so that each head drafts differently."""
+    heads = mtp_ext.MTPHeadsModel(model, num_heads=num_heads, weighted_hidden_states=weighted_hidden_states)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for parameter in heads.heads.parameters():
+            parameter.normal_(0.0, 0.3)
+    return heads
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
-def test_heads_drafter_is_lossless(architecture):
+@pytest.mark.parametrize("architecture,whs", [("llama", False), ("gemma3", True), ("gpt2", True)])
+def test_heads_drafter_is_lossless(architecture, whs):
     model = tiny_model(architecture, VOCAB, seed=8).double()
     input_ids, mask = padded(PROMPTS)
     expected = greedy_reference(model, input_ids, mask, 16)
-    drafter = HeadsDrafter(FakeHeads(model), branching=(3, 2), max_nodes=7)
+    drafter = HeadsDrafter(random_heads(model, weighted_hidden_states=whs), branching=(3, 2), max_nodes=7)
     got = speculative_generate(model, input_ids, mask, drafter=drafter, max_new_tokens=16, pad_token_id=0)
     assert torch.equal(got.sequences, expected)
+    assert got.stats.drafted_nodes > 0
 
 
 def test_heads_drafter_tree_follows_the_heads():
     model = tiny_model("llama", VOCAB, seed=8)
-    heads = FakeHeads(model, num_heads=4)
+    heads = random_heads(model, num_heads=3)
     adapter = CausalLMAdapter(model)
-    drafter = HeadsDrafter(heads, branching=(3, 2, 2), max_nodes=9)
+    drafter = HeadsDrafter(heads, branching=(3, 2, 2), max_nodes=12)
     decoder = SpeculativeDecoder(adapter, drafter, TokenRule(), *padded(PROMPTS))
     forest = drafter.draft(decoder.previous)
     assert torch.equal(forest.token_ids[:, 0], decoder.previous.next_tokens)
-    assert int(forest.counts.max()) <= 9
+    assert int(forest.counts.max()) == 12  # 1 + 3 + 6, and the 2 heaviest of 12 at depth 3
     depths = node_depths(forest)
-    last = decoder.previous.hidden[-1][:, 0]
-    for depth in (1, 2):
-        logits = adapter.logits(last @ heads.maps[depth].T)
-        top = logits.topk(3).indices
-        for row in range(len(PROMPTS)):
-            level = forest.token_ids[row, (depths[row] == depth) & (torch.arange(forest.size) < forest.counts[row])]
-            # Each level holds only the head's top tokens; level 1 holds its top 3, in order.
-            assert set(level.tolist()) <= set(top[row].tolist())
-            if depth == 1:
-                assert level.tolist() == top[row].tolist()
-    # A depth-2 node's weight is the product of heads 1 and 2's probabilities along its path.
-    probs = [torch.softmax(adapter.logits(last @ heads.maps[depth].T), -1) for depth in (1, 2)]
-    row, slot = 0, int(((depths[0] == 2) & (torch.arange(forest.size) < forest.counts[0])).nonzero()[0])
-    parent_token = forest.token_ids[row, forest.parents[row, slot]]
-    expected = probs[0][row, parent_token] * probs[1][row, forest.token_ids[row, slot]]
-    torch.testing.assert_close(forest.weights[row, slot], expected.float(), atol=1e-6, rtol=1e-5)
+    assert int(depths.max()) == 3
+    # After the prompt's pass the last real token is the stop node (left padding: the last column).
+    probs = torch.softmax(adapter.logits(heads.head_hidden(decoder.previous.hidden)[:, :, -1]), -1)  # [N, B, V]
+    live = torch.arange(forest.size) < forest.counts[:, None]
+    for row in range(len(PROMPTS)):
+        level1 = forest.token_ids[row, (depths[row] == 1) & live[row]]
+        assert level1.tolist() == probs[0, row].topk(3).indices.tolist()
+        for depth in (2, 3):
+            level = forest.token_ids[row, (depths[row] == depth) & live[row]]
+            assert set(level.tolist()) <= set(probs[depth - 1, row].topk(2).indices.tolist())
+    # A depth-2 node's weight is the product of the two heads' probabilities along its path.
+    slot = int(((depths[0] == 2) & live[0]).nonzero()[0])
+    parent_token = forest.token_ids[0, forest.parents[0, slot]]
+    expected = probs[0, 0, parent_token] * probs[1, 0, forest.token_ids[0, slot]]
+    torch.testing.assert_close(forest.weights[0, slot], expected.float(), atol=1e-6, rtol=1e-5)
+
+
+def test_heads_for_another_model_are_refused(tmp_path):
+    random_heads(tiny_model("gpt2", VOCAB)).save(tmp_path)
+    model = tiny_model("llama", VOCAB)
+    with pytest.raises(ValueError, match="belongs to another model"):
+        speculative_generate(model, torch.tensor([[1, 2, 3]]), drafter=f"heads:{tmp_path}")
+    with pytest.raises(ValueError, match="holds no MTP heads checkpoint"):
+        speculative_generate(model, torch.tensor([[1, 2, 3]]), drafter=f"heads:{tmp_path / 'missing'}")
 
 
 def test_heads_drafter_bad_settings():
-    heads = FakeHeads(tiny_model("llama", VOCAB), num_heads=1)
-    with pytest.raises(ValueError, match="at least 2 heads"):
-        HeadsDrafter(heads)
+    heads = random_heads(tiny_model("llama", VOCAB))
     with pytest.raises(ValueError, match="branching"):
-        HeadsDrafter(FakeHeads(tiny_model("llama", VOCAB)), branching=(2, 0))
+        HeadsDrafter(heads, branching=(2, 0))
+    with pytest.raises(ValueError, match="max_nodes"):
+        HeadsDrafter(heads, max_nodes=0)
 
 
 @pytest.mark.slow

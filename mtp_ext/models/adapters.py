@@ -83,8 +83,8 @@ class CausalLMAdapter:
     def hidden_states(self, input_ids: Tensor, attention_mask: PackedMask, position_ids: Tensor,
                       cache: DynamicCache, every_layer: bool = False) -> Union[Tensor, tuple[Tensor, ...]]:
         """Final-norm hidden states [B, n, H] of input_ids after the cache's tokens; the cache
-        grows by n tokens. With `every_layer`, the tuple of every layer's hidden states
-        (embeddings first, the final-norm states last) instead."""
+        grows by n tokens. With `every_layer`, the model's own tuple of hidden states instead
+        (embeddings first, the final-norm states last, as output_hidden_states gives them)."""
         outputs = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -93,9 +93,7 @@ class CausalLMAdapter:
             output_hidden_states=every_layer,
             **{self.cache_argument: cache},
         )
-        if every_layer:
-            return outputs.hidden_states[:-1] + (outputs.last_hidden_state,)
-        return outputs.last_hidden_state
+        return outputs.hidden_states if every_layer else outputs.last_hidden_state
 
     def logits(self, hidden: Tensor) -> Tensor:
         """float32 next-token logits for hidden states [..., H]."""
