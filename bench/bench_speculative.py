@@ -1,9 +1,12 @@
 """End to end: speculative_generate with each drafter against model.generate, greedy, on the
-real SmolLM2-135M (dequantised Q4_1) and 10 prompts of held-out Austen text (the last novel),
-128 new tokens each, one prompt at a time. Skipped, saying why, where the model or the text is
-not prepared, and for the heads drafter where no trained heads are under results/heads/.
+real SmolLM2-135M (dequantised Q4_1) and 10 prompts of held-out Austen text (the last novel,
+which the heads of results/heads/ were not trained on), 128 new tokens each, one prompt at a
+time. Skipped, saying why, where the model or the text is not prepared, and for the heads
+drafter where no trained frozen-backbone heads are found in $MTP_EXT_HEADS_DIR (default
+results/heads/; each subdirectory one checkpoint, the first that loads is used).
 
-Slow on a CPU (each round generates 1,280 tokens), hence one round:
+Slow on a CPU (each round generates 1,280 tokens), hence one round; $BENCH_PROMPTS and
+$BENCH_NEW_TOKENS shrink it:
 
     nice -n 10 .venv/bin/python -m pytest bench/bench_speculative.py --benchmark-json=bench/speculative.json
     .venv/bin/python bench/summarize.py bench/speculative.json
@@ -11,6 +14,7 @@ Slow on a CPU (each round generates 1,280 tokens), hence one round:
 extra_info holds tokens/s, the mean tokens per verification step and whether every output
 equals model.generate's.
 """
+import os
 from pathlib import Path
 
 import pytest
@@ -18,10 +22,10 @@ import torch
 
 from mtp_ext.speculative import HeadsDrafter, MarginalDrafter, speculative_generate
 
-PROMPTS = 10
+PROMPTS = int(os.environ.get("BENCH_PROMPTS", 10))
 PROMPT_TOKENS = 64
-NEW_TOKENS = 128
-HEADS_DIR = Path(__file__).resolve().parents[1] / "results" / "heads"
+NEW_TOKENS = int(os.environ.get("BENCH_NEW_TOKENS", 128))
+HEADS_DIR = Path(os.environ.get("MTP_EXT_HEADS_DIR", Path(__file__).resolve().parents[1] / "results" / "heads"))
 
 generate_outputs = {}  # prompt index -> model.generate's output, for the identity check
 
@@ -39,15 +43,19 @@ def model_and_prompts():
         pytest.skip(f"Austen text is not prepared: {error}")
     model, tokenizer = load_model("smollm2-135m")
     ids = tokenizer(novels[-1][-60000:], add_special_tokens=False, verbose=False)["input_ids"]
-    stride = len(ids) // PROMPTS
+    stride = len(ids) // 10  # the same first prompts whatever PROMPTS is
     prompts = [torch.tensor([ids[i * stride: i * stride + PROMPT_TOKENS]]) for i in range(PROMPTS)]
     return model, prompts
 
 
 def trained_heads_drafter(model):
-    """A HeadsDrafter for the first loadable checkpoint under results/heads/, or a skip."""
+    """A HeadsDrafter for the first loadable checkpoint in HEADS_DIR, or a skip. Jointly trained
+    heads are passed over: loading them would replace the backbone's weights."""
     reasons = []
     for directory in sorted(path for path in HEADS_DIR.glob("*") if path.is_dir()):
+        if (directory / "backbone.safetensors").is_file():
+            reasons.append(f"{directory.name}: joint (changes the backbone)")
+            continue
         try:
             return HeadsDrafter.load(directory, model), directory.name
         except (ValueError, OSError, ImportError) as error:
