@@ -23,7 +23,7 @@ gives for free at the last accepted node, `HeadsDrafter` trained MTP heads.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -60,11 +60,7 @@ class Drafter:
     every row is `previous.next_tokens` (parent -1) and whose other nodes descend from it,
     level by level (as DraftForest.grow builds them)."""
 
-    name = "drafter"
     every_layer = False  # whether draft() reads every layer's hidden states
-
-    def bind(self, adapter: CausalLMAdapter) -> None:
-        """Called once per generation with the verifying model."""
 
     def draft(self, previous: VerifiedPass) -> DraftForest:
         raise NotImplementedError
@@ -91,8 +87,6 @@ class MarginalDrafter(Drafter):
     been accepted: the step-k marginal of a tree of depth k - 1 predicts the token that
     verifying the same tree already gives exactly.
     """
-
-    name = "marginal"
 
     def __init__(self, branching: int = 8, top_p: float = 0.9):
         if branching < 1:
@@ -126,7 +120,6 @@ class HeadsDrafter(Drafter):
     sequence) see the packed tree instead of the text: their drafts are worse, never wrong.
     """
 
-    name = "heads"
     every_layer = True  # heads with weighted hidden states read every layer
 
     def __init__(self, heads, branching: Sequence[int] = (4, 3, 2, 2), max_nodes: int = 16):
@@ -249,14 +242,13 @@ class SpeculativeOutput:
     stats: GenerationStats
 
 
-@dataclass
 class _Rows:
-    """What each row has produced so far."""
+    """What each row has produced so far, and whether it is done (EOS or `limit` tokens)."""
 
-    tokens: list[list[int]]
-    limit: int
-    eos: set[int]
-    done: list[bool] = field(default_factory=list)
+    def __init__(self, batch: int, limit: int, eos: set[int]):
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.done = [False] * batch
+        self.limit, self.eos = limit, eos
 
     def add(self, row: int, new: Sequence[int]) -> None:
         for token in new:
@@ -300,7 +292,6 @@ def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tens
     drafter = resolve_drafter(drafter, model)
     rule = TokenRule(do_sample, float(temperature), float(top_p), generator)
     adapter = CausalLMAdapter(model)
-    drafter.bind(adapter)
     attention_mask = check_inputs(adapter, input_ids, attention_mask, steps=1)
     eos, pad = generation_ids(model, eos_token_id, pad_token_id)
     longest = int(attention_mask.sum(1).max()) + max_new_tokens
@@ -310,7 +301,7 @@ def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tens
 
     start = time.perf_counter()
     decoder = SpeculativeDecoder(adapter, drafter, rule, input_ids, attention_mask)
-    rows = _Rows([[] for _ in range(input_ids.shape[0])], max_new_tokens, eos, [False] * input_ids.shape[0])
+    rows = _Rows(input_ids.shape[0], max_new_tokens, eos)
     for row, token in enumerate(decoder.previous.next_tokens.tolist()):
         rows.add(row, [token])
     while not all(rows.done):

@@ -21,7 +21,7 @@ from mtp_ext.speculative import (
     speculative_generate,
 )
 
-from tiny_models import ARCHITECTURES, tiny_model
+from tiny_models import ARCHITECTURES, padded_batch, tiny_model
 
 VOCAB = 11
 PROMPTS = [[2, 7, 1, 8, 2, 8], [3, 1, 4], [5, 5, 5, 5, 1]]
@@ -31,8 +31,6 @@ class ScriptedDrafter(Drafter):
     """Test-only: drafts a known continuation, a chain of `depth` true tokens with a wrong
     sibling beside each; at random (seeded) levels the true token is replaced by a wrong one,
     so that rows accept different numbers of drafts, none to all."""
-
-    name = "scripted"
 
     def __init__(self, continuation: torch.Tensor, depth: int = 3, seed: int = 0):
         self.continuation = continuation  # [B, M] the new tokens the model will emit
@@ -79,17 +77,6 @@ class FullTreeDrafter(Drafter):
         return forest
 
 
-def padded(prompts, side="left"):
-    width = max(map(len, prompts))
-    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(prompts):
-        columns = slice(width - len(prompt), width) if side == "left" else slice(0, len(prompt))
-        input_ids[row, columns] = torch.tensor(prompt)
-        mask[row, columns] = 1
-    return input_ids, mask
-
-
 def greedy_reference(model, input_ids, mask, new_tokens, **eos):
     """model.generate, greedy; EOS from the model's generation config unless `eos_token_id` is given."""
     return model.generate(input_ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
@@ -109,7 +96,7 @@ def emitted_rows(sequences, prompt_width, eos):
 @pytest.mark.parametrize("drafter", ["marginal", "scripted"])
 def test_greedy_equals_generate(architecture, batch, drafter):
     model = tiny_model(architecture, VOCAB, seed=batch).double()
-    input_ids, mask = padded(PROMPTS[:batch])
+    input_ids, mask = padded_batch(PROMPTS[:batch])
     expected = greedy_reference(model, input_ids, mask, 24)
     if drafter == "scripted":
         drafter = ScriptedDrafter(expected[:, input_ids.shape[1]:], seed=batch)
@@ -127,7 +114,7 @@ def test_greedy_equals_generate(architecture, batch, drafter):
 
 def test_rows_stop_at_eos_and_are_padded_like_generate():
     model = tiny_model("llama", VOCAB, seed=4).double()
-    input_ids, mask = padded(PROMPTS)
+    input_ids, mask = padded_batch(PROMPTS)
     plain = greedy_reference(model, input_ids, mask, 16, eos_token_id=[])
     eos = int(plain[0, input_ids.shape[1] + 3])  # a token row 0 emits early
     expected = greedy_reference(model, input_ids, mask, 16, eos_token_id=eos)
@@ -140,7 +127,7 @@ def test_rows_stop_at_eos_and_are_padded_like_generate():
 
 def test_right_padded_rows_equal_rows_alone():
     model = tiny_model("gemma3", VOCAB, seed=2).double()
-    input_ids, mask = padded(PROMPTS, side="right")
+    input_ids, mask = padded_batch(PROMPTS, side="right")
     batched = speculative_generate(model, input_ids, mask, max_new_tokens=10, eos_token_id=[]).sequences
     for row, prompt in enumerate(PROMPTS):
         alone = speculative_generate(model, torch.tensor([prompt]), max_new_tokens=10, eos_token_id=[]).sequences[0]
@@ -152,7 +139,7 @@ def test_cache_holds_exactly_the_emitted_tokens(architecture):
     """After steps that accept and reject drafts, the visible cache slots equal the cache of a
     plain forward over prompt + emitted tokens (the last root is not in the cache yet)."""
     model = tiny_model(architecture, VOCAB, seed=5).double()
-    input_ids, mask = padded(PROMPTS)
+    input_ids, mask = padded_batch(PROMPTS)
     continuation = greedy_reference(model, input_ids, mask, 20)[:, input_ids.shape[1]:]
     adapter = CausalLMAdapter(model)
     decoder = SpeculativeDecoder(adapter, ScriptedDrafter(continuation, seed=1), TokenRule(), input_ids, mask)
@@ -161,7 +148,7 @@ def test_cache_holds_exactly_the_emitted_tokens(architecture):
         for row, new in enumerate(decoder.step([20] * len(PROMPTS))):
             emitted[row] += new
     assert len({len(row) for row in emitted}) > 1  # rows accepted different numbers of drafts
-    sequences, sequence_mask = padded([prompt + row[:-1] for prompt, row in zip(PROMPTS, emitted)])
+    sequences, sequence_mask = padded_batch([prompt + row[:-1] for prompt, row in zip(PROMPTS, emitted)])
     plain_cache = adapter.new_cache()
     adapter.hidden_states(sequences, sequence_mask, prefix_position_ids(sequence_mask), plain_cache)
     for layer, plain_layer in zip(decoder.cache.layers, plain_cache.layers):
@@ -284,7 +271,7 @@ def random_heads(model, num_heads: int = 3, weighted_hidden_states: bool = False
 @pytest.mark.parametrize("architecture,whs", [("llama", False), ("gemma3", True), ("gpt2", True)])
 def test_heads_drafter_is_lossless(architecture, whs):
     model = tiny_model(architecture, VOCAB, seed=8).double()
-    input_ids, mask = padded(PROMPTS)
+    input_ids, mask = padded_batch(PROMPTS)
     expected = greedy_reference(model, input_ids, mask, 16)
     drafter = HeadsDrafter(random_heads(model, weighted_hidden_states=whs), branching=(3, 2), max_nodes=7)
     got = speculative_generate(model, input_ids, mask, drafter=drafter, max_new_tokens=16, pad_token_id=0)
@@ -297,7 +284,7 @@ def test_heads_drafter_tree_follows_the_heads():
     heads = random_heads(model, num_heads=3)
     adapter = CausalLMAdapter(model)
     drafter = HeadsDrafter(heads, branching=(3, 2, 2), max_nodes=12)
-    decoder = SpeculativeDecoder(adapter, drafter, TokenRule(), *padded(PROMPTS))
+    decoder = SpeculativeDecoder(adapter, drafter, TokenRule(), *padded_batch(PROMPTS))
     forest = drafter.draft(decoder.previous)
     assert torch.equal(forest.token_ids[:, 0], decoder.previous.next_tokens)
     assert int(forest.counts.max()) == 12  # 1 + 3 + 6, and the 2 heaviest of 12 at depth 3
