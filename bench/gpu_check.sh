@@ -46,7 +46,7 @@ $PY -m pytest python_tests -q -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/tests
 $PY -m pytest python_tests -q -m "not cuda and not slow" -p no:cacheprovider -x 2>&1 | tee "$OUT/tests_cpu.log" | tail -5
 
 log "benchmarks"
-(cd bench && $PY -m pytest bench_top_p.py bench_marginal.py -q -k cuda -p no:cacheprovider \
+(cd bench && $PY -m pytest bench_top_p.py bench_marginal.py bench_multihead.py -q -k cuda -p no:cacheprovider \
    --benchmark-json="$OUT/bench_cuda.json" > "$OUT/bench_cuda.log" 2>&1; tail -3 "$OUT/bench_cuda.log")
 $PY bench/summarize.py "$OUT/bench_cuda.json" | tee "$OUT/bench_cuda.md"
 log "done"

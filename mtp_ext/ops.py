@@ -1,4 +1,4 @@
-"""Typed wrappers over torch.ops.mtp_ext.* and their fake (meta) kernels.
+"""Typed wrappers over torch.ops.mtp_ext.*, their fake (meta) kernels and autograd.
 
 The fake kernels give output shapes without running anything, so the ops trace under
 torch.compile(fullgraph=True); every output has a fixed size for the same reason.

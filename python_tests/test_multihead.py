@@ -95,6 +95,26 @@ def test_topk_of_the_whole_vocabulary_is_a_stable_sort(device, generator):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_topk_larger_than_a_tile(device, generator):
+    hidden, weight = draw_integer_inputs(2, 3, 8, 9000, generator, device=device)
+    values, ids, lse = mtp_ext.multihead_unembed_topk(hidden, weight, 5000)
+    expected_values, expected_ids, expected_lse = reference.multihead_unembed_topk(hidden.cpu(), weight.cpu(), 5000)
+    assert torch.equal(values.cpu(), expected_values) and torch.equal(ids.cpu(), expected_ids)
+    torch.testing.assert_close(lse.cpu(), expected_lse)
+
+
+def test_topk_same_result_with_any_thread_count(generator, restore_num_threads):
+    # One thread walks all tiles with one running state; two threads split them and merge.
+    hidden, weight = draw_integer_inputs(3, 40, 16, 20000, generator)
+    torch.set_num_threads(1)
+    one_thread = mtp_ext.multihead_unembed_topk(hidden, weight, 16)
+    torch.set_num_threads(2)
+    two_threads = mtp_ext.multihead_unembed_topk(hidden, weight, 16)
+    assert torch.equal(one_thread.values, two_threads.values) and torch.equal(one_thread.ids, two_threads.ids)
+    torch.testing.assert_close(one_thread.lse, two_threads.lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_topk_huge_logits(device, generator):
     # Logits of magnitude about 1e5: the running log-sum-exp rescales instead of overflowing.
     hidden, weight = draw_inputs(2, 3, 16, 5000, generator, device=device)
@@ -233,6 +253,15 @@ def test_cross_entropy_grad_output_scales_the_gradients(generator):
     )
     torch.testing.assert_close(scaled_hidden, 3.0 * grad_hidden)
     torch.testing.assert_close(scaled_weight, 3.0 * grad_weight)
+
+
+@pytest.mark.parametrize("heads,rows", [(2, 0), (0, 3)])
+def test_cross_entropy_empty_shapes(heads, rows, generator):
+    hidden, weight = draw_inputs(heads, rows, 4, 10, generator)
+    loss, grad_hidden, grad_weight = loss_and_grads(mtp_ext.multihead_cross_entropy, hidden, weight,
+                                                    torch.zeros((heads, rows), dtype=torch.long))
+    assert loss.item() == 0.0 and grad_hidden.shape == (heads, rows, 4)
+    assert torch.equal(grad_weight, torch.zeros_like(weight))
 
 
 def test_cross_entropy_huge_logits(generator):

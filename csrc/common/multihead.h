@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 
 #include "marginal.h"  // SoftmaxStats, merge_stats
 #include "top_p.h"     // MTP_HD, mtp_exp, order_key, key_to_float, kMaxVocab
@@ -45,7 +46,9 @@ MTP_HD uint64_t candidate_key(float logit, int64_t id) {
          static_cast<uint64_t>(0xffffffffu - static_cast<uint32_t>(id));
 }
 
-MTP_HD float candidate_logit(uint64_t key) { return key_to_float(static_cast<uint32_t>(key >> 32)); }
+MTP_HD float candidate_logit(uint64_t key) {
+  return key_to_float(static_cast<uint32_t>(key >> 32));
+}
 
 MTP_HD int64_t candidate_id(uint64_t key) {
   return static_cast<int64_t>(0xffffffffu - static_cast<uint32_t>(key & 0xffffffffu));
@@ -118,11 +121,8 @@ inline void check_hidden_and_weight(const at::Tensor& hidden, const at::Tensor& 
               " but hidden is on ", hidden.device());
 }
 
-struct UnembedTopk {
-  at::Tensor values;  // [N, B, k] float32
-  at::Tensor ids;     // [N, B, k] int64
-  at::Tensor lse;     // [N, B] float32
-};
+// The schema's outputs: values [N, B, k] float32, ids [N, B, k] int64, lse [N, B] float32.
+using UnembedTopk = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 inline void check_unembed_topk_args(const at::Tensor& hidden, const at::Tensor& weight,
                                     int64_t k) {
@@ -145,16 +145,17 @@ struct VocabTiles {
 
   int64_t first_id(int64_t tile) const { return tile * width; }
 
-  // The weight rows of `tile` as float32 [width, H].
+  // The weight rows of `tile`, [width, H] in the weight's dtype.
   at::Tensor weight_rows(const at::Tensor& weight, int64_t tile) const {
     const int64_t first = first_id(tile);
-    return weight.narrow(0, first, std::min(width, vocab - first)).to(at::kFloat);
+    return weight.narrow(0, first, std::min(width, vocab - first));
   }
 };
 
-// multihead_unembed_topk after check_unembed_topk_args. Reducer: `add_tiles(rows [R, H]
-// float32, weight, tiles)` computes each tile's logits (one GEMM of all R rows, in the layout
-// its reduction reads best) and folds them into its running state, in any order;
+// multihead_unembed_topk after check_unembed_topk_args. Reducer: `add_tiles(rows [R, H],
+// weight, tiles)` (both in the input dtype) computes each tile's float32 logits (one GEMM of
+// all R rows, in the layout its reduction reads best) and folds them into its running state,
+// in any order;
 // `finish(values [R, k], ids [R, k], lse [R])` writes the result.
 template <typename Reducer>
 UnembedTopk unembed_topk(const at::Tensor& hidden, const at::Tensor& weight, int64_t k,
@@ -163,15 +164,15 @@ UnembedTopk unembed_topk(const at::Tensor& hidden, const at::Tensor& weight, int
   const int64_t heads = hidden.size(0);
   const int64_t batch = hidden.size(1);
   const auto options = hidden.options().dtype(at::kFloat);
-  UnembedTopk out{at::empty({heads, batch, k}, options),
-                  at::empty({heads, batch, k}, options.dtype(at::kLong)),
-                  at::empty({heads, batch}, options)};
-  if (heads * batch == 0) return out;
-  const at::Tensor rows = hidden.reshape({heads * batch, hidden.size(2)}).to(at::kFloat);
+  at::Tensor values = at::empty({heads, batch, k}, options);
+  at::Tensor ids = at::empty({heads, batch, k}, options.dtype(at::kLong));
+  at::Tensor lse = at::empty({heads, batch}, options);
+  if (heads * batch == 0) return {values, ids, lse};
+  const at::Tensor rows = hidden.reshape({heads * batch, hidden.size(2)});
   reducer.add_tiles(rows, weight, VocabTiles(heads * batch, vocab));
-  reducer.finish(out.values.view({heads * batch, k}), out.ids.view({heads * batch, k}),
-                 out.lse.view({heads * batch}));
-  return out;
+  reducer.finish(values.view({heads * batch, k}), ids.view({heads * batch, k}),
+                 lse.view({heads * batch}));
+  return {values, ids, lse};
 }
 
 inline void check_cross_entropy_args(const at::Tensor& hidden, const at::Tensor& weight,
@@ -208,12 +209,10 @@ inline void check_target_values(const at::Tensor& targets, int64_t vocab, int64_
               targets[head][row].item<int64_t>());
 }
 
-struct CrossEntropyOutputs {
-  at::Tensor loss;         // [] float32 (float64 for float64 inputs)
-  at::Tensor head_losses;  // [N] each head's mean cross-entropy (0 without scored targets)
-  at::Tensor grad_hidden;  // d loss / d hidden, hidden's dtype and shape; [0] if not asked for
-  at::Tensor grad_weight;  // d loss / d weight, weight's dtype and shape; [0] if not asked for
-};
+// The schema's outputs: loss [] float32 (float64 for float64 inputs); head_losses [N], each
+// head's mean cross-entropy (0 without scored targets); grad_hidden and grad_weight, d loss /
+// d hidden and d loss / d weight in their dtypes and shapes, or [0] when not asked for.
+using CrossEntropyOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The chunks of multihead_cross_entropy, after the argument checks. reduce_rows(logits [n, V],
 // targets [n], coefs [n], row_losses [n], write_gradient) writes each row's lse -
@@ -237,7 +236,6 @@ CrossEntropyOutputs cross_entropy(const at::Tensor& hidden, const at::Tensor& we
   const at::Tensor coefs =
       at::where(scored, (weights / scored_per_head).unsqueeze(1), 0.0).reshape({rows}).contiguous();
   const at::Tensor row_losses = at::zeros({rows}, inputs.options());
-  CrossEntropyOutputs out;
   at::Tensor grad_inputs = hidden_grad ? at::empty({rows, hidden.size(2)}, inputs.options())
                                        : at::Tensor();
   at::Tensor grad_unembedding = weight_grad ? at::zeros_like(unembedding) : at::Tensor();
@@ -254,13 +252,12 @@ CrossEntropyOutputs cross_entropy(const at::Tensor& hidden, const at::Tensor& we
     }
     if (weight_grad) grad_unembedding.addmm_(logits.t(), chunk_inputs);
   }
-  out.head_losses = row_losses.view({heads, hidden.size(1)}).sum(1) / scored_per_head;
-  out.loss = (weights * out.head_losses).sum();
-  out.grad_hidden = hidden_grad ? grad_inputs.view(hidden.sizes()).to(hidden.scalar_type())
-                                : at::empty({0}, hidden.options());
-  out.grad_weight = weight_grad ? grad_unembedding.to(weight.scalar_type())
-                                : at::empty({0}, weight.options());
-  return out;
+  const at::Tensor head_losses = row_losses.view({heads, hidden.size(1)}).sum(1) / scored_per_head;
+  return {(weights * head_losses).sum(), head_losses,
+          hidden_grad ? grad_inputs.view(hidden.sizes()).to(hidden.scalar_type())
+                      : at::empty({0}, hidden.options()),
+          weight_grad ? grad_unembedding.to(weight.scalar_type())
+                      : at::empty({0}, weight.options())};
 }
 
 }  // namespace mtp_ext

@@ -64,7 +64,7 @@ class TopkReducerCpu {
 
   void add_tiles(const at::Tensor& rows, const at::Tensor& weight, const VocabTiles& tiles) {
     // Zero rows pad the GEMM to whole blocks: the lane loops are one full vector.
-    at::Tensor padded_rows = at::zeros({stride_, rows.size(1)}, rows.options());
+    at::Tensor padded_rows = at::zeros({stride_, rows.size(1)}, rows.options().dtype(at::kFloat));
     padded_rows.narrow(0, 0, rows_).copy_(rows);
     states_.resize(tiles.count);
     at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
@@ -72,7 +72,8 @@ class TopkReducerCpu {
       states_[begin] = std::make_unique<TopkState>(rows_);
       TopkState& state = *states_[begin];
       for (int64_t tile = begin; tile < end; ++tile) {
-        const at::Tensor logits = at::mm(tiles.weight_rows(weight, tile), padded_rows.t());
+        const at::Tensor weight_rows = tiles.weight_rows(weight, tile).to(at::kFloat);
+        const at::Tensor logits = at::mm(weight_rows, padded_rows.t());
         add_tile(logits.data_ptr<float>(), logits.size(0), tiles.first_id(tile), state);
       }
     });
@@ -180,12 +181,11 @@ class TopkReducerCpu {
   std::vector<std::unique_ptr<TopkState>> states_;  // one per run of tiles, at its first tile
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multihead_unembed_topk_cpu(
+UnembedTopk multihead_unembed_topk_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, int64_t k) {
   check_unembed_topk_args(hidden, weight, k);
   TopkReducerCpu reducer(hidden.size(0) * hidden.size(1), k);
-  const UnembedTopk out = unembed_topk(hidden, weight, k, reducer);
-  return {out.values, out.ids, out.lse};
+  return unembed_topk(hidden, weight, k, reducer);
 }
 
 template <typename acc_t>
@@ -209,9 +209,7 @@ void reduce_cross_entropy_rows(acc_t* logits, int64_t count, int64_t vocab,
   });
 }
 
-using CrossEntropyTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-CrossEntropyTuple multihead_cross_entropy_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+CrossEntropyOutputs multihead_cross_entropy_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                               const at::Tensor& targets,
                                               const at::Tensor& head_weights, int64_t ignore_index,
                                               bool hidden_grad, bool weight_grad) {
@@ -227,9 +225,8 @@ CrossEntropyTuple multihead_cross_entropy_cpu(const at::Tensor& hidden, const at
                                 row_losses.data_ptr<scalar_t>(), write_gradient, ignore_index);
     });
   };
-  CrossEntropyOutputs out = cross_entropy(hidden, weight, targets, head_weights, ignore_index,
-                                          hidden_grad, weight_grad, reduce_rows);
-  return {out.loss, out.head_losses, out.grad_hidden, out.grad_weight};
+  return cross_entropy(hidden, weight, targets, head_weights, ignore_index, hidden_grad,
+                       weight_grad, reduce_rows);
 }
 
 }  // namespace

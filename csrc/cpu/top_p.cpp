@@ -259,15 +259,15 @@ constexpr int64_t kMinBracketVocab = 1024;  // below this the general path is as
 constexpr int64_t kSampleStride = 32;
 // The chunks with the largest maxima hold the heavy tokens of a peaked row: sampled in full.
 constexpr int64_t kFullySampledChunks = 16;
-constexpr float kBucketNats = 0.125f;
-constexpr int kNumBuckets = 256;  // 32 nats below the max: past kDeadLogitGap
+constexpr float kBucketNats = 0.03125f;
+constexpr int kNumBuckets = 1024;  // 32 nats below the max: past kDeadLogitGap
 
 struct Bracket {
   float low;   // the threshold logit is expected in [low, high)
   float high;
 };
 
-// The sample's estimate of the mass per 1/8-nat band below the max (and its variance), and a
+// The sample's estimate of the mass per 1/32-nat band below the max (and its variance), and a
 // bracket of bands around the crossing of the stop condition A >= p (A + B), for the mass A above
 // and B below a boundary: f = (1 - p) A - p B changes sign at the threshold. A and B come from
 // disjoint tokens, so f's variance is (1 - p)^2 var(A) + p^2 var(B); the bracket's edges are

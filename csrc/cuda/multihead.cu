@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cub/block/block_reduce.cuh>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <limits>
 
@@ -69,6 +70,18 @@ __global__ void decode_kernel(const int64_t* keys, const SoftmaxStats* stats, in
   if (slot % k == 0) lse[slot / k] = log_sum_exp(stats[slot / k]);
 }
 
+// float32 logits [rows, width] (a block reads a row). bf16 / fp16 inputs go straight into
+// float32 through cuBLAS (mm.dtype, torch >= 2.8): their products are exact in float32 and the
+// sums are float32, so this is the float32 computation without converting the weight.
+at::Tensor tile_logits(const at::Tensor& rows, const at::Tensor& weight_rows) {
+  if (rows.scalar_type() == at::kFloat) return at::mm(rows, weight_rows.t());
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  return at::mm(rows, weight_rows.t(), at::kFloat);
+#else
+  return at::mm(rows.to(at::kFloat), weight_rows.to(at::kFloat).t());
+#endif
+}
+
 class TopkReducerCuda {
  public:
   TopkReducerCuda(int64_t rows, int64_t k, const at::TensorOptions& options)
@@ -83,8 +96,7 @@ class TopkReducerCuda {
 
   void add_tiles(const at::Tensor& rows, const at::Tensor& weight, const VocabTiles& tiles) {
     for (int64_t tile = 0; tile < tiles.count; ++tile) {
-      // [rows, width]: a block reads a row.
-      add_tile(at::mm(rows, tiles.weight_rows(weight, tile).t()), tiles.first_id(tile));
+      add_tile(tile_logits(rows, tiles.weight_rows(weight, tile)), tiles.first_id(tile));
     }
   }
 
@@ -117,13 +129,12 @@ class TopkReducerCuda {
   at::Tensor stats_;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multihead_unembed_topk_cuda(
+UnembedTopk multihead_unembed_topk_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, int64_t k) {
   check_unembed_topk_args(hidden, weight, k);
   const c10::cuda::CUDAGuard guard(hidden.device());
   TopkReducerCuda reducer(hidden.size(0) * hidden.size(1), k, hidden.options());
-  const UnembedTopk out = unembed_topk(hidden, weight, k, reducer);
-  return {out.values, out.ids, out.lse};
+  return unembed_topk(hidden, weight, k, reducer);
 }
 
 // Row `blockIdx.x` of a chunk (see reduce_rows in csrc/common/multihead.h).
@@ -163,9 +174,7 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-using CrossEntropyTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-CrossEntropyTuple multihead_cross_entropy_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+CrossEntropyOutputs multihead_cross_entropy_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                                                const at::Tensor& targets,
                                                const at::Tensor& head_weights,
                                                int64_t ignore_index, bool hidden_grad,
@@ -188,9 +197,8 @@ CrossEntropyTuple multihead_cross_entropy_cuda(const at::Tensor& hidden, const a
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   };
-  CrossEntropyOutputs out = cross_entropy(hidden, weight, targets, head_weights, ignore_index,
-                                          hidden_grad, weight_grad, reduce_rows);
-  return {out.loss, out.head_losses, out.grad_hidden, out.grad_weight};
+  return cross_entropy(hidden, weight, targets, head_weights, ignore_index, hidden_grad,
+                       weight_grad, reduce_rows);
 }
 
 }  // namespace
