@@ -1,6 +1,8 @@
 """speculative_generate: greedy output equal to model.generate on tiny float64 models of every
-architecture (B=1 and padded B=3), the sampled distribution equal to the model's, the KV cache
-after accepting and rejecting drafts equal to a plain forward's, and bad input."""
+architecture (B=1 and padded B=3; marginal, scripted and MTP-heads drafters) and on SmolLM2
+(slow), the sampled distribution equal to the model's (chi-square), the KV cache after
+accepting and rejecting drafts equal to a plain forward's, the heads' draft tree, the CLI, and
+bad input."""
 import math
 import random
 
