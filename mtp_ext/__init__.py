@@ -22,9 +22,12 @@ from mtp_ext.sampling import TopPLogitsWarper  # noqa: E402
 from mtp_ext.marginal import MarginalMTP  # noqa: E402
 from mtp_ext.evaluate import evaluate_mtp  # noqa: E402
 from mtp_ext.heads import MTPHeadsModel, load_heads  # noqa: E402
+from mtp_ext.speculative import HeadsDrafter, MarginalDrafter, speculative_generate  # noqa: E402
 
 __all__ = [
+    "HeadsDrafter",
     "MTPHeadsModel",
+    "MarginalDrafter",
     "MarginalMTP",
     "evaluate_mtp",
     "TopPCandidates",
@@ -37,6 +40,7 @@ __all__ = [
     "multihead_cross_entropy",
     "multihead_unembed_topk",
     "top_p_candidates",
+    "speculative_generate",
     "top_p_mask",
     "tree_pack",
     "tree_pack_teacher",

@@ -3,6 +3,7 @@
     mtp-ext eval --model smollm2-135m --data austen --steps 2 --top-p 0.99 --tokens 4096
     mtp-ext analyze --model smollm2-135m --data austen --tokens 4096 --out results/smollm2-austen
     mtp-ext report results/* --out results
+    mtp-ext generate --model smollm2-135m --prompt "It is a truth" --drafter marginal --max-new-tokens 64 --compare
     mtp-ext train-heads --model smollm2-135m --data austen --heads 3 --whs --steps 200 --out runs/whs
     mtp-ext eval-heads --model smollm2-135m --data austen --heads-dir runs/frozen runs/whs --json heads.json
 """
@@ -46,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     analysis.add_argument("--top-p", type=float, nargs="+", default=[0.99, 0.9])
     analysis.add_argument("--out", type=Path, required=True, help="directory for analysis.json and the plots")
     analysis.add_argument("--threads", type=int, default=None)
+
+    generate = commands.add_parser("generate", help="self-speculative decoding with MTP drafts")
+    generate.add_argument("--model", default=DEFAULT_MODEL)
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.add_argument("--drafter", default="marginal", help="marginal, or heads:DIR for heads saved in DIR")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    generate.add_argument("--compare", action="store_true",
+                          help="also run model.generate with the same settings and print the speed-up")
+    generate.add_argument("--threads", type=int, default=None)
 
     report = commands.add_parser("report", help="one table and the Fig. 1 chart from eval / analyze results")
     report.add_argument("dirs", type=Path, nargs="+", help="directories holding eval.json and/or analysis.json")
@@ -176,6 +190,45 @@ def run_analyze(args: argparse.Namespace) -> dict:
           + ", ".join(f"top-{p}: {size:.1f}" for p, size in summary["mean_nucleus_size"].items()))
     print("logit-lens KL per layer: " + " ".join(f"{kl:.2f}" for kl in summary["kl_per_layer"]))
     print(f"wrote {out}/analysis.json, logit_lens_kl.png, entropy.png, nucleus_sizes.png")
+    return report
+
+
+def run_generate(args: argparse.Namespace) -> dict:
+    import time
+
+    import torch
+
+    from mtp_ext.models import load_model
+    from mtp_ext.speculative import speculative_generate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    input_ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                    top_p=args.top_p)
+    output = speculative_generate(model, input_ids, drafter=args.drafter,
+                                  generator=torch.Generator().manual_seed(args.seed), **settings)
+    stats = output.stats
+    print(tokenizer.decode(output.sequences[0]))
+    print(f"\n{stats.new_tokens[0]} tokens in {stats.seconds:.2f} s: {stats.tokens_per_second:.2f} tokens/s, "
+          f"{stats.verification_steps} verification steps, {stats.mean_accepted_per_step:.2f} tokens per step "
+          f"(drafter {args.drafter})")
+    report = {"speculative": stats.to_dict()}
+    if args.compare:
+        sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=None) if args.do_sample else {}
+        torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        plain = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                               max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, **sampling)
+        seconds = time.perf_counter() - start
+        plain_rate = (plain.shape[1] - input_ids.shape[1]) / seconds
+        print(f"model.generate: {plain_rate:.2f} tokens/s; speed-up {stats.tokens_per_second / plain_rate:.2f}x")
+        report["generate"] = {"tokens_per_second": plain_rate}
+        if not args.do_sample:
+            identical = torch.equal(plain, output.sequences)
+            print("outputs identical" if identical else "OUTPUTS DIFFER from model.generate")
+            report["generate"]["identical"] = identical
     return report
 
 
@@ -439,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
             run_analyze(args)
         elif args.command == "report":
             run_report(args)
+        elif args.command == "generate":
+            run_generate(args)
         elif args.command == "train-heads":
             run_train_heads(args)
         elif args.command == "eval-heads":

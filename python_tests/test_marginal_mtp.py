@@ -9,7 +9,7 @@ from transformers import BertConfig, BertForMaskedLM
 import mtp_ext
 from mtp_ext.models.adapters import UnsupportedModelError
 
-from tiny_models import ARCHITECTURES, tiny_model
+from tiny_models import ARCHITECTURES, padded_batch, tiny_model
 
 VOCAB = 11
 
@@ -54,13 +54,7 @@ def test_marginal_equals_brute_force(architecture, steps):
 def test_padded_batch_equals_rows_alone(architecture, padding_side):
     model = tiny_model(architecture, VOCAB, seed=7)
     prompts = [[2, 7, 1, 8, 2, 8], [3, 1, 4], [5, 5, 5, 5, 1]]
-    width = max(map(len, prompts))
-    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(prompts):
-        columns = slice(width - len(prompt), width) if padding_side == "left" else slice(0, len(prompt))
-        input_ids[row, columns] = torch.tensor(prompt)
-        attention_mask[row, columns] = 1
+    input_ids, attention_mask = padded_batch(prompts, padding_side)
     mtp = mtp_ext.MarginalMTP(model, top_p=0.9, max_candidates=5, max_nodes=20)
     batched = mtp.predict(input_ids, attention_mask, steps=3)
     for row, prompt in enumerate(prompts):

@@ -38,3 +38,15 @@ def tiny_model(architecture: str, vocab_size: int = 17, seed: int = 0, context: 
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8.0)
     return model.eval()
+
+
+def padded_batch(prompts: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token lists padded with 0 on the given side."""
+    width = max(map(len, prompts))
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        columns = slice(width - len(prompt), width) if side == "left" else slice(0, len(prompt))
+        input_ids[row, columns] = torch.tensor(prompt)
+        mask[row, columns] = 1
+    return input_ids, mask

@@ -81,17 +81,19 @@ class CausalLMAdapter:
         return DynamicCache()
 
     def hidden_states(self, input_ids: Tensor, attention_mask: PackedMask, position_ids: Tensor,
-                      cache: DynamicCache) -> Tensor:
+                      cache: DynamicCache, every_layer: bool = False) -> Union[Tensor, tuple[Tensor, ...]]:
         """Final-norm hidden states [B, n, H] of input_ids after the cache's tokens; the cache
-        grows by n tokens."""
+        grows by n tokens. With `every_layer`, the model's own tuple of hidden states instead
+        (embeddings first, the final-norm states last, as output_hidden_states gives them)."""
         outputs = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,
+            output_hidden_states=every_layer,
             **{self.cache_argument: cache},
         )
-        return outputs.last_hidden_state
+        return outputs.hidden_states if every_layer else outputs.last_hidden_state
 
     def logits(self, hidden: Tensor) -> Tensor:
         """float32 next-token logits for hidden states [..., H]."""
@@ -121,6 +123,15 @@ class CausalLMAdapter:
         extra = cache.get_seq_length() - length
         if extra > 0:
             cache.crop(-extra)
+
+    @staticmethod
+    def keep_cache_slots(cache: DynamicCache, length: int, slots: Tensor) -> None:
+        """Keep the first `length` tokens and, after them, the tokens at `slots` [B, L]
+        (indices counted from `length`, per row); drop the rest."""
+        for layer in cache.layers:
+            index = slots[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys = torch.cat([layer.keys[:, :, :length], layer.keys[:, :, length:].gather(2, index)], 2)
+            layer.values = torch.cat([layer.values[:, :, :length], layer.values[:, :, length:].gather(2, index)], 2)
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:

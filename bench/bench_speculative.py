@@ -1,0 +1,101 @@
+"""End to end: speculative_generate with each drafter against model.generate, greedy, on the
+real SmolLM2-135M (dequantised Q4_1) and 10 prompts of held-out Austen text (the last novel,
+which the heads of results/heads/ were not trained on), 128 new tokens each, one prompt at a
+time. Skipped, saying why, where the model or the text is not prepared, and for the heads
+drafter where no trained frozen-backbone heads are found in $MTP_EXT_HEADS_DIR (default
+results/heads/; each subdirectory one checkpoint, the first that loads is used).
+
+Slow on a CPU (each round generates 1,280 tokens), hence one round; $BENCH_PROMPTS and
+$BENCH_NEW_TOKENS shrink it:
+
+    nice -n 10 .venv/bin/python -m pytest bench/bench_speculative.py --benchmark-json=bench/speculative.json
+    .venv/bin/python bench/summarize.py bench/speculative.json
+
+extra_info holds tokens/s, the mean tokens per verification step and whether every output
+equals model.generate's.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtp_ext.speculative import HeadsDrafter, MarginalDrafter, speculative_generate
+
+PROMPTS = int(os.environ.get("BENCH_PROMPTS", 10))
+PROMPT_TOKENS = 64
+NEW_TOKENS = int(os.environ.get("BENCH_NEW_TOKENS", 128))
+HEADS_DIR = Path(os.environ.get("MTP_EXT_HEADS_DIR", Path(__file__).resolve().parents[1] / "results" / "heads"))
+
+generate_outputs = {}  # prompt index -> model.generate's output, for the identity check
+
+
+@pytest.fixture(scope="module")
+def model_and_prompts():
+    from mtp_ext import data as corpora
+    from mtp_ext.models import load_model, model_cache_dir
+
+    if not (model_cache_dir("smollm2-135m") / "config.json").is_file():
+        pytest.skip("SmolLM2-135M is not prepared (make prepare)")
+    try:
+        novels = corpora.load_text("austen")
+    except corpora.MissingDependencyError as error:
+        pytest.skip(f"Austen text is not prepared: {error}")
+    model, tokenizer = load_model("smollm2-135m")
+    ids = tokenizer(novels[-1][-60000:], add_special_tokens=False, verbose=False)["input_ids"]
+    stride = len(ids) // 10  # the same first prompts whatever PROMPTS is
+    prompts = [torch.tensor([ids[i * stride: i * stride + PROMPT_TOKENS]]) for i in range(PROMPTS)]
+    return model, prompts
+
+
+def trained_heads_drafter(model):
+    """A HeadsDrafter for the first loadable checkpoint in HEADS_DIR, or a skip. Jointly trained
+    heads are passed over: loading them would replace the backbone's weights."""
+    reasons = []
+    for directory in sorted(path for path in HEADS_DIR.glob("*") if path.is_dir()):
+        if (directory / "backbone.safetensors").is_file():
+            reasons.append(f"{directory.name}: joint (changes the backbone)")
+            continue
+        try:
+            return HeadsDrafter.load(directory, model), directory.name
+        except (ValueError, OSError, ImportError) as error:
+            reasons.append(f"{directory.name}: {error}")
+    pytest.skip(f"no trained heads for SmolLM2 under {HEADS_DIR} ({'; '.join(reasons) or 'none there'})")
+
+
+def run_generate(model, prompts):
+    outputs = [model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                              do_sample=False) for prompt in prompts]
+    return outputs, None
+
+
+def run_speculative(model, prompts, drafter):
+    results = [speculative_generate(model, prompt, drafter=drafter, max_new_tokens=NEW_TOKENS)
+               for prompt in prompts]
+    return [result.sequences for result in results], [result.stats for result in results]
+
+
+@pytest.mark.parametrize("contender", ["generate", "marginal", "heads"])
+def test_speculative_vs_generate(benchmark, model_and_prompts, contender):
+    model, prompts = model_and_prompts
+    if contender == "generate":
+        function, arguments = run_generate, (model, prompts)
+    else:
+        drafter, name = (MarginalDrafter(), "marginal") if contender == "marginal" else trained_heads_drafter(model)
+        function, arguments = run_speculative, (model, prompts, drafter)
+        benchmark.extra_info["drafter"] = name
+    benchmark.group = f"SmolLM2-135M greedy, {PROMPTS} prompts x {NEW_TOKENS} new tokens"
+    benchmark.extra_info.update(contender=contender, baseline="generate", threads=torch.get_num_threads())
+    outputs, stats = benchmark.pedantic(function, args=arguments, rounds=1, iterations=1)
+    new_tokens = sum(output.shape[1] - prompt.shape[1] for output, prompt in zip(outputs, prompts))
+    benchmark.extra_info["tokens_per_second"] = new_tokens / benchmark.stats.stats.median
+    if contender == "generate":
+        generate_outputs.update(enumerate(outputs))
+        return
+    steps = sum(s.verification_steps for s in stats)
+    benchmark.extra_info["mean_tokens_per_step"] = sum(s.mean_accepted_per_step * s.verification_steps
+                                                       for s in stats) / max(steps, 1)
+    if generate_outputs:
+        same = [torch.equal(output, generate_outputs[index]) for index, output in enumerate(outputs)]
+        benchmark.extra_info["identical_outputs"] = f"{sum(same)}/{len(same)}"
+        assert all(same), "speculative output differs from model.generate's"

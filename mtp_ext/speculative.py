@@ -1,0 +1,450 @@
+"""Lossless self-speculative decoding: a drafter proposes a tree of continuations, one forward
+pass over the packed tree (tree_pack, reusing the KV cache) verifies it, and the longest path
+that the model itself would have produced is kept.
+
+Every step starts from a *root*: the next token, already chosen by the model's own rule from
+exact logits. The tree holds the root and drafted descendants. After the pass every node has
+the model's exact next-token logits for [sequence, path to the node], so the walk is: at a
+node, choose the next token by the model's rule (argmax, or one draw from the temperature /
+top-p distribution); if a child holds that token, descend, else that token is the next root.
+Each emitted token is thus chosen by the model's rule from the model's exact distribution given
+everything before it, whatever the drafts were: the output of greedy decoding is
+model.generate's, and sampling is plain ancestral sampling. Drafts are deterministic candidate
+sets, not samples, so no rejection-ratio correction (as in Leviathan et al.) is needed: a draft
+only decides whether the logits for the next token are already at hand.
+
+The accepted nodes' cache entries are gathered to the slots right after the cache's tokens and
+the rest are cropped; a row that accepted fewer nodes than the longest row leaves invisible
+slots (holes) that its 2-D slot mask hides, and positions count visible slots only.
+
+Drafters (see `Drafter`): `MarginalDrafter` uses the step-2 marginal that the verification pass
+gives for free at the last accepted node, `HeadsDrafter` trained MTP heads.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mtp_ext.marginal import DraftForest, check_inputs, pack_for_model
+from mtp_ext.models.adapters import CausalLMAdapter, prefix_position_ids
+from mtp_ext.ops import marginal_accumulate, multihead_unembed_topk, top_p_candidates, top_p_mask, tree_pack
+
+
+@dataclass
+class VerifiedPass:
+    """One forward pass and its walk: what drafters learn from for the next tree."""
+
+    forest: DraftForest  # the nodes evaluated, one tree per row (slot 0: the root)
+    hidden: Union[Tensor, tuple[Tensor, ...]]  # [B, T, H] of the pass, or the model's tuple per layer
+    node_positions: Tensor  # [B, N] where each forest slot lies along hidden's T
+    stop_nodes: Tensor  # [B] slot of each row's last accepted node
+    stop_logits: Tensor  # [B, V] float32 model logits at the last accepted node
+    next_tokens: Tensor  # [B] the next roots, chosen from stop_logits
+    adapter: CausalLMAdapter
+
+    def node_logits(self, slots: Tensor) -> Tensor:
+        """float32 logits [B, M, V] at node slots [B, M]."""
+        return self.adapter.logits(gather_nodes(final_hidden(self.hidden), self.node_positions.gather(1, slots)))
+
+    def stop_positions(self) -> Tensor:
+        """[B] where each row's last accepted node lies along hidden's T."""
+        return self.node_positions.gather(1, self.stop_nodes[:, None])[:, 0]
+
+
+class Drafter:
+    """Proposes each step's draft tree. `draft(previous)` returns a DraftForest whose slot 0 of
+    every row is `previous.next_tokens` (parent -1) and whose other nodes descend from it,
+    level by level (as DraftForest.grow builds them)."""
+
+    every_layer = False  # whether draft() reads every layer's hidden states
+
+    def draft(self, previous: VerifiedPass) -> DraftForest:
+        raise NotImplementedError
+
+
+def root_forest(roots: Tensor) -> DraftForest:
+    """Trees of one node each: the roots [B]."""
+    ones = torch.ones(roots.shape[0], dtype=torch.long, device=roots.device)
+    return DraftForest.from_candidates(roots[:, None], torch.ones(roots.shape[0], 1, device=roots.device), ones)
+
+
+class MarginalDrafter(Drafter):
+    """Drafts the root's children from the step-2 marginal of the last pass.
+
+    At the last accepted node n the pass also evaluated n's children c, so
+    sum_c p(c | n) p(x | n, c) (marginal_accumulate) predicts the token after the next root
+    without another forward; its top candidates (nucleus `top_p`, at most `branching`) become
+    the root's children. Where n has no evaluated children (after the prompt, or n a leaf) the
+    children are n's own runner-up tokens, so that the next pass has a marginal again.
+
+    That is all a marginal can draft, and it is weak: the next root is chosen at n because no
+    child of n held it, so the marginal mixes the continuations of the *other* candidates.
+    Nothing a pass evaluates is conditioned on the next root, since a node holding it would have
+    been accepted: the step-k marginal of a tree of depth k - 1 predicts the token that
+    verifying the same tree already gives exactly.
+    """
+
+    def __init__(self, branching: int = 8, top_p: float = 0.9):
+        if branching < 1:
+            raise ValueError(f"branching must be >= 1, got {branching}")
+        if not (0.0 < float(top_p) <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        self.branching = int(branching)
+        self.top_p = float(top_p)
+
+    def draft(self, previous: VerifiedPass) -> DraftForest:
+        at_stop = torch.softmax(previous.stop_logits, -1)
+        children, is_child = child_slots(previous.forest, previous.stop_nodes)
+        weights = at_stop.gather(1, previous.forest.token_ids.gather(1, children)) * is_child
+        runner_ups = at_stop.scatter(1, previous.next_tokens[:, None], 0.0)
+        guess = torch.where(is_child.any(1, keepdim=True),
+                            marginal_accumulate(weights, previous.node_logits(children)), runner_ups)
+        ids, probs, _, _ = top_p_candidates(guess.clamp(min=1e-30).log(), self.top_p, self.branching)
+        forest = root_forest(previous.next_tokens)
+        return forest.grow(torch.zeros_like(ids), ids.clamp(min=0), probs, max_nodes=1 + self.branching)
+
+
+class HeadsDrafter(Drafter):
+    """Medusa-style drafts from trained MTP heads (mtp_ext.heads.MTPHeadsModel).
+
+    Head j predicts x_{t + heads.steps[j]} (steps 2, 3, ...) from position t, so at the last
+    accepted node (position t, whose next token x_{t+1} is the next root, chosen from the model's
+    own logits) the head of step d + 1 drafts the root's descendants at depth d: its top
+    `branching[d - 1]` tokens under every node of depth d - 1, the tree pruned to the `max_nodes`
+    paths of highest probability (the product of the heads' probabilities). The heads read the
+    hidden states of the whole verification pass, so "block" heads (a decoder layer over the
+    sequence) see the packed tree instead of the text: their drafts are worse, never wrong.
+    """
+
+    every_layer = True  # heads with weighted hidden states read every layer
+
+    def __init__(self, heads, branching: Sequence[int] = (4, 3, 2, 2), max_nodes: int = 16):
+        if not branching or min(branching) < 1:
+            raise ValueError(f"branching must be a non-empty list of counts >= 1, got {branching}")
+        if max_nodes < 1:
+            raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
+        self.heads = heads
+        self.head_of_depth = [heads.steps.index(depth + 1) for depth in range(1, len(branching) + 1)
+                              if depth + 1 in heads.steps]
+        self.branching = tuple(int(k) for k in branching)[: len(self.head_of_depth)]
+        if not self.branching:
+            raise ValueError(f"no head predicts x_(t+2) (heads' steps: {heads.steps}): nothing to draft")
+        self.max_nodes = int(max_nodes)
+
+    @classmethod
+    def load(cls, directory, model, **tree) -> "HeadsDrafter":
+        """Heads saved by MTPHeadsModel.save in `directory`, for `model` (a clear error if they
+        were trained for another model)."""
+        from mtp_ext.heads import MTPHeadsModel
+
+        return cls(MTPHeadsModel.load(directory, model), **tree)
+
+    def draft(self, previous: VerifiedPass) -> DraftForest:
+        # head_hidden takes the pass's own hidden states (it checks them against the backbone's
+        # latest pass), so every position goes through the heads and the stop nodes are picked after.
+        every_position = self.heads.head_hidden(previous.hidden)  # [N, B, T, H]
+        at_stop = previous.stop_positions()[None, :, None, None].expand(every_position.shape[0], -1, 1,
+                                                                        every_position.shape[-1])
+        head_hidden = every_position.gather(2, at_stop)[:, :, 0]  # [N, B, H]
+        weight = self.heads.unembed_weight
+        if head_hidden.dtype == torch.float64:  # the kernel takes 16/32-bit floats; guesses need no more
+            head_hidden, weight = head_hidden.float(), weight.float()
+        values, ids, lse = multihead_unembed_topk(head_hidden, weight, max(self.branching))
+        probs = torch.exp(values - lse[..., None])
+        forest = root_forest(previous.next_tokens)
+        for head, width in zip(self.head_of_depth, self.branching):
+            slots, real = forest.leaf_slots()
+            leaf_weights = forest.weights.gather(1, slots) * real
+            child_weights = leaf_weights[:, :, None] * probs[head, :, None, :width]
+            forest = forest.grow(slots.repeat_interleave(width, 1), ids[head, :, :width].repeat(1, slots.shape[1]),
+                                 child_weights.flatten(1), max_nodes=self.max_nodes)
+        return forest
+
+
+def child_slots(forest: DraftForest, nodes: Tensor) -> tuple[Tensor, Tensor]:
+    """Slots [B, C] of the children of nodes [B] and which of them are real [B, C]."""
+    slot = torch.arange(forest.size, device=nodes.device)[None, :]
+    is_child = (forest.parents == nodes[:, None]) & (slot < forest.counts[:, None])
+    width = max(int(is_child.sum(1).max()), 1)
+    order = torch.argsort(is_child.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
+    return order, is_child.gather(1, order)
+
+
+def final_hidden(hidden: Union[Tensor, tuple[Tensor, ...]]) -> Tensor:
+    return hidden[-1] if isinstance(hidden, tuple) else hidden
+
+
+def gather_nodes(hidden: Tensor, slots: Tensor) -> Tensor:
+    """hidden [B, N, H] at slots [B, M] -> [B, M, H]."""
+    return hidden.gather(1, slots[:, :, None].expand(-1, -1, hidden.shape[-1]))
+
+
+@dataclass
+class TokenRule:
+    """How the model chooses a token from logits: argmax, or one draw from softmax(logits /
+    temperature) restricted to the top-p nucleus (top_p_mask)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generator: Optional[torch.Generator] = None
+
+    def __post_init__(self):
+        if not (self.temperature > 0.0 and self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+    def choose(self, logits: Tensor) -> Tensor:
+        """One token [R] per row of logits [R, V]; one random draw per row when sampling."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        scores = logits / self.temperature
+        if self.top_p < 1.0:
+            scores = top_p_mask(scores, self.top_p)
+        probs = torch.softmax(scores, -1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+
+@dataclass
+class GenerationStats:
+    new_tokens: list[int]  # per row, up to and including EOS
+    verification_steps: int  # packed forward passes after the prompt's
+    accepted_drafts: int  # drafted tokens accepted, all rows
+    drafted_nodes: int  # drafted tokens verified, all rows
+    row_steps: int  # (row, step) pairs in which the row was still generating
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(self.new_tokens) / max(self.seconds, 1e-12)
+
+    @property
+    def mean_accepted_per_step(self) -> float:
+        """Tokens emitted per verification step and row: accepted drafts + the one the model
+        chooses itself (1.0 = no draft ever accepted)."""
+        return 1.0 + self.accepted_drafts / max(self.row_steps, 1)
+
+    def to_dict(self) -> dict:
+        return {"new_tokens": self.new_tokens, "verification_steps": self.verification_steps,
+                "accepted_drafts": self.accepted_drafts, "drafted_nodes": self.drafted_nodes, "seconds": self.seconds,
+                "tokens_per_second": self.tokens_per_second,
+                "mean_accepted_per_step": self.mean_accepted_per_step}
+
+
+@dataclass
+class SpeculativeOutput:
+    sequences: Tensor  # [B, T + new] like model.generate: prompt, new tokens, pad after EOS
+    stats: GenerationStats
+
+
+class _Rows:
+    """What each row has produced so far, and whether it is done (EOS or `limit` tokens)."""
+
+    def __init__(self, batch: int, limit: int, eos: set[int]):
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.done = [False] * batch
+        self.limit, self.eos = limit, eos
+
+    def add(self, row: int, new: Sequence[int]) -> None:
+        for token in new:
+            if self.done[row]:
+                return
+            self.tokens[row].append(token)
+            self.done[row] = token in self.eos or len(self.tokens[row]) >= self.limit
+
+    def remaining(self) -> list[int]:
+        return [0 if done else self.limit - len(tokens) for tokens, done in zip(self.tokens, self.done)]
+
+
+def resolve_drafter(drafter: Union[str, Drafter], model) -> Drafter:
+    """A Drafter from an instance or a name: "marginal", or "heads:DIR" for the heads saved in
+    DIR (trained for `model`)."""
+    if isinstance(drafter, Drafter):
+        return drafter
+    if drafter == "marginal":
+        return MarginalDrafter()
+    if isinstance(drafter, str) and drafter.startswith("heads:") and len(drafter) > len("heads:"):
+        return HeadsDrafter.load(drafter[len("heads:"):], model)
+    raise ValueError(f"unknown drafter {drafter!r}: use 'marginal', 'heads:DIR' or a Drafter")
+
+
+@torch.no_grad()
+def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                         drafter: Union[str, Drafter] = "marginal", max_new_tokens: int = 32,
+                         do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                         eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+                         generator: Optional[torch.Generator] = None) -> SpeculativeOutput:
+    """Generate up to `max_new_tokens` per row with drafts verified in one packed pass per step.
+
+    Greedy (do_sample=False) gives model.generate(do_sample=False)'s tokens; sampling draws from
+    the model's distribution at `temperature`, restricted to the top-p nucleus. Rows stop at
+    `eos_token_id` (default: the model's generation config) and are padded with `pad_token_id`
+    (default: the generation config's, else the first EOS id), as model.generate does. Padding
+    of the prompt may be on either side.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    drafter = resolve_drafter(drafter, model)
+    rule = TokenRule(do_sample, float(temperature), float(top_p), generator)
+    adapter = CausalLMAdapter(model)
+    attention_mask = check_inputs(adapter, input_ids, attention_mask, steps=1)
+    eos, pad = generation_ids(model, eos_token_id, pad_token_id)
+    longest = int(attention_mask.sum(1).max()) + max_new_tokens
+    if longest > adapter.context_length:
+        raise ValueError(f"a prompt of {longest - max_new_tokens} tokens plus {max_new_tokens} new ones exceeds "
+                         f"the model's context of {adapter.context_length}")
+
+    start = time.perf_counter()
+    decoder = SpeculativeDecoder(adapter, drafter, rule, input_ids, attention_mask)
+    rows = _Rows(input_ids.shape[0], max_new_tokens, eos)
+    for row, token in enumerate(decoder.previous.next_tokens.tolist()):
+        rows.add(row, [token])
+    while not all(rows.done):
+        for row, new in enumerate(decoder.step(rows.remaining())):
+            rows.add(row, new)
+    stats = GenerationStats([len(tokens) for tokens in rows.tokens], decoder.steps, decoder.accepted_drafts,
+                            decoder.drafted_nodes, decoder.row_steps, time.perf_counter() - start)
+    return SpeculativeOutput(assemble(input_ids, rows.tokens, pad), stats)
+
+
+class SpeculativeDecoder:
+    """The decoding state between steps: the KV cache, which of its slots each row sees
+    (`slot_mask` [B, K]) and the last pass. The prompt runs on construction; `step()` drafts,
+    verifies and returns each row's new tokens."""
+
+    def __init__(self, adapter: CausalLMAdapter, drafter: Drafter, rule: TokenRule, input_ids: Tensor,
+                 attention_mask: Tensor):
+        self.adapter, self.drafter, self.rule = adapter, drafter, rule
+        self.cache = adapter.new_cache()
+        self.slot_mask = attention_mask.bool()
+        self.previous = prefill(adapter, drafter, self.cache, input_ids, self.slot_mask, rule)
+        self.steps = self.accepted_drafts = self.drafted_nodes = self.row_steps = 0
+
+    def step(self, remaining: list[int]) -> list[list[int]]:
+        """One draft-and-verify step. `remaining` [B]: tokens each row may still emit (0: the
+        row is finished; it runs along and its tokens are not counted). Returns per row the
+        accepted drafts followed by the next root."""
+        forest = prune_to_budget(self.drafter.draft(self.previous), remaining, self.adapter.context_length,
+                                 self.slot_mask.sum(1))
+        self.previous, paths, lengths = verify(self.adapter, self.drafter, self.cache, self.slot_mask, forest,
+                                               self.rule)
+        kept = torch.arange(paths.shape[1], device=lengths.device)[None, :] < lengths[:, None]
+        self.slot_mask = torch.cat([self.slot_mask, kept], 1)
+        self.steps += 1
+        new_tokens = []
+        for row, (path, length) in enumerate(zip(paths.tolist(), lengths.tolist())):
+            if remaining[row] > 0:
+                self.row_steps += 1
+                self.accepted_drafts += length - 1
+                self.drafted_nodes += int(forest.counts[row]) - 1
+            drafted = forest.token_ids[row, path[1:length]].tolist()
+            new_tokens.append(drafted + [int(self.previous.next_tokens[row])])
+        return new_tokens
+
+
+def generation_ids(model, eos_token_id, pad_token_id) -> tuple[set[int], int]:
+    """EOS ids and the pad id, defaulting to the model's generation config as model.generate does."""
+    config = getattr(model, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    eos = set() if eos_token_id is None else {int(t) for t in ([eos_token_id] if isinstance(eos_token_id, int)
+                                                                  else eos_token_id)}
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = min(eos) if eos else 0
+    return eos, int(pad_token_id)
+
+
+def assemble(input_ids: Tensor, tokens: list[list[int]], pad: int) -> Tensor:
+    width = max(len(row) for row in tokens)
+    new = torch.full((len(tokens), width), pad, dtype=input_ids.dtype, device=input_ids.device)
+    for row, row_tokens in enumerate(tokens):
+        new[row, : len(row_tokens)] = torch.tensor(row_tokens, dtype=input_ids.dtype)
+    return torch.cat([input_ids, new], 1)
+
+
+def prefill(adapter: CausalLMAdapter, drafter: Drafter, cache, input_ids: Tensor, slot_mask: Tensor,
+            rule: TokenRule) -> VerifiedPass:
+    """The prompt's pass, as a VerifiedPass whose trees are each row's last real token."""
+    hidden = adapter.hidden_states(input_ids, slot_mask.long(), prefix_position_ids(slot_mask.long()), cache,
+                                   every_layer=drafter.every_layer)
+    last_real = (slot_mask.shape[1] - 1 - slot_mask.flip(1).long().argmax(1))[:, None]
+    logits = adapter.logits(gather_nodes(final_hidden(hidden), last_real)[:, 0])
+    forest = root_forest(input_ids.gather(1, last_real)[:, 0])
+    return VerifiedPass(forest, hidden, last_real, torch.zeros_like(last_real[:, 0]), logits, rule.choose(logits),
+                        adapter)
+
+
+def verify(adapter: CausalLMAdapter, drafter: Drafter, cache, slot_mask: Tensor, forest: DraftForest,
+           rule: TokenRule) -> tuple[VerifiedPass, Tensor, Tensor]:
+    """One packed pass over the trees, the walk, and the cache kept to the accepted paths.
+
+    Returns the pass, the accepted node slots [B, L] (root first; padded with the last
+    accepted slot) and the path lengths [B]."""
+    length = cache.get_seq_length()
+    packed = pack_for_model(adapter, lambda window: tree_pack(
+        forest.token_ids, forest.parents, forest.counts, slot_mask, sliding_window=window))
+    hidden = adapter.hidden_states(packed.input_ids, packed.mask, packed.position_ids, cache,
+                                   every_layer=drafter.every_layer)
+    paths, stop_logits, next_tokens = walk(adapter, forest, final_hidden(hidden), rule)
+    lengths = (paths != -1).sum(1)
+    paths = torch.where(paths == -1, paths.max(1, keepdim=True).values, paths)
+    adapter.keep_cache_slots(cache, length, paths)
+    node_positions = torch.arange(forest.size, device=paths.device).expand(paths.shape[0], -1)
+    stop_nodes = paths.gather(1, lengths[:, None] - 1)[:, 0]
+    return VerifiedPass(forest, hidden, node_positions, stop_nodes, stop_logits, next_tokens, adapter), paths, lengths
+
+
+def walk(adapter: CausalLMAdapter, forest: DraftForest, hidden: Tensor, rule: TokenRule):
+    """From every root, descend while the model's chosen token is a child's token.
+
+    Returns the accepted slots [B, D] (-1 after a row's last), the logits at each row's last
+    accepted node [B, V] and the token chosen there [B]."""
+    batch, device = forest.token_ids.shape[0], hidden.device
+    rows = torch.arange(batch, device=device)
+    current = torch.zeros(batch, dtype=torch.long, device=device)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    stop_logits = hidden.new_empty(batch, adapter.vocab_size, dtype=torch.float32)
+    chosen = torch.empty(batch, dtype=torch.long, device=device)
+    path = [current.clone()]
+    live = torch.arange(forest.size, device=device)[None, :] < forest.counts[:, None]
+    while bool(active.any()):
+        logits = adapter.logits(hidden[rows[active], current[active]])
+        tokens = rule.choose(logits)
+        stop_logits[active], chosen[active] = logits, tokens
+        matches = live[active] & (forest.parents[active] == current[active, None]) & \
+            (forest.token_ids[active] == tokens[:, None])
+        descend = matches.any(1)
+        step = torch.full((batch,), -1, dtype=torch.long, device=device)
+        step[rows[active][descend]] = matches[descend].long().argmax(1)
+        active = step >= 0
+        current = torch.where(active, step, current)
+        path.append(step)
+    return torch.stack(path[:-1], 1), stop_logits, chosen
+
+
+def prune_to_budget(forest: DraftForest, remaining: list[int], context_length: int, visible: Tensor) -> DraftForest:
+    """Cut each tree below the depth that can still be emitted (tokens left to generate, room
+    in the context); rows with nothing left keep their root only."""
+    depth = node_depths(forest)
+    allowed = torch.tensor(remaining, device=depth.device) - 1
+    allowed = torch.minimum(allowed, context_length - 1 - visible).clamp(min=0)
+    # Levels are stored in order, so the kept nodes are a prefix of each tree.
+    slots = torch.arange(forest.size, device=depth.device)[None, :]
+    counts = ((depth <= allowed[:, None]) & (slots < forest.counts[:, None])).sum(1)
+    return DraftForest(forest.token_ids, forest.parents, forest.weights, counts, forest.leaf_counts)
+
+
+def node_depths(forest: DraftForest) -> Tensor:
+    """Depth [B, N] of every node, 0 for the root."""
+    depth = torch.zeros_like(forest.parents)
+    for slot in range(1, forest.size):
+        parent = forest.parents[:, slot]
+        depth[:, slot] = torch.where(parent >= 0, depth.gather(1, parent.clamp(min=0)[:, None])[:, 0] + 1, 0)
+    return depth
