@@ -483,21 +483,20 @@ def _check_writable(path: Path) -> None:
         raise SystemExit(f"error: cannot write {path}: {directory} is not a writable directory")
 
 
+COMMANDS = {
+    "eval": run_eval,
+    "analyze": run_analyze,
+    "report": run_report,
+    "generate": run_generate,
+    "train-heads": run_train_heads,
+    "eval-heads": run_eval_heads,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "eval":
-            run_eval(args)
-        elif args.command == "analyze":
-            run_analyze(args)
-        elif args.command == "report":
-            run_report(args)
-        elif args.command == "generate":
-            run_generate(args)
-        elif args.command == "train-heads":
-            run_train_heads(args)
-        elif args.command == "eval-heads":
-            run_eval_heads(args)
+        COMMANDS[args.command](args)
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
