@@ -15,13 +15,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from mtp_ext._io import atomic_write, atomic_write_text
 from mtp_ext.analysis import final_norm
 from mtp_ext.models.adapters import check_supported
 
@@ -228,11 +228,10 @@ class MTPHeadsModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: value.detach().contiguous() for name, value in self.trainable_state().items()}
-        _atomic_write(directory / HEADS_FILE, lambda path: save_file(tensors, path))
+        atomic_write(directory / HEADS_FILE, lambda path: save_file(tensors, path))
         if not self.freeze_backbone:
-            _atomic_write(directory / BACKBONE_FILE, lambda path: save_model(self.backbone, path))
-        _atomic_write(directory / CONFIG_FILE,
-                      lambda path: Path(path).write_text(json.dumps(self.config_dict(), indent=2)))
+            atomic_write(directory / BACKBONE_FILE, lambda path: save_model(self.backbone, path))
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(self.config_dict(), indent=2))
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], backbone: nn.Module) -> "MTPHeadsModel":
@@ -280,15 +279,3 @@ def _initial_layer_logits(num_heads: int, num_states: int) -> Tensor:
     logits = torch.full((num_heads, num_states), float(torch.tensor(others).log()))
     logits[:, -1] = float(torch.tensor(WHS_INITIAL_LAST_LAYER_SHARE).log())
     return logits
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(temporary path) then rename over `path`: a reader never sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mtp_ext.heads import MTPHeadsModel, _atomic_write
+from mtp_ext._io import atomic_write
+from mtp_ext.heads import MTPHeadsModel
 from mtp_ext.ops import multihead_cross_entropy, multihead_unembed_topk
 
 IGNORE_INDEX = -100
@@ -154,7 +155,7 @@ def _save_checkpoint(model, optimizer, settings, out: Path, record: dict, step: 
     state = {"record": record, "settings": asdict(settings), "config": model.config_dict(),
              "model": model.state_dict() if not model.freeze_backbone else model.trainable_state(),
              "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
-    _atomic_write(out / STATE_FILE, lambda path: torch.save(state, path))
+    atomic_write(out / STATE_FILE, lambda path: torch.save(state, path))
 
 
 def _resume(model: MTPHeadsModel, optimizer, settings: TrainingSettings, out: Path) -> dict:

@@ -116,6 +116,14 @@ uint64_t total_mass(const float* scaled, int64_t vocab, float max_logit) {
   return total;
 }
 
+// The k-th largest chunk maximum (k <= the number of chunks).
+float kth_largest_chunk_max(int64_t k, RowScratch& scratch) {
+  auto& sorted = scratch.chunk_max_sorted;
+  sorted.assign(scratch.chunk_max.begin(), scratch.chunk_max.end());
+  std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(), std::greater<float>());
+  return sorted[k - 1];
+}
+
 // The largest logit such that the survivors (tokens at or above it) contain the selection.
 float survivor_cutoff(const RowStats& stats, int64_t vocab, float top_p, int64_t cap,
                       RowScratch& scratch) {
@@ -126,13 +134,7 @@ float survivor_cutoff(const RowStats& stats, int64_t vocab, float top_p, int64_t
   const auto& chunk_max = scratch.chunk_max;
   const int64_t chunks_above =
       std::count_if(chunk_max.begin(), chunk_max.end(), [&](float m) { return m >= cutoff; });
-  if (chunks_above > cap) {
-    auto& sorted = scratch.chunk_max_sorted;
-    sorted.assign(chunk_max.begin(), chunk_max.end());
-    std::nth_element(sorted.begin(), sorted.begin() + (cap - 1), sorted.end(),
-                     std::greater<float>());
-    cutoff = std::max(cutoff, sorted[cap - 1]);
-  }
+  if (chunks_above > cap) cutoff = std::max(cutoff, kth_largest_chunk_max(cap, scratch));
   return cutoff;
 }
 
@@ -277,13 +279,7 @@ Bracket estimate_bracket(const float* scaled, int64_t vocab, float max_logit, fl
   const auto& chunk_max = scratch.chunk_max;
   const int64_t num_chunks = static_cast<int64_t>(chunk_max.size());
   float full_floor = -std::numeric_limits<float>::infinity();
-  if (num_chunks > kFullySampledChunks) {
-    auto& sorted = scratch.chunk_max_sorted;
-    sorted.assign(chunk_max.begin(), chunk_max.end());
-    std::nth_element(sorted.begin(), sorted.begin() + (kFullySampledChunks - 1), sorted.end(),
-                     std::greater<float>());
-    full_floor = sorted[kFullySampledChunks - 1];
-  }
+  if (num_chunks > kFullySampledChunks) full_floor = kth_largest_chunk_max(kFullySampledChunks, scratch);
   double bucket_mass[kNumBuckets] = {};
   double bucket_variance[kNumBuckets] = {};
   for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {

@@ -8,7 +8,6 @@ import importlib.util
 import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 PREPARE_SCRIPT = "scripts/prepare_offline.sh"
@@ -61,17 +60,3 @@ def require_modules(modules: dict[str, str], what: str) -> None:
         f"{what} needs the Python package(s) {', '.join(sorted(missing))}, which are not installed. "
         f"Install with:\n  " + "\n  ".join(commands) + f"\nor run `bash {PREPARE_SCRIPT}` in the mtp_ext repository."
     )
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches may be shared between users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._common import MissingDependencyError, atomic_write_text, require_modules
+from .._io import atomic_write_text
+from ._common import MissingDependencyError, require_modules
 from ._debs import DebFetchError, fetch_debs
 
 FORMAT_VERSION = 1
