@@ -83,6 +83,12 @@ def _add_heads_parsers(commands) -> None:
     train.add_argument("--backbone-lr", type=float, default=1e-5, help="learning rate of the backbone (--joint)")
     train.add_argument("--ntp-weight", type=float, default=1.0, help="weight of the NTP loss (--joint)")
     train.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    train.add_argument("--targets", choices=["text", "model"], default="text",
+                       help="what the heads predict: the text, or the backbone's own greedy choices "
+                            "(self-distillation, for drafting in speculative decoding)")
+    train.add_argument("--init-from", type=Path, default=None,
+                       help="start from the heads saved in this directory (fine-tuning); they must match "
+                            "--heads, --head-type, --whs and --joint")
     train.add_argument("--time-budget", type=float, default=None,
                        help="stop (and checkpoint) after this many seconds of training; rerun to go on")
     train.add_argument("--eval-tokens", type=int, default=1024, help="held-out positions scored after training")
@@ -389,17 +395,21 @@ def run_train_heads(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     settings = TrainingSettings(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, whs_lr=args.whs_lr,
                                 backbone_lr=args.backbone_lr, ntp_weight=args.ntp_weight,
-                                checkpoint_every=args.checkpoint_every)
+                                checkpoint_every=args.checkpoint_every, targets=args.targets)
     settings.check()
     out = _output_dir(args.out)
     backbone, tokenizer = load_model(args.model)
     args.tokens = args.eval_tokens
     windows, held_out, split = _heads_data(args, tokenizer, max(1, args.steps * args.batch_size))
-    heads = MTPHeadsModel(backbone, args.heads, args.head_type, args.whs, freeze_backbone=not args.joint)
+    if args.init_from is not None:
+        heads = _initial_heads(args, backbone)
+    else:
+        heads = MTPHeadsModel(backbone, args.heads, args.head_type, args.whs, freeze_backbone=not args.joint)
     record = train_heads(heads, windows, settings, out, time_budget_s=args.time_budget)
     accuracies = evaluate_heads(heads, held_out, batch_size=1)
     report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
-              "settings": vars(settings), "heads": heads.config_dict(), "training": record,
+              "settings": vars(settings), "init_from": str(args.init_from) if args.init_from else None,
+              "heads": heads.config_dict(), "training": record,
               "held_out": [vars(accuracy) for accuracy in accuracies]}
     (out / "train.json").write_text(json.dumps(report, indent=2))
     print(f"\ntrained to step {record['step']} ({record['tokens_seen']} tokens, {record['seconds']:.0f} s); "
@@ -407,6 +417,19 @@ def run_train_heads(args: argparse.Namespace) -> dict:
     print(heads_table({"heads": accuracies}))
     print(f"wrote {out}")
     return report
+
+
+def _initial_heads(args: argparse.Namespace, backbone):
+    """The heads saved in --init-from, on `backbone`, if they are the heads the arguments ask for."""
+    from mtp_ext.heads import MTPHeadsModel
+
+    heads = MTPHeadsModel.load(args.init_from, backbone)
+    saved = (heads.num_heads, heads.head_type, heads.weighted_hidden_states, heads.freeze_backbone)
+    asked = (args.heads, args.head_type, args.whs, not args.joint)
+    if saved != asked:
+        raise ValueError(f"--init-from {args.init_from} holds other heads: (heads, head type, WHS, frozen) = "
+                         f"{saved}, the arguments ask for {asked}")
+    return heads
 
 
 def run_eval_heads(args: argparse.Namespace) -> dict:

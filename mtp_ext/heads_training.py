@@ -23,6 +23,7 @@ from mtp_ext.heads import MTPHeadsModel
 from mtp_ext.ops import multihead_cross_entropy, multihead_unembed_topk
 
 IGNORE_INDEX = -100
+TARGETS = ("text", "model")
 STATE_FILE = "training_state.pt"
 
 
@@ -36,6 +37,10 @@ class TrainingSettings:
     backbone_lr: float = 1e-5  # joint training only
     ntp_weight: float = 1.0  # joint training only: loss = ntp_weight * NTP + mean of the heads' losses
     checkpoint_every: int = 25
+    # What the heads learn to predict: the text ("text"), or the backbone's own greedy choices
+    # ("model", self-distillation): heads that draft for speculative decoding are right when
+    # they agree with the model, whatever the text says.
+    targets: str = "text"
 
     def check(self) -> None:
         if self.steps < 0:
@@ -45,6 +50,8 @@ class TrainingSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 3:
             raise ValueError(f"seq_len must be >= 3 (a head predicts at least two tokens ahead), got {self.seq_len}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
         if not (self.lr > 0 and self.whs_lr > 0 and self.backbone_lr > 0 and self.ntp_weight >= 0):
             raise ValueError("lr, whs_lr and backbone_lr must be > 0 and ntp_weight >= 0")
 
@@ -77,16 +84,28 @@ def head_targets(input_ids: Tensor, steps: Sequence[int]) -> Tensor:
     return targets
 
 
-def heads_loss(model: MTPHeadsModel, input_ids: Tensor, ntp_weight: float = 1.0) -> Tensor:
+def greedy_sequence(model: MTPHeadsModel, final: Tensor, input_ids: Tensor) -> Tensor:
+    """input_ids [B, T] with every token after the first replaced by the backbone's greedy
+    prediction of it from the real tokens before it (teacher forcing): x_{t+s} of this sequence
+    is the model's choice for x_{t+s} given x_{<=t+s-1}."""
+    with torch.no_grad():
+        _, predicted, _ = multihead_unembed_topk(final.detach()[None, :, :-1].flatten(1, 2), model.unembed_weight, 1)
+    return torch.cat([input_ids[:, :1], predicted.view(input_ids.shape[0], -1)], 1)
+
+
+def heads_loss(model: MTPHeadsModel, input_ids: Tensor, ntp_weight: float = 1.0, targets: str = "text") -> Tensor:
     """The mean cross-entropy of the heads, in one multihead_cross_entropy call; in joint training
-    plus ntp_weight times the backbone's next-token loss."""
+    plus ntp_weight times the backbone's next-token loss (whose targets are always the text).
+    targets="model": the heads predict the backbone's greedy choices (greedy_sequence)."""
     final, heads = model(input_ids)
     steps, head_weights = model.steps, [1.0 / model.num_heads] * model.num_heads
+    head_sequence = greedy_sequence(model, final, input_ids) if targets == "model" else input_ids
+    step_targets = head_targets(head_sequence, steps)
     if not model.freeze_backbone:
         heads = torch.cat([final[None], heads])
-        steps, head_weights = [1] + steps, [ntp_weight] + head_weights
-    targets = head_targets(input_ids, steps)
-    return multihead_cross_entropy(heads.flatten(1, 2), model.unembed_weight, targets.flatten(1),
+        head_weights = [ntp_weight] + head_weights
+        step_targets = torch.cat([head_targets(input_ids, [1]), step_targets])
+    return multihead_cross_entropy(heads.flatten(1, 2), model.unembed_weight, step_targets.flatten(1),
                                    torch.tensor(head_weights, device=input_ids.device), IGNORE_INDEX)
 
 
@@ -108,9 +127,9 @@ def _batch_for_step(windows: Sequence[Sequence[int]], step: int, batch_size: int
 
 
 def _training_step(model: MTPHeadsModel, optimizer: torch.optim.Optimizer, input_ids: Tensor,
-                   ntp_weight: float) -> float:
+                   settings: TrainingSettings) -> float:
     optimizer.zero_grad(set_to_none=True)
-    loss = heads_loss(model, input_ids, ntp_weight)
+    loss = heads_loss(model, input_ids, settings.ntp_weight, settings.targets)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
@@ -136,7 +155,7 @@ def train_heads(model: MTPHeadsModel, windows: Sequence[Sequence[int]], settings
         try:
             while step < settings.steps and not (time_budget_s and time.perf_counter() - started > time_budget_s):
                 batch = _batch_for_step(windows, step, settings.batch_size, device)
-                record["losses"].append(_training_step(model, optimizer, batch, settings.ntp_weight))
+                record["losses"].append(_training_step(model, optimizer, batch, settings))
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['losses'][-1]:.3f}")
@@ -169,9 +188,10 @@ def _resume(model: MTPHeadsModel, optimizer, settings: TrainingSettings, out: Pa
     if saved != current:
         raise ValueError(f"{out} holds a checkpoint of other heads or another model: {saved} (checkpoint) "
                          f"vs {current} (now); use another --out")
-    for key in ("seq_len", "batch_size"):
-        if state["settings"][key] != getattr(settings, key):
-            raise ValueError(f"{out} was trained with {key}={state['settings'][key]}, not "
+    for key in ("seq_len", "batch_size", "targets"):
+        saved_value = state["settings"].get(key, "text")  # checkpoints before `targets` learnt the text
+        if saved_value != getattr(settings, key):
+            raise ValueError(f"{out} was trained with {key}={saved_value}, not "
                              f"{getattr(settings, key)}: resuming must keep the data the same")
     model.load_state_dict(state["model"], strict=not model.freeze_backbone)
     optimizer.load_state_dict(state["optimizer"])

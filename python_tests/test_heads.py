@@ -9,6 +9,7 @@ import mtp_ext
 from mtp_ext import heads_training, reference
 from mtp_ext.cli import main
 from mtp_ext.heads import MTPHeadsModel, load_heads
+from mtp_ext.models import load_model
 from mtp_ext.heads_training import (
     IGNORE_INDEX,
     TrainingSettings,
@@ -106,6 +107,27 @@ def test_head_targets_are_the_tokens_step_ahead():
     targets = head_targets(input_ids, [2, 3])
     assert targets[0, 0].tolist() == [12, 13, 14, 15] + [IGNORE_INDEX] * 2
     assert targets[1, 0].tolist() == [13, 14, 15] + [IGNORE_INDEX] * 3
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_model_targets_are_the_backbones_greedy_choices(joint):
+    backbone = tiny_model("llama", VOCAB)
+    model = MTPHeadsModel(backbone, num_heads=2, freeze_backbone=not joint)
+    perturb(model)
+    input_ids = random_ids(2, LENGTH, seed=3)
+    greedy = backbone(input_ids).logits.argmax(-1)  # greedy[:, t]: the model's choice for x_{t+1}
+    assert not torch.equal(greedy[:, :-1], input_ids[:, 1:])  # else the test could not tell them apart
+    loss = heads_loss(model, input_ids, ntp_weight=0.5, targets="model")
+
+    logits = model.head_hidden(backbone(input_ids, output_hidden_states=True).hidden_states) @ model.unembed_weight.T
+    # head j at t predicts the model's choice for x_{t+s} given the real x_{<=t+s-1}: greedy[:, t+s-1]
+    expected = sum(torch.nn.functional.cross_entropy(logits[j, :, : LENGTH - step].reshape(-1, VOCAB),
+                                                     greedy[:, step - 1: LENGTH - 1].reshape(-1))
+                   for j, step in enumerate((2, 3))) / 2
+    if joint:  # the backbone's own loss keeps the text
+        ntp = backbone(input_ids).logits[:, :-1]
+        expected = expected + 0.5 * torch.nn.functional.cross_entropy(ntp.reshape(-1, VOCAB), input_ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected.detach())
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -226,6 +248,16 @@ def test_resume_refuses_other_heads(tmp_path):
                     progress=False)
 
 
+def test_resume_refuses_other_targets(tmp_path):
+    train_heads(MTPHeadsModel(tiny_model("llama", VOCAB)), windows(2), TrainingSettings(steps=1, seq_len=LENGTH),
+                tmp_path, progress=False)
+    with pytest.raises(ValueError, match="targets=text, not model"):
+        train_heads(MTPHeadsModel(tiny_model("llama", VOCAB)), windows(2),
+                    TrainingSettings(steps=2, seq_len=LENGTH, targets="model"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="targets must be one of"):
+        TrainingSettings(steps=1, targets="labels").check()
+
+
 def test_evaluate_heads_counts_hits_like_the_reference():
     model = MTPHeadsModel(tiny_model("gpt_neox", VOCAB), num_heads=2)
     perturb(model)
@@ -278,6 +310,20 @@ def test_cli_train_resume_and_eval(tmp_path, tiny_checkpoint, capsys):
     assert trained["training"]["step"] == 3 and len(trained["training"]["losses"]) == 3
     assert [row["step"] for row in trained["held_out"]] == [1, 2, 3]
     assert trained["split"]["by"] == "characters"
+    distilled = tmp_path / "distilled"  # fine-tunes the text-trained heads on the model's choices
+    assert main(["train-heads", *common, "--heads", "2", "--whs", "--steps", "1", "--out", str(distilled),
+                 "--targets", "model", "--init-from", str(out), "--eval-tokens", "40"]) == 0
+    report = json.loads((distilled / "train.json").read_text())
+    assert report["settings"]["targets"] == "model" and report["init_from"] == str(out)
+    assert main(["train-heads", *common, "--heads", "3", "--steps", "1", "--out", str(tmp_path / "other"),
+                 "--init-from", str(out)]) == 2
+    assert "holds other heads" in capsys.readouterr().err
+    copied = tmp_path / "copied"  # no steps: the checkpoint is the heads it started from
+    assert main(["train-heads", *common, "--heads", "2", "--whs", "--steps", "0", "--out", str(copied),
+                 "--init-from", str(out), "--eval-tokens", "40"]) == 0
+    backbone = load_model(str(model))[0]
+    started, source = load_heads(copied, backbone).trainable_state(), load_heads(out, backbone).trainable_state()
+    assert started.keys() == source.keys() and all(torch.equal(started[k], source[k]) for k in source)
     joint = tmp_path / "joint"
     assert main(["train-heads", *common, "--heads", "2", "--joint", "--steps", "1", "--out", str(joint)]) == 0
     report_path = tmp_path / "eval.json"

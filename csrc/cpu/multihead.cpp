@@ -72,8 +72,8 @@ class TopkReducerCpu {
       states_[begin] = std::make_unique<TopkState>(rows_);
       TopkState& state = *states_[begin];
       for (int64_t tile = begin; tile < end; ++tile) {
-        const at::Tensor weight_rows = tiles.weight_rows(weight, tile).to(at::kFloat);
-        const at::Tensor logits = at::mm(weight_rows, padded_rows.t());
+        const at::Tensor weight_rows = tiles.weight_rows(weight, tile).to(at::kFloat).contiguous();
+        const at::Tensor logits = tile_logits(weight_rows, padded_rows);
         add_tile(logits.data_ptr<float>(), logits.size(0), tiles.first_id(tile), state);
       }
     });
@@ -107,6 +107,49 @@ class TopkReducerCpu {
   // One AVX-512 vector of rows; tokens per statistics chunk (32 KiB of logits, in L1).
   static constexpr int64_t kRowBlock = 16;
   static constexpr int64_t kStatsChunk = 512;
+  // Up to this many rows (a drafter's few heads at one position) the product runs in dot_rows.
+  static constexpr int64_t kFewRows = 8;
+  static constexpr int64_t kDotRows = 4;
+
+  // logits [width, stride_] of a weight tile [width, H]. With few rows the product is bound by
+  // reading the tile, yet MKL's GEMM over so thin a matrix runs far below memory speed (3 rows
+  // took 3x the time of 1 here, and the 16 padded rows 2x), so dot products read it instead.
+  at::Tensor tile_logits(const at::Tensor& weight_rows, const at::Tensor& padded_rows) const {
+    if (rows_ > kFewRows) return at::mm(weight_rows, padded_rows.t());
+    at::Tensor logits = at::zeros({weight_rows.size(0), stride_}, padded_rows.options());
+    const int64_t size = weight_rows.size(1);
+    const float* weight = weight_rows.data_ptr<float>();
+    const float* rows = padded_rows.data_ptr<float>();
+    float* out = logits.data_ptr<float>();
+    for (int64_t token = 0; token < weight_rows.size(0); ++token) {
+      for (int64_t first_row = 0; first_row < rows_; first_row += kDotRows) {
+        dot_rows(weight + token * size, rows + first_row * size, size, out + token * stride_ + first_row);
+      }
+    }
+    return logits;
+  }
+
+  // out[r] = <token_weight, rows[r]> for kDotRows rows (zero padding past rows_): the token's
+  // weights are read once for all of them, with independent accumulators.
+  static void dot_rows(const float* token_weight, const float* rows, int64_t size, float* out) {
+    const float* row0 = rows;
+    const float* row1 = rows + size;
+    const float* row2 = rows + 2 * size;
+    const float* row3 = rows + 3 * size;
+    float dot0 = 0.0f, dot1 = 0.0f, dot2 = 0.0f, dot3 = 0.0f;
+#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
+    for (int64_t i = 0; i < size; ++i) {
+      const float w = token_weight[i];
+      dot0 += w * row0[i];
+      dot1 += w * row1[i];
+      dot2 += w * row2[i];
+      dot3 += w * row3[i];
+    }
+    out[0] = dot0;
+    out[1] = dot1;
+    out[2] = dot2;
+    out[3] = dot3;
+  }
 
   // logits [width, stride_] of tokens first_id.. into `state`.
   void add_tile(const float* logits, int64_t width, int64_t first_id, TopkState& state) const {
