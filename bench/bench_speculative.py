@@ -6,7 +6,8 @@ drafter where no trained frozen-backbone heads are found in $MTP_EXT_HEADS_DIR (
 results/heads/; each subdirectory one checkpoint, the first that loads is used).
 
 Slow on a CPU (each round generates 1,280 tokens), hence one round; $BENCH_PROMPTS and
-$BENCH_NEW_TOKENS shrink it:
+$BENCH_NEW_TOKENS shrink it, and $BENCH_TREE sets the heads' tree as "branching per depth/node
+budget" (default: HeadsDrafter's, "4,3,2,2/16"):
 
     nice -n 10 .venv/bin/python -m pytest bench/bench_speculative.py --benchmark-json=bench/speculative.json
     .venv/bin/python bench/summarize.py bench/speculative.json
@@ -25,6 +26,7 @@ from mtp_ext.speculative import HeadsDrafter, MarginalDrafter, speculative_gener
 PROMPTS = int(os.environ.get("BENCH_PROMPTS", 10))
 PROMPT_TOKENS = 64
 NEW_TOKENS = int(os.environ.get("BENCH_NEW_TOKENS", 128))
+TREE = os.environ.get("BENCH_TREE")
 HEADS_DIR = Path(os.environ.get("MTP_EXT_HEADS_DIR", Path(__file__).resolve().parents[1] / "results" / "heads"))
 
 generate_outputs = {}  # prompt index -> model.generate's output, for the identity check
@@ -48,6 +50,17 @@ def model_and_prompts():
     return model, prompts
 
 
+def tree_shape() -> dict:
+    """HeadsDrafter's tree arguments from $BENCH_TREE ("4,3,2,2/16"), or none for its default."""
+    if not TREE:
+        return {}
+    branching, _, max_nodes = TREE.partition("/")
+    shape = {"branching": tuple(int(width) for width in branching.split(","))}
+    if max_nodes:
+        shape["max_nodes"] = int(max_nodes)
+    return shape
+
+
 def trained_heads_drafter(model):
     """A HeadsDrafter for the first loadable checkpoint in HEADS_DIR, or a skip. Jointly trained
     heads are passed over: loading them would replace the backbone's weights."""
@@ -57,7 +70,7 @@ def trained_heads_drafter(model):
             reasons.append(f"{directory.name}: joint (changes the backbone)")
             continue
         try:
-            return HeadsDrafter.load(directory, model), directory.name
+            return HeadsDrafter.load(directory, model, **tree_shape()), directory.name
         except (ValueError, OSError, ImportError) as error:
             reasons.append(f"{directory.name}: {error}")
     pytest.skip(f"no trained heads for SmolLM2 under {HEADS_DIR} ({'; '.join(reasons) or 'none there'})")
@@ -84,6 +97,8 @@ def test_speculative_vs_generate(benchmark, model_and_prompts, contender):
         drafter, name = (MarginalDrafter(), "marginal") if contender == "marginal" else trained_heads_drafter(model)
         function, arguments = run_speculative, (model, prompts, drafter)
         benchmark.extra_info["drafter"] = name
+        if contender == "heads":
+            benchmark.extra_info["tree"] = {"branching": drafter.branching, "max_nodes": drafter.max_nodes}
     benchmark.group = f"SmolLM2-135M greedy, {PROMPTS} prompts x {NEW_TOKENS} new tokens"
     benchmark.extra_info.update(contender=contender, baseline="generate", threads=torch.get_num_threads())
     outputs, stats = benchmark.pedantic(function, args=arguments, rounds=1, iterations=1)

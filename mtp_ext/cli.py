@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default=DEFAULT_MODEL)
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--drafter", default="marginal", help="marginal, or heads:DIR for heads saved in DIR")
+    generate.add_argument("--branching", type=int, nargs="+", default=None,
+                          help="heads drafter: candidates per node at each depth (default 4 3 2 2)")
+    generate.add_argument("--max-nodes", type=int, default=None,
+                          help="heads drafter: node budget of a draft tree (default 16)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     generate.add_argument("--temperature", type=float, default=1.0)
@@ -205,7 +209,7 @@ def run_generate(args: argparse.Namespace) -> dict:
     import torch
 
     from mtp_ext.models import load_model
-    from mtp_ext.speculative import speculative_generate
+    from mtp_ext.speculative import resolve_drafter, speculative_generate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,7 +217,10 @@ def run_generate(args: argparse.Namespace) -> dict:
     input_ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                     top_p=args.top_p)
-    output = speculative_generate(model, input_ids, drafter=args.drafter,
+    tree = {name: value for name, value in (("branching", args.branching), ("max_nodes", args.max_nodes))
+            if value is not None}
+    drafter = resolve_drafter(args.drafter, model, **tree)
+    output = speculative_generate(model, input_ids, drafter=drafter,
                                   generator=torch.Generator().manual_seed(args.seed), **settings)
     stats = output.stats
     print(tokenizer.decode(output.sequences[0]))

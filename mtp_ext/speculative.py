@@ -261,15 +261,17 @@ class _Rows:
         return [0 if done else self.limit - len(tokens) for tokens, done in zip(self.tokens, self.done)]
 
 
-def resolve_drafter(drafter: Union[str, Drafter], model) -> Drafter:
+def resolve_drafter(drafter: Union[str, Drafter], model, **tree) -> Drafter:
     """A Drafter from an instance or a name: "marginal", or "heads:DIR" for the heads saved in
-    DIR (trained for `model`)."""
+    DIR (trained for `model`); `tree` (branching, max_nodes) shapes the heads' draft trees."""
     if isinstance(drafter, Drafter):
         return drafter
+    if isinstance(drafter, str) and drafter.startswith("heads:") and len(drafter) > len("heads:"):
+        return HeadsDrafter.load(drafter[len("heads:"):], model, **tree)
+    if tree:
+        raise ValueError(f"a tree shape ({', '.join(tree)}) applies to the heads drafter only, not {drafter!r}")
     if drafter == "marginal":
         return MarginalDrafter()
-    if isinstance(drafter, str) and drafter.startswith("heads:") and len(drafter) > len("heads:"):
-        return HeadsDrafter.load(drafter[len("heads:"):], model)
     raise ValueError(f"unknown drafter {drafter!r}: use 'marginal', 'heads:DIR' or a Drafter")
 
 

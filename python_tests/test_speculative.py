@@ -16,6 +16,7 @@ from mtp_ext.speculative import (
     Drafter,
     HeadsDrafter,
     MarginalDrafter,
+    resolve_drafter,
     SpeculativeDecoder,
     TokenRule,
     node_depths,
@@ -364,3 +365,12 @@ def test_cli_generate_prints_text_stats_and_speedup(tmp_path, capsys):
     assert "speed-up" in printed and "outputs identical" in printed
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--drafter", "medusa"]) == 2
     assert "unknown drafter 'medusa'" in capsys.readouterr().err
+    random_heads(LlamaForCausalLM.from_pretrained(str(tmp_path))).save(tmp_path / "heads")
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "It is", "--max-new-tokens", "6", "--compare",
+                 "--drafter", f"heads:{tmp_path / 'heads'}", "--branching", "2", "1", "--max-nodes", "3"]) == 0
+    assert "outputs identical" in capsys.readouterr().out
+    shaped = resolve_drafter(f"heads:{tmp_path / 'heads'}", LlamaForCausalLM.from_pretrained(str(tmp_path)),
+                             branching=[2, 1], max_nodes=3)
+    assert shaped.branching == (2, 1) and shaped.max_nodes == 3
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--max-nodes", "3"]) == 2
+    assert "applies to the heads drafter only" in capsys.readouterr().err
