@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -42,9 +42,12 @@ class VerifiedPass:
     hidden: Union[Tensor, tuple[Tensor, ...]]  # [B, T, H] of the pass, or the model's tuple per layer
     node_positions: Tensor  # [B, N] where each forest slot lies along hidden's T
     stop_nodes: Tensor  # [B] slot of each row's last accepted node
-    stop_logits: Tensor  # [B, V] float32 model logits at the last accepted node
+    stop_logits: Optional[Tensor]  # [B, V] float32 model logits at the last accepted node (None: see stop_drafts)
     next_tokens: Tensor  # [B] the next roots, chosen from stop_logits
     adapter: CausalLMAdapter
+    # What the drafter's own chooser (Drafter.chooser) computed at the last accepted node, in
+    # place of stop_logits; None where the walk used the model's logits.
+    stop_drafts: Optional[tuple[Tensor, ...]] = None
 
     def node_logits(self, slots: Tensor) -> Tensor:
         """float32 logits [B, M, V] at node slots [B, M]."""
@@ -53,6 +56,11 @@ class VerifiedPass:
     def stop_positions(self) -> Tensor:
         """[B] where each row's last accepted node lies along hidden's T."""
         return self.node_positions.gather(1, self.stop_nodes[:, None])[:, 0]
+
+
+# The walk's rule at the nodes it visits: (batch rows [A], node slots [A]) -> (the token chosen
+# at each node [A], tensors [A, ...] computed there, of which the last visited node's are kept).
+Chooser = Callable[[Tensor, Tensor], tuple[Tensor, tuple[Tensor, ...]]]
 
 
 class Drafter:
@@ -64,6 +72,12 @@ class Drafter:
 
     def draft(self, previous: VerifiedPass) -> DraftForest:
         raise NotImplementedError
+
+    def chooser(self, adapter: CausalLMAdapter, hidden, rule: "TokenRule") -> Optional[Chooser]:
+        """Optionally, a Chooser for the walk over a pass with these hidden states that makes
+        the model's choice and, in the same unembedding, what draft() needs at the node
+        (previous.stop_drafts). None: the walk computes the model's logits (stop_logits)."""
+        return None
 
 
 def root_forest(roots: Tensor) -> DraftForest:
@@ -143,7 +157,31 @@ class HeadsDrafter(Drafter):
 
         return cls(MTPHeadsModel.load(directory, model), **tree)
 
-    def draft(self, previous: VerifiedPass) -> DraftForest:
+    def chooser(self, adapter: CausalLMAdapter, hidden, rule: "TokenRule") -> Optional[Chooser]:
+        """Greedy float32 decoding: at every visited node, one pass over the unembedding gives
+        the model's argmax (its top-1, lower id on ties as argmax) and the heads' top-k, which
+        are the drafts when the node is the last accepted one. A separate pass for the heads
+        would read the whole unembedding again (on a CPU, about one more single-token step's
+        worth of memory traffic per step). Other dtypes round the model's logits (argmax ties
+        that float32 top-1 would break) and sampling needs the whole distribution: None."""
+        final = final_hidden(hidden)
+        if rule.do_sample or final.dtype != torch.float32:
+            return None
+        every_position = self.heads.head_hidden(hidden)  # [N, B, T, H]
+        weight, width = self.heads.unembed_weight, max(self.branching)
+
+        def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+            at_nodes = torch.cat([final[rows, slots][None], every_position[:, rows, slots]])  # [1 + N, A, H]
+            values, ids, lse = multihead_unembed_topk(at_nodes, weight, width)
+            return ids[0, :, 0], (values[1:].transpose(0, 1), ids[1:].transpose(0, 1), lse[1:].transpose(0, 1))
+
+        return choose
+
+    def heads_topk(self, previous: VerifiedPass) -> tuple[Tensor, Tensor, Tensor]:
+        """The heads' top-k values, ids [N, B, k] and log-sum-exp [N, B] at the stop nodes."""
+        if previous.stop_drafts is not None:
+            values, ids, lse = (tensor.transpose(0, 1) for tensor in previous.stop_drafts)
+            return values, ids, lse
         # head_hidden takes the pass's own hidden states (it checks them against the backbone's
         # latest pass), so every position goes through the heads and the stop nodes are picked after.
         every_position = self.heads.head_hidden(previous.hidden)  # [N, B, T, H]
@@ -153,7 +191,10 @@ class HeadsDrafter(Drafter):
         weight = self.heads.unembed_weight
         if head_hidden.dtype == torch.float64:  # the kernel takes 16/32-bit floats; guesses need no more
             head_hidden, weight = head_hidden.float(), weight.float()
-        values, ids, lse = multihead_unembed_topk(head_hidden, weight, max(self.branching))
+        return multihead_unembed_topk(head_hidden, weight, max(self.branching))
+
+    def draft(self, previous: VerifiedPass) -> DraftForest:
+        values, ids, lse = self.heads_topk(previous)
         probs = torch.exp(values - lse[..., None])
         forest = root_forest(previous.next_tokens)
         for head, width in zip(self.head_of_depth, self.branching):
@@ -394,32 +435,49 @@ def verify(adapter: CausalLMAdapter, drafter: Drafter, cache, slot_mask: Tensor,
         forest.token_ids, forest.parents, forest.counts, slot_mask, sliding_window=window))
     hidden = adapter.hidden_states(packed.input_ids, packed.mask, packed.position_ids, cache,
                                    every_layer=drafter.every_layer)
-    paths, stop_logits, next_tokens = walk(adapter, forest, final_hidden(hidden), rule)
+    own_chooser = drafter.chooser(adapter, hidden, rule)
+    paths, stop_outputs, next_tokens = walk(forest, own_chooser or logits_chooser(adapter, final_hidden(hidden), rule))
     lengths = (paths != -1).sum(1)
     paths = torch.where(paths == -1, paths.max(1, keepdim=True).values, paths)
     adapter.keep_cache_slots(cache, length, paths)
     node_positions = torch.arange(forest.size, device=paths.device).expand(paths.shape[0], -1)
     stop_nodes = paths.gather(1, lengths[:, None] - 1)[:, 0]
-    return VerifiedPass(forest, hidden, node_positions, stop_nodes, stop_logits, next_tokens, adapter), paths, lengths
+    stop_logits, stop_drafts = (None, stop_outputs) if own_chooser else (stop_outputs[0], None)
+    return (VerifiedPass(forest, hidden, node_positions, stop_nodes, stop_logits, next_tokens, adapter, stop_drafts),
+            paths, lengths)
 
 
-def walk(adapter: CausalLMAdapter, forest: DraftForest, hidden: Tensor, rule: TokenRule):
-    """From every root, descend while the model's chosen token is a child's token.
+def logits_chooser(adapter: CausalLMAdapter, hidden: Tensor, rule: TokenRule) -> Chooser:
+    """The walk's default Chooser: the model's float32 logits at each node [A, V] (hidden
+    [B, T, H] of the pass), and the rule's choice from them."""
 
-    Returns the accepted slots [B, D] (-1 after a row's last), the logits at each row's last
-    accepted node [B, V] and the token chosen there [B]."""
-    batch, device = forest.token_ids.shape[0], hidden.device
+    def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        logits = adapter.logits(hidden[rows, slots])
+        return rule.choose(logits), (logits,)
+
+    return choose
+
+
+def walk(forest: DraftForest, choose: Chooser):
+    """From every root, descend while the token chosen at a node is a child's token.
+
+    Returns the accepted slots [B, D] (-1 after a row's last), what `choose` computed at each
+    row's last accepted node (tensors [B, ...]) and the token chosen there [B]."""
+    batch, device = forest.token_ids.shape[0], forest.token_ids.device
     rows = torch.arange(batch, device=device)
     current = torch.zeros(batch, dtype=torch.long, device=device)
     active = torch.ones(batch, dtype=torch.bool, device=device)
-    stop_logits = hidden.new_empty(batch, adapter.vocab_size, dtype=torch.float32)
+    stop_outputs = None
     chosen = torch.empty(batch, dtype=torch.long, device=device)
     path = [current.clone()]
     live = torch.arange(forest.size, device=device)[None, :] < forest.counts[:, None]
     while bool(active.any()):
-        logits = adapter.logits(hidden[rows[active], current[active]])
-        tokens = rule.choose(logits)
-        stop_logits[active], chosen[active] = logits, tokens
+        tokens, outputs = choose(rows[active], current[active])
+        if stop_outputs is None:
+            stop_outputs = tuple(output.new_empty((batch,) + output.shape[1:]) for output in outputs)
+        for stored, output in zip(stop_outputs, outputs):
+            stored[active] = output
+        chosen[active] = tokens
         matches = live[active] & (forest.parents[active] == current[active, None]) & \
             (forest.token_ids[active] == tokens[:, None])
         descend = matches.any(1)
@@ -428,7 +486,7 @@ def walk(adapter: CausalLMAdapter, forest: DraftForest, hidden: Tensor, rule: To
         active = step >= 0
         current = torch.where(active, step, current)
         path.append(step)
-    return torch.stack(path[:-1], 1), stop_logits, chosen
+    return torch.stack(path[:-1], 1), stop_outputs, chosen
 
 
 def prune_to_budget(forest: DraftForest, remaining: list[int], context_length: int, visible: Tensor) -> DraftForest:

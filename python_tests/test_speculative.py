@@ -3,6 +3,7 @@ architecture (B=1 and padded B=3; marginal, scripted and MTP-heads drafters) and
 (slow), the sampled distribution equal to the model's (chi-square), the KV cache after
 accepting and rejecting drafts equal to a plain forward's, the heads' draft tree, the CLI, and
 bad input."""
+import dataclasses
 import math
 import random
 
@@ -280,6 +281,43 @@ def test_heads_drafter_is_lossless(architecture, whs):
     got = speculative_generate(model, input_ids, mask, drafter=drafter, max_new_tokens=16, pad_token_id=0)
     assert torch.equal(got.sequences, expected)
     assert got.stats.drafted_nodes > 0
+
+
+class HeadsDrafterWithoutChooser(HeadsDrafter):
+    """The heads drafter with the walk's default chooser: the model's logits, then a separate
+    pass for the heads."""
+
+    def chooser(self, adapter, hidden, rule):
+        return None
+
+
+@pytest.mark.parametrize("architecture,whs", [("llama", False), ("gpt2", True)])
+def test_heads_chooser_matches_the_separate_passes(architecture, whs):
+    """float32 greedy: the walk unembeds each node once for the model's top-1 and the heads'
+    top-k; that must choose the model's argmax and draft what a separate heads pass drafts."""
+    model = tiny_model(architecture, VOCAB, seed=8)
+    heads = random_heads(model, weighted_hidden_states=whs)
+    input_ids, mask = padded_batch(PROMPTS)
+    tree = dict(branching=(3, 2), max_nodes=7)
+    adapter = CausalLMAdapter(model)
+    decoder = SpeculativeDecoder(adapter, HeadsDrafter(heads, **tree), TokenRule(), input_ids, mask)
+    for _ in range(4):
+        decoder.step([16] * len(PROMPTS))
+        previous = decoder.previous
+        assert previous.stop_logits is None and previous.stop_drafts is not None
+        final = previous.hidden[-1]
+        at_stop = final[torch.arange(len(PROMPTS)), previous.stop_positions()]
+        assert torch.equal(previous.next_tokens, adapter.logits(at_stop).argmax(-1))
+        fused = decoder.drafter.heads_topk(previous)
+        separate = decoder.drafter.heads_topk(dataclasses.replace(previous, stop_drafts=None))
+        torch.testing.assert_close(fused[0], separate[0])
+        assert torch.equal(fused[1], separate[1])
+        torch.testing.assert_close(fused[2], separate[2])
+    got = speculative_generate(model, input_ids, mask, drafter=HeadsDrafter(heads, **tree), max_new_tokens=16)
+    plain = speculative_generate(model, input_ids, mask, drafter=HeadsDrafterWithoutChooser(heads, **tree),
+                                 max_new_tokens=16)
+    assert torch.equal(got.sequences, plain.sequences)
+    assert got.stats.accepted_drafts == plain.stats.accepted_drafts > 0  # the walks went below the roots
 
 
 def test_heads_drafter_tree_follows_the_heads():
