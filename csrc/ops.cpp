@@ -46,4 +46,7 @@ TORCH_LIBRARY(mtp_ext, m) {
       "multihead_cross_entropy(Tensor hidden, Tensor weight, Tensor targets, Tensor head_weights,"
       " int ignore_index, bool hidden_grad, bool weight_grad)"
       " -> (Tensor loss, Tensor head_losses, Tensor grad_hidden, Tensor grad_weight)");
+  // input [M, K] @ weight [N, K].T + bias [N] as float32 [M, N], for few rows M (a draft
+  // tree's verification pass): the weights are read once, at memory speed.
+  m.def("small_batch_linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
 }

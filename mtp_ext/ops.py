@@ -287,6 +287,21 @@ def multihead_cross_entropy(
     return loss
 
 
+def small_batch_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`torch.nn.functional.linear(input, weight, bias)` for inputs of a few rows, float32.
+
+    `input` [..., K], `weight` [N, K], `bias` [N] or None, all float32 on one device. Returns
+    [..., N]. Meant for the handful of rows of a draft tree's verification pass, which on a CPU
+    are bound by reading the weights: the kernel reads each weight row once, at memory speed,
+    where MKL's small-M GEMM (and its GEMV) streams them at well under it. Differentiable.
+    """
+    _check_same_device(input=input, weight=weight, bias=bias)
+    if input.dim() < 1:
+        raise ValueError("input must have at least one dimension (in_features)")
+    rows = input.reshape(-1, input.shape[-1])
+    return torch.ops.mtp_ext.small_batch_linear(rows, weight, bias).reshape(*input.shape[:-1], weight.shape[0])
+
+
 def _check_same_device(**tensors: Tensor | None) -> None:
     """Checked here too, before dispatch: a meta tensor among CPU ones would send the call to
     the fake kernel instead of failing."""
@@ -351,4 +366,32 @@ torch.library.register_autograd(
     "mtp_ext::multihead_cross_entropy",
     _multihead_cross_entropy_backward,
     setup_context=_multihead_cross_entropy_setup_context,
+)
+
+
+@torch.library.register_fake("mtp_ext::small_batch_linear")
+def _small_batch_linear_fake(input, weight, bias):
+    torch._check(input.dim() == 2, lambda: "input must be 2-D [rows, in_features]")
+    torch._check(weight.dim() == 2, lambda: "weight must be 2-D [out_features, in_features]")
+    return input.new_empty((input.shape[0], weight.shape[0]))
+
+
+def _small_batch_linear_setup_context(ctx, inputs, output):
+    input, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, weight)
+
+
+def _small_batch_linear_backward(ctx, grad_output):
+    input, weight = ctx.saved_tensors
+    grad_input = grad_output @ weight if ctx.needs_input_grad[0] else None
+    grad_weight = grad_output.T @ input if ctx.needs_input_grad[1] else None
+    grad_bias = grad_output.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_input, grad_weight, grad_bias
+
+
+torch.library.register_autograd(
+    "mtp_ext::small_batch_linear",
+    _small_batch_linear_backward,
+    setup_context=_small_batch_linear_setup_context,
 )

@@ -170,6 +170,10 @@ def multihead_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, hea
 # --- Teacher-forced marginalisation, the plain ways (baselines for evaluate_mtp) ---------------
 
 
+def small_batch_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return torch.nn.functional.linear(input, weight, bias)
+
+
 def _cache_keyword(model) -> str:
     import inspect
 

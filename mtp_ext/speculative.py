@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from mtp_ext.marginal import DraftForest, check_inputs, pack_for_model
-from mtp_ext.models.adapters import CausalLMAdapter, prefix_position_ids
+from mtp_ext.models.adapters import CausalLMAdapter, prefix_position_ids, small_batch_linears
 from mtp_ext.ops import marginal_accumulate, multihead_unembed_topk, top_p_candidates, top_p_mask, tree_pack
 
 
@@ -343,13 +343,14 @@ def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tens
                          f"the model's context of {adapter.context_length}")
 
     start = time.perf_counter()
-    decoder = SpeculativeDecoder(adapter, drafter, rule, input_ids, attention_mask)
-    rows = _Rows(input_ids.shape[0], max_new_tokens, eos)
-    for row, token in enumerate(decoder.previous.next_tokens.tolist()):
-        rows.add(row, [token])
-    while not all(rows.done):
-        for row, new in enumerate(decoder.step(rows.remaining())):
-            rows.add(row, new)
+    with small_batch_linears(model):  # a tree of a few nodes is bound by reading the weights
+        decoder = SpeculativeDecoder(adapter, drafter, rule, input_ids, attention_mask)
+        rows = _Rows(input_ids.shape[0], max_new_tokens, eos)
+        for row, token in enumerate(decoder.previous.next_tokens.tolist()):
+            rows.add(row, [token])
+        while not all(rows.done):
+            for row, new in enumerate(decoder.step(rows.remaining())):
+                rows.add(row, new)
     stats = GenerationStats([len(tokens) for tokens in rows.tokens], decoder.steps, decoder.accepted_drafts,
                             decoder.drafted_nodes, decoder.row_steps, time.perf_counter() - start)
     return SpeculativeOutput(assemble(input_ids, rows.tokens, pad), stats)

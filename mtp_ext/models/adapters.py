@@ -6,12 +6,16 @@ an explicit 4-D mask and position ids; the cache is trimmed back afterwards.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
-from typing import Union
+from typing import Iterator, Union
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
+
+from mtp_ext.ops import small_batch_linear
 
 # model_type -> the name people know it by
 SUPPORTED_ARCHITECTURES = {
@@ -132,6 +136,36 @@ class CausalLMAdapter:
             index = slots[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
             layer.keys = torch.cat([layer.keys[:, :, :length], layer.keys[:, :, length:].gather(2, index)], 2)
             layer.values = torch.cat([layer.values[:, :, :length], layer.values[:, :, length:].gather(2, index)], 2)
+
+
+# Rows up to which small_batch_linear beats MKL on the project's CPU (SmolLM2's linears,
+# bench/bench_linear.py); above, MKL's GEMM reuses each weight tile across enough rows.
+SMALL_BATCH_ROWS = 8
+
+
+@contextlib.contextmanager
+def small_batch_linears(model: torch.nn.Module, max_rows: int = SMALL_BATCH_ROWS) -> Iterator[None]:
+    """Within the block, the model's nn.Linear layers run through mtp_ext.small_batch_linear
+    when they get at most `max_rows` rows of float32 on the CPU (a draft tree's verification
+    pass, the walk's logits); everything else runs as before. The layers are restored on exit.
+    Results equal F.linear's up to float rounding (another summation order)."""
+    linears = [module for module in model.modules() if type(module) is torch.nn.Linear
+               and "forward" not in vars(module)]
+    for module in linears:
+        module.forward = functools.partial(_small_batch_forward, module, max_rows)
+    try:
+        yield
+    finally:
+        for module in linears:
+            del module.forward
+
+
+def _small_batch_forward(module: torch.nn.Linear, max_rows: int, input: Tensor) -> Tensor:
+    rows = input.numel() // max(input.shape[-1], 1)
+    if (rows <= max_rows and input.dtype == torch.float32 and module.weight.dtype == torch.float32
+            and input.device.type == "cpu" and module.weight.device.type == "cpu"):
+        return small_batch_linear(input, module.weight, module.bias)
+    return torch.nn.functional.linear(input, module.weight, module.bias)
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
