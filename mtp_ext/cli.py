@@ -530,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # train-heads has checkpointed by now: rerunning resumes
+        print("\ninterrupted" + (f"; the checkpoint in {args.out} resumes on a rerun" if args.command == "train-heads"
+                                  else ""), file=sys.stderr)
+        return 130
     return 0
 
 

@@ -360,3 +360,16 @@ def test_cli_bad_input(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     assert "no MTP heads checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="cannot write"):
         main(["eval-heads", *common, "--heads-dir", str(tmp_path / "none"), "--json", str(tmp_path / "missing" / "x.json")])
+
+
+def test_cli_ctrl_c_says_how_to_resume(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    model, text = tiny_checkpoint
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(heads_training, "train_heads", interrupted)
+    out = tmp_path / "heads"
+    assert main(["train-heads", "--model", str(model), "--data", str(text), "--seq-len", "16", "--steps", "1",
+                 "--out", str(out)]) == 130
+    assert f"the checkpoint in {out} resumes on a rerun" in capsys.readouterr().err
