@@ -35,7 +35,6 @@ struct RowScratch {
   std::vector<float> scaled;  // s for the row when the input cannot be read as it is
   std::vector<float> chunk_max;
   std::vector<float> chunk_max_sorted;
-  std::vector<uint8_t> inside_bracket;  // per token: inside the mask's threshold bracket
   // Survivor arrays only grow (a shrinking resize would refill them on every row); the first
   // survivor_count entries are live.
   int64_t survivor_count = 0;
@@ -351,11 +350,9 @@ struct BracketSums {
   int64_t above_count;
 };
 
-// The exact integer sums, and a flag per token inside the bracket: setting it here, where the
-// compare is nearly free next to the exp, spares the branchy compaction another pass.
-BracketSums bracket_sums(const float* scaled, int64_t vocab, float max_logit, Bracket bracket,
-                         RowScratch& scratch) {
-  uint8_t* inside = room_for(scratch.inside_bracket, vocab);
+// The exact integer sums (the bracket's tokens are found again by collect_bracket: comparing
+// is cheaper than storing a flag per token here).
+BracketSums bracket_sums(const float* scaled, int64_t vocab, float max_logit, Bracket bracket) {
   uint64_t total = 0;
   uint64_t above_mass = 0;
   int64_t above_count = 0;
@@ -367,14 +364,13 @@ BracketSums bracket_sums(const float* scaled, int64_t vocab, float max_logit, Br
     total += q;
     above_mass += above ? q : 0;
     above_count += above;
-    inside[i] = (s >= bracket.low) & !above;
   }
   return {total, above_mass, above_count};
 }
 
-// The bracket's tokens as the survivors, from bracket_sums' flags.
-void collect_bracket(const float* scaled, int64_t vocab, float max_logit, RowScratch& scratch) {
-  const uint8_t* inside = scratch.inside_bracket.data();
+// The bracket's tokens, low <= s < high, as the survivors.
+void collect_bracket(const float* scaled, int64_t vocab, Bracket bracket, float max_logit,
+                     RowScratch& scratch) {
   // Full vectors are stored past the last survivor: room for one more.
   int64_t* ids = room_for(scratch.survivor_ids, vocab + 16);
   float* logits = room_for(scratch.survivor_logits, vocab + 16);
@@ -384,11 +380,13 @@ void collect_bracket(const float* scaled, int64_t vocab, float max_logit, RowScr
   // Sixteen tokens at a time, compressed in registers (a compressing store to memory is
   // microcoded and slow on AMD). No branches: whether a block holds a bracket token is a coin
   // flip when the bracket is sparse.
+  const __m512 low = _mm512_set1_ps(bracket.low);
+  const __m512 high = _mm512_set1_ps(bracket.high);
   const __m512i lane_ids = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
   for (; begin + 16 <= vocab; begin += 16) {
-    const __m128i flags = _mm_loadu_si128(reinterpret_cast<const __m128i*>(inside + begin));
-    const __mmask16 keep = static_cast<__mmask16>(_mm_movemask_epi8(_mm_cmpgt_epi8(flags, _mm_setzero_si128())));
-    _mm512_storeu_ps(logits + count, _mm512_maskz_compress_ps(keep, _mm512_loadu_ps(scaled + begin)));
+    const __m512 block = _mm512_loadu_ps(scaled + begin);
+    const __mmask16 keep = _mm512_cmp_ps_mask(block, low, _CMP_GE_OQ) & _mm512_cmp_ps_mask(block, high, _CMP_LT_OQ);
+    _mm512_storeu_ps(logits + count, _mm512_maskz_compress_ps(keep, block));
     const __m512i first_ids = _mm512_add_epi64(lane_ids, _mm512_set1_epi64(begin));
     const __mmask8 keep_low = static_cast<__mmask8>(keep);
     const __mmask8 keep_high = static_cast<__mmask8>(keep >> 8);
@@ -402,7 +400,7 @@ void collect_bracket(const float* scaled, int64_t vocab, float max_logit, RowScr
   for (int64_t token = begin; token < vocab; ++token) {
     ids[count] = token;
     logits[count] = scaled[token];
-    count += inside[token];
+    count += (scaled[token] >= bracket.low) & (scaled[token] < bracket.high);
   }
   finish_survivors(count, max_logit, scratch);
 }
@@ -411,12 +409,12 @@ void collect_bracket(const float* scaled, int64_t vocab, float max_logit, RowScr
 bool select_bracketed(const float* scaled, int64_t vocab, float top_p, const StopRule& base_rule,
                       const RowStats& stats, RowScratch& scratch, Threshold& threshold) {
   const Bracket bracket = estimate_bracket(scaled, vocab, stats.max_logit, top_p, scratch);
-  const BracketSums sums = bracket_sums(scaled, vocab, stats.max_logit, bracket, scratch);
+  const BracketSums sums = bracket_sums(scaled, vocab, stats.max_logit, bracket);
   StopRule rule = base_rule;
   rule.target_mass = mass_target(top_p, sums.total_mass);
   const SelectState above{sums.above_count, sums.above_mass};
   if (reaches_stop(rule, above.count, above.mass)) return false;  // stops above the bracket
-  collect_bracket(scaled, vocab, stats.max_logit, scratch);
+  collect_bracket(scaled, vocab, bracket, stats.max_logit, scratch);
   const int64_t bracket_count = scratch.survivor_count;
   uint64_t bracket_mass = 0;
   for (int64_t k = 0; k < bracket_count; ++k) bracket_mass += scratch.survivor_masses[k];
