@@ -167,27 +167,28 @@ class HeadsDrafter(Drafter):
         final = final_hidden(hidden)
         if rule.do_sample or final.dtype != torch.float32:
             return None
-        every_position = self.heads.head_hidden(hidden)  # [N, B, T, H]
+        every_position = self.heads.head_hidden(hidden)[self.head_of_depth]  # [D, B, T, H]
         weight, width = self.heads.unembed_weight, max(self.branching)
 
         def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-            at_nodes = torch.cat([final[rows, slots][None], every_position[:, rows, slots]])  # [1 + N, A, H]
+            at_nodes = torch.cat([final[rows, slots][None], every_position[:, rows, slots]])  # [1 + D, A, H]
             values, ids, lse = multihead_unembed_topk(at_nodes, weight, width)
             return ids[0, :, 0], (values[1:].transpose(0, 1), ids[1:].transpose(0, 1), lse[1:].transpose(0, 1))
 
         return choose
 
     def heads_topk(self, previous: VerifiedPass) -> tuple[Tensor, Tensor, Tensor]:
-        """The heads' top-k values, ids [N, B, k] and log-sum-exp [N, B] at the stop nodes."""
+        """Top-k values, ids [D, B, k] and log-sum-exp [D, B] at the stop nodes of the heads that
+        draft depths 1..D (the heads of other steps are not unembedded)."""
         if previous.stop_drafts is not None:
             values, ids, lse = (tensor.transpose(0, 1) for tensor in previous.stop_drafts)
             return values, ids, lse
         # head_hidden takes the pass's own hidden states (it checks them against the backbone's
         # latest pass), so every position goes through the heads and the stop nodes are picked after.
-        every_position = self.heads.head_hidden(previous.hidden)  # [N, B, T, H]
+        every_position = self.heads.head_hidden(previous.hidden)[self.head_of_depth]  # [D, B, T, H]
         at_stop = previous.stop_positions()[None, :, None, None].expand(every_position.shape[0], -1, 1,
                                                                         every_position.shape[-1])
-        head_hidden = every_position.gather(2, at_stop)[:, :, 0]  # [N, B, H]
+        head_hidden = every_position.gather(2, at_stop)[:, :, 0]  # [D, B, H]
         weight = self.heads.unembed_weight
         if head_hidden.dtype == torch.float64:  # the kernel takes 16/32-bit floats; guesses need no more
             head_hidden, weight = head_hidden.float(), weight.float()
@@ -197,11 +198,11 @@ class HeadsDrafter(Drafter):
         values, ids, lse = self.heads_topk(previous)
         probs = torch.exp(values - lse[..., None])
         forest = root_forest(previous.next_tokens)
-        for head, width in zip(self.head_of_depth, self.branching):
+        for depth, width in enumerate(self.branching):
             slots, real = forest.leaf_slots()
             leaf_weights = forest.weights.gather(1, slots) * real
-            child_weights = leaf_weights[:, :, None] * probs[head, :, None, :width]
-            forest = forest.grow(slots.repeat_interleave(width, 1), ids[head, :, :width].repeat(1, slots.shape[1]),
+            child_weights = leaf_weights[:, :, None] * probs[depth, :, None, :width]
+            forest = forest.grow(slots.repeat_interleave(width, 1), ids[depth, :, :width].repeat(1, slots.shape[1]),
                                  child_weights.flatten(1), max_nodes=self.max_nodes)
         return forest
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../common/multihead.h"
+#include "dot_rows.h"
 
 namespace mtp_ext {
 namespace {
@@ -109,46 +110,15 @@ class TopkReducerCpu {
   static constexpr int64_t kStatsChunk = 512;
   // Up to this many rows (a drafter's few heads at one position) the product runs in dot_rows.
   static constexpr int64_t kFewRows = 8;
-  static constexpr int64_t kDotRows = 4;
 
-  // logits [width, stride_] of a weight tile [width, H]. With few rows the product is bound by
-  // reading the tile, yet MKL's GEMM over so thin a matrix runs far below memory speed (3 rows
-  // took 3x the time of 1 here, and the 16 padded rows 2x), so dot products read it instead.
+  // logits [width, stride_] of a weight tile [width, H]: the tile's rows streamed once for few
+  // rows (dot_rows.h; MKL took 3x the time of one row at three), else a GEMM.
   at::Tensor tile_logits(const at::Tensor& weight_rows, const at::Tensor& padded_rows) const {
     if (rows_ > kFewRows) return at::mm(weight_rows, padded_rows.t());
     at::Tensor logits = at::zeros({weight_rows.size(0), stride_}, padded_rows.options());
-    const int64_t size = weight_rows.size(1);
-    const float* weight = weight_rows.data_ptr<float>();
-    const float* rows = padded_rows.data_ptr<float>();
-    float* out = logits.data_ptr<float>();
-    for (int64_t token = 0; token < weight_rows.size(0); ++token) {
-      for (int64_t first_row = 0; first_row < rows_; first_row += kDotRows) {
-        dot_rows(weight + token * size, rows + first_row * size, size, out + token * stride_ + first_row);
-      }
-    }
+    dot_rows(padded_rows.data_ptr<float>(), rows_, weight_rows.data_ptr<float>(), weight_rows.size(1), 0,
+             weight_rows.size(0), logits.data_ptr<float>(), 1, stride_);
     return logits;
-  }
-
-  // out[r] = <token_weight, rows[r]> for kDotRows rows (zero padding past rows_): the token's
-  // weights are read once for all of them, with independent accumulators.
-  static void dot_rows(const float* token_weight, const float* rows, int64_t size, float* out) {
-    const float* row0 = rows;
-    const float* row1 = rows + size;
-    const float* row2 = rows + 2 * size;
-    const float* row3 = rows + 3 * size;
-    float dot0 = 0.0f, dot1 = 0.0f, dot2 = 0.0f, dot3 = 0.0f;
-#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
-    for (int64_t i = 0; i < size; ++i) {
-      const float w = token_weight[i];
-      dot0 += w * row0[i];
-      dot1 += w * row1[i];
-      dot2 += w * row2[i];
-      dot3 += w * row3[i];
-    }
-    out[0] = dot0;
-    out[1] = dot1;
-    out[2] = dot2;
-    out[3] = dot3;
   }
 
   // logits [width, stride_] of tokens first_id.. into `state`.
