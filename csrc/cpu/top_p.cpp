@@ -355,7 +355,7 @@ struct BracketSums {
 BracketSums bracket_sums(const float* scaled, int64_t vocab, float max_logit, Bracket bracket) {
   uint64_t total = 0;
   uint64_t above_mass = 0;
-  int64_t above_count = 0;
+  int32_t above_count = 0;  // vocab < 2^31; half the lanes' width of an int64 count
 #pragma omp simd reduction(+ : total, above_mass, above_count)
   for (int64_t i = 0; i < vocab; ++i) {
     const float s = scaled[i];
