@@ -9,7 +9,7 @@ results/heads/; each subdirectory one checkpoint, the first that loads is used).
 
 Slow on a CPU (each round generates 1,280 tokens), hence one round; $BENCH_PROMPTS and
 $BENCH_NEW_TOKENS shrink it, and $BENCH_TREE sets the heads' tree as "branching per depth/node
-budget" (default: HeadsDrafter's, "4,3,2,2/16"):
+budget" (default: HeadsDrafter's, "3/4" on a CPU):
 
     nice -n 10 .venv/bin/python -m pytest bench/bench_speculative.py --benchmark-json=bench/speculative.json
     .venv/bin/python bench/summarize.py bench/speculative.json

@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--drafter", default="marginal", help="marginal, or heads:DIR for heads saved in DIR")
     generate.add_argument("--branching", type=int, nargs="+", default=None,
-                          help="heads drafter: candidates per node at each depth (default 4 3 2 2)")
+                          help="heads drafter: candidates per node at each depth (default: 3 on a CPU, 4 3 2 2 on a GPU)")
     generate.add_argument("--max-nodes", type=int, default=None,
-                          help="heads drafter: node budget of a draft tree (default 16)")
+                          help="heads drafter: node budget of a draft tree (default: 4 on a CPU, 16 on a GPU)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     generate.add_argument("--temperature", type=float, default=1.0)
