@@ -132,11 +132,14 @@ def test_small_batch_linears_route_few_rows_and_restore(architecture, monkeypatc
     assert all("forward" not in vars(module) for module in model.modules())
 
 
-def test_small_batch_linears_leave_other_dtypes_alone(monkeypatch):
-    model = tiny_model("llama", 23).double()
+def test_small_batch_linears_leave_other_dtypes_and_autograd_alone(monkeypatch):
     calls = count_op_calls(monkeypatch)
+    model = tiny_model("llama", 23).double()
     with torch.no_grad(), small_batch_linears(model):
         model(torch.tensor([[1, 2]]))
+    model = tiny_model("llama", 23)
+    with small_batch_linears(model):  # gradients wanted: F.linear, with its autograd
+        model(torch.tensor([[1, 2]])).logits.sum().backward()
     assert not calls
 
 

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
-from mtp_ext.ops import small_batch_linear
 
 # model_type -> the name people know it by
 SUPPORTED_ARCHITECTURES = {
@@ -146,8 +145,8 @@ SMALL_BATCH_ROWS = 8
 @contextlib.contextmanager
 def small_batch_linears(model: torch.nn.Module, max_rows: int = SMALL_BATCH_ROWS) -> Iterator[None]:
     """Within the block, the model's nn.Linear layers run through mtp_ext.small_batch_linear
-    when they get at most `max_rows` rows of float32 on the CPU (a draft tree's verification
-    pass, the walk's logits); everything else runs as before. The layers are restored on exit.
+    when they get at most `max_rows` rows of float32 on the CPU without autograd (a draft tree's
+    verification pass, the walk's logits); everything else runs as before. The layers are restored on exit.
     Results equal F.linear's up to float rounding (another summation order)."""
     linears = [module for module in model.modules() if type(module) is torch.nn.Linear
                and "forward" not in vars(module)]
@@ -162,9 +161,15 @@ def small_batch_linears(model: torch.nn.Module, max_rows: int = SMALL_BATCH_ROWS
 
 def _small_batch_forward(module: torch.nn.Linear, max_rows: int, input: Tensor) -> Tensor:
     rows = input.numel() // max(input.shape[-1], 1)
-    if (rows <= max_rows and input.dtype == torch.float32 and module.weight.dtype == torch.float32
-            and input.device.type == "cpu" and module.weight.device.type == "cpu"):
-        return small_batch_linear(input, module.weight, module.bias)
+    if (rows <= max_rows and not torch.is_grad_enabled() and input.dtype == torch.float32
+            and module.weight.dtype == torch.float32 and input.device.type == "cpu"
+            and module.weight.device.type == "cpu"):
+        # No gradient, so the op's Python autograd layer is skipped: a few microseconds a call,
+        # times every linear layer of every pass.
+        with torch._C._AutoDispatchBelowAutograd():
+            out = torch.ops.mtp_ext.small_batch_linear(input.reshape(rows, input.shape[-1]), module.weight,
+                                                       module.bias)
+        return out.reshape(*input.shape[:-1], module.weight.shape[0])
     return torch.nn.functional.linear(input, module.weight, module.bias)
 
 
