@@ -133,10 +133,11 @@ class HeadsDrafter(Drafter):
     hidden states of the whole verification pass, so "block" heads (a decoder layer over the
     sequence) see the packed tree instead of the text: their drafts are worse, never wrong.
 
-    The default tree depends on the device of the heads: on a CPU a pass costs about one more
-    single-token step per few extra nodes (SmolLM2 on the project's CPU, bench/README.md), so
-    the 3 best guesses for the token after next (4 nodes) do best there; on a GPU, where a pass
-    over 16 nodes costs about one over a single token, Medusa's wider tree (4, 3, 2, 2) of 16.
+    The default tree depends on the device of the heads: on a CPU every extra node costs a
+    sizeable share of a single-token pass (SmolLM2 on the project's CPU: 4 nodes 1.4 passes, 8
+    nodes 1.75; bench/README.md), so the 3 best guesses for the token after next (4 nodes) do
+    best there; on a GPU, where a pass over 16 nodes costs about one over a single token,
+    Medusa's wider tree (4, 3, 2, 2) of 16.
     """
 
     every_layer = True  # heads with weighted hidden states read every layer
