@@ -298,6 +298,11 @@ def small_batch_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None
     _check_same_device(input=input, weight=weight, bias=bias)
     if input.dim() < 1:
         raise ValueError("input must have at least one dimension (in_features)")
+    return linear_over_rows(input, weight, bias)
+
+
+def linear_over_rows(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """torch.ops.mtp_ext.small_batch_linear on input [..., K] flattened to rows, unchecked."""
     rows = input.reshape(-1, input.shape[-1])
     return torch.ops.mtp_ext.small_batch_linear(rows, weight, bias).reshape(*input.shape[:-1], weight.shape[0])
 

@@ -176,7 +176,7 @@ class HeadsDrafter(Drafter):
         final = final_hidden(hidden)
         if rule.do_sample or final.dtype != torch.float32:
             return None
-        every_position = self.heads.head_hidden(hidden)[self.head_of_depth]  # [D, B, T, H]
+        every_position = self.drafting_hidden(hidden)
         weight, width = self.heads.unembed_weight, max(self.branching)
 
         def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -186,15 +186,19 @@ class HeadsDrafter(Drafter):
 
         return choose
 
+    def drafting_hidden(self, hidden) -> Tensor:
+        """[D, B, T, H]: the states of the heads that draft depths 1..D, at every position of
+        the pass with these hidden states."""
+        return self.heads.head_hidden(hidden)[self.head_of_depth]
+
     def heads_topk(self, previous: VerifiedPass) -> tuple[Tensor, Tensor, Tensor]:
         """Top-k values, ids [D, B, k] and log-sum-exp [D, B] at the stop nodes of the heads that
         draft depths 1..D (the heads of other steps are not unembedded)."""
         if previous.stop_drafts is not None:
-            values, ids, lse = (tensor.transpose(0, 1) for tensor in previous.stop_drafts)
-            return values, ids, lse
+            return tuple(tensor.transpose(0, 1) for tensor in previous.stop_drafts)
         # head_hidden takes the pass's own hidden states (it checks them against the backbone's
         # latest pass), so every position goes through the heads and the stop nodes are picked after.
-        every_position = self.heads.head_hidden(previous.hidden)[self.head_of_depth]  # [D, B, T, H]
+        every_position = self.drafting_hidden(previous.hidden)
         at_stop = previous.stop_positions()[None, :, None, None].expand(every_position.shape[0], -1, 1,
                                                                         every_position.shape[-1])
         head_hidden = every_position.gather(2, at_stop)[:, :, 0]  # [D, B, H]

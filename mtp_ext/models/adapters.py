@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
+from mtp_ext.ops import linear_over_rows
+
 
 # model_type -> the name people know it by
 SUPPORTED_ARCHITECTURES = {
@@ -167,9 +169,7 @@ def _small_batch_forward(module: torch.nn.Linear, max_rows: int, input: Tensor) 
         # No gradient, so the op's Python autograd layer is skipped: a few microseconds a call,
         # times every linear layer of every pass.
         with torch._C._AutoDispatchBelowAutograd():
-            out = torch.ops.mtp_ext.small_batch_linear(input.reshape(rows, input.shape[-1]), module.weight,
-                                                       module.bias)
-        return out.reshape(*input.shape[:-1], module.weight.shape[0])
+            return linear_over_rows(input, module.weight, module.bias)
     return torch.nn.functional.linear(input, module.weight, module.bias)
 
 
