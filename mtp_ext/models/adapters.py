@@ -141,7 +141,7 @@ class CausalLMAdapter:
 
 # Rows up to which small_batch_linear beats MKL on the project's CPU (SmolLM2's linears,
 # bench/bench_linear.py); above, MKL's GEMM reuses each weight tile across enough rows.
-SMALL_BATCH_ROWS = 8
+SMALL_BATCH_ROWS = 16
 
 
 @contextlib.contextmanager
