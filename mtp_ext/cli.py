@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--drafter", default="marginal", help="marginal, or heads:DIR for heads saved in DIR")
     generate.add_argument("--branching", type=int, nargs="+", default=None,
-                          help="heads drafter: candidates per node at each depth (default: 3 on a CPU, 4 3 2 2 on a GPU)")
+                          help="candidates per node at each depth (heads; default: 3 on a CPU, 4 3 2 2 on a GPU), or "
+                               "under the root (marginal, one count; default: 3 on a CPU, 8 on a GPU)")
     generate.add_argument("--max-nodes", type=int, default=None,
                           help="heads drafter: node budget of a draft tree (default: 4 on a CPU, 16 on a GPU)")
     generate.add_argument("--max-new-tokens", type=int, default=64)

@@ -49,10 +49,6 @@ class VerifiedPass:
     # place of stop_logits; None where the walk used the model's logits.
     stop_drafts: Optional[tuple[Tensor, ...]] = None
 
-    def node_logits(self, slots: Tensor) -> Tensor:
-        """float32 logits [B, M, V] at node slots [B, M]."""
-        return self.adapter.logits(gather_nodes(final_hidden(self.hidden), self.node_positions.gather(1, slots)))
-
     def stop_positions(self) -> Tensor:
         """[B] where each row's last accepted node lies along hidden's T."""
         return self.node_positions.gather(1, self.stop_nodes[:, None])[:, 0]
@@ -73,10 +69,10 @@ class Drafter:
     def draft(self, previous: VerifiedPass) -> DraftForest:
         raise NotImplementedError
 
-    def chooser(self, adapter: CausalLMAdapter, hidden, rule: "TokenRule") -> Optional[Chooser]:
-        """Optionally, a Chooser for the walk over a pass with these hidden states that makes
-        the model's choice and, in the same unembedding, what draft() needs at the node
-        (previous.stop_drafts). None: the walk computes the model's logits (stop_logits)."""
+    def chooser(self, adapter: CausalLMAdapter, hidden, rule: "TokenRule", forest: DraftForest) -> Optional[Chooser]:
+        """Optionally, a Chooser for the walk over a pass over `forest` with these hidden states
+        that makes the model's choice and, in the same unembedding, what draft() needs at the
+        node (previous.stop_drafts). None: the walk computes the model's logits (stop_logits)."""
         return None
 
 
@@ -102,24 +98,63 @@ class MarginalDrafter(Drafter):
     verifying the same tree already gives exactly.
     """
 
-    def __init__(self, branching: int = 8, top_p: float = 0.9):
-        if branching < 1:
+    def __init__(self, branching: Optional[int] = None, top_p: float = 0.9):
+        if branching is not None and branching < 1:
             raise ValueError(f"branching must be >= 1, got {branching}")
         if not (0.0 < float(top_p) <= 1.0):
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        self.branching = int(branching)
+        self.branching = None if branching is None else int(branching)
         self.top_p = float(top_p)
 
+    def width(self, device: torch.device) -> int:
+        """Candidates under the root: `branching`, by default 3 on a CPU (where each node costs
+        a share of a pass: 4 nodes did best for SmolLM2, bench/README.md) and 8 elsewhere."""
+        if self.branching is not None:
+            return self.branching
+        return 3 if device.type == "cpu" else 8
+
+    def chooser(self, adapter: CausalLMAdapter, hidden, rule: "TokenRule", forest: DraftForest) -> Chooser:
+        """Every node's logits in one unembedding: the walk visits the root and perhaps a few
+        descendants, and the draft needs the logits of the last visited node's children (in a
+        depth-1 tree, all the other nodes). On a CPU one pass over the unembedding for a few
+        rows costs about what one row does, so this reads it once where a walk that unembeds
+        node by node, then the children, reads it two or three times per step."""
+        every_node = adapter.logits(final_hidden(hidden)[:, : forest.size])  # [B, N, V]
+        live = torch.arange(forest.size, device=forest.counts.device)[None, :] < forest.counts[:, None]
+
+        def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+            at_node = every_node[rows, slots]
+            tokens = rule.choose(at_node)
+            is_child = live[rows] & (forest.parents[rows] == slots[:, None])
+            return tokens, (step2_guess(at_node, tokens, forest.token_ids[rows], is_child, every_node[rows]),)
+
+        return choose
+
     def draft(self, previous: VerifiedPass) -> DraftForest:
-        at_stop = torch.softmax(previous.stop_logits, -1)
-        children, is_child = child_slots(previous.forest, previous.stop_nodes)
-        weights = at_stop.gather(1, previous.forest.token_ids.gather(1, children)) * is_child
-        runner_ups = at_stop.scatter(1, previous.next_tokens[:, None], 0.0)
-        guess = torch.where(is_child.any(1, keepdim=True),
-                            marginal_accumulate(weights, previous.node_logits(children)), runner_ups)
-        ids, probs, _, _ = top_p_candidates(guess.clamp(min=1e-30).log(), self.top_p, self.branching)
+        if previous.stop_drafts is not None:
+            guess = previous.stop_drafts[0]
+        else:  # after the prompt: a single node, no children
+            guess = runner_ups(torch.softmax(previous.stop_logits, -1), previous.next_tokens)
+        width = self.width(guess.device)
+        ids, probs, _, _ = top_p_candidates(guess.clamp(min=1e-30).log(), self.top_p, width)
         forest = root_forest(previous.next_tokens)
-        return forest.grow(torch.zeros_like(ids), ids.clamp(min=0), probs, max_nodes=1 + self.branching)
+        return forest.grow(torch.zeros_like(ids), ids.clamp(min=0), probs, max_nodes=1 + width)
+
+
+def step2_guess(at_node: Tensor, next_tokens: Tensor, node_tokens: Tensor, is_child: Tensor,
+                node_logits: Tensor) -> Tensor:
+    """The distribution [A, V] of the token after `next_tokens` [A] (chosen from logits
+    `at_node` [A, V]): the marginal over the node's children (`is_child` [A, N] over the nodes
+    of the row, their tokens `node_tokens` [A, N] and logits `node_logits` [A, N, V]), or the
+    node's runner-up tokens where it has no children, so that the next pass has a marginal."""
+    probs = torch.softmax(at_node, -1)
+    weights = probs.gather(1, node_tokens) * is_child  # rows of weight 0 are never read
+    return torch.where(is_child.any(1, keepdim=True), marginal_accumulate(weights, node_logits),
+                       runner_ups(probs, next_tokens))
+
+
+def runner_ups(probs: Tensor, chosen: Tensor) -> Tensor:
+    return probs.scatter(1, chosen[:, None], 0.0)
 
 
 class HeadsDrafter(Drafter):
@@ -166,7 +201,7 @@ class HeadsDrafter(Drafter):
 
         return cls(MTPHeadsModel.load(directory, model), **tree)
 
-    def chooser(self, adapter: CausalLMAdapter, hidden, rule: "TokenRule") -> Optional[Chooser]:
+    def chooser(self, adapter: CausalLMAdapter, hidden, rule: "TokenRule", forest: DraftForest) -> Optional[Chooser]:
         """Greedy float32 decoding: at every visited node, one pass over the unembedding gives
         the model's argmax (its top-1, lower id on ties as argmax) and the heads' top-k, which
         are the drafts when the node is the last accepted one. A separate pass for the heads
@@ -218,15 +253,6 @@ class HeadsDrafter(Drafter):
             forest = forest.grow(slots.repeat_interleave(width, 1), ids[depth, :, :width].repeat(1, slots.shape[1]),
                                  child_weights.flatten(1), max_nodes=self.max_nodes)
         return forest
-
-
-def child_slots(forest: DraftForest, nodes: Tensor) -> tuple[Tensor, Tensor]:
-    """Slots [B, C] of the children of nodes [B] and which of them are real [B, C]."""
-    slot = torch.arange(forest.size, device=nodes.device)[None, :]
-    is_child = (forest.parents == nodes[:, None]) & (slot < forest.counts[:, None])
-    width = max(int(is_child.sum(1).max()), 1)
-    order = torch.argsort(is_child.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
-    return order, is_child.gather(1, order)
 
 
 def final_hidden(hidden: Union[Tensor, tuple[Tensor, ...]]) -> Tensor:
@@ -318,15 +344,18 @@ class _Rows:
 
 def resolve_drafter(drafter: Union[str, Drafter], model, **tree) -> Drafter:
     """A Drafter from an instance or a name: "marginal", or "heads:DIR" for the heads saved in
-    DIR (trained for `model`); `tree` (branching, max_nodes) shapes the heads' draft trees."""
+    DIR (trained for `model`); `tree` (branching, max_nodes) shapes the heads' draft trees, and
+    a single branching count sets the marginal drafter's candidates under the root."""
     if isinstance(drafter, Drafter):
         return drafter
     if isinstance(drafter, str) and drafter.startswith("heads:") and len(drafter) > len("heads:"):
         return HeadsDrafter.load(drafter[len("heads:"):], model, **tree)
-    if tree:
-        raise ValueError(f"a tree shape ({', '.join(tree)}) applies to the heads drafter only, not {drafter!r}")
     if drafter == "marginal":
-        return MarginalDrafter()
+        branching = tree.pop("branching", None)
+        if tree or (branching is not None and len(branching) != 1):
+            raise ValueError("the marginal drafter takes one branching count (candidates under the root) and no "
+                             f"other tree shape, got {dict(tree, branching=branching)}")
+        return MarginalDrafter(None if branching is None else branching[0])
     raise ValueError(f"unknown drafter {drafter!r}: use 'marginal', 'heads:DIR' or a Drafter")
 
 
@@ -450,7 +479,7 @@ def verify(adapter: CausalLMAdapter, drafter: Drafter, cache, slot_mask: Tensor,
         forest.token_ids, forest.parents, forest.counts, slot_mask, sliding_window=window))
     hidden = adapter.hidden_states(packed.input_ids, packed.mask, packed.position_ids, cache,
                                    every_layer=drafter.every_layer)
-    own_chooser = drafter.chooser(adapter, hidden, rule)
+    own_chooser = drafter.chooser(adapter, hidden, rule, forest)
     paths, stop_outputs, next_tokens = walk(forest, own_chooser or logits_chooser(adapter, final_hidden(hidden), rule))
     lengths = (paths != -1).sum(1)
     paths = torch.where(paths == -1, paths.max(1, keepdim=True).values, paths)

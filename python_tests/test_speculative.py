@@ -287,7 +287,7 @@ class HeadsDrafterWithoutChooser(HeadsDrafter):
     """The heads drafter with the walk's default chooser: the model's logits, then a separate
     pass for the heads."""
 
-    def chooser(self, adapter, hidden, rule):
+    def chooser(self, adapter, hidden, rule, forest):
         return None
 
 
@@ -318,6 +318,34 @@ def test_heads_chooser_matches_the_separate_passes(architecture, whs):
                                  max_new_tokens=16)
     assert torch.equal(got.sequences, plain.sequences)
     assert got.stats.accepted_drafts == plain.stats.accepted_drafts > 0  # the walks went below the roots
+
+
+def test_marginal_chooser_drafts_the_marginal_of_the_stop_nodes_children():
+    """The marginal drafter unembeds every node once; what it keeps at the last accepted node
+    must be sum_c p(c | n) p(. | n, c) over n's children c, each logit computed on its own, or
+    n's runner-up tokens where n is a leaf."""
+    model = tiny_model("llama", VOCAB, seed=3)
+    adapter = CausalLMAdapter(model)
+    decoder = SpeculativeDecoder(adapter, MarginalDrafter(branching=3), TokenRule(), *padded_batch(PROMPTS))
+    seen = {"children": 0, "leaf": 0}
+    for _ in range(6):
+        decoder.step([16] * len(PROMPTS))
+        previous = decoder.previous
+        forest, (guess,) = previous.forest, previous.stop_drafts
+        for row, stop in enumerate(previous.stop_nodes.tolist()):
+            def logits_at(slot):
+                return adapter.logits(previous.hidden[row, slot])
+
+            at_stop = torch.softmax(logits_at(stop), -1)
+            assert int(previous.next_tokens[row]) == int(at_stop.argmax())
+            children = [slot for slot in range(int(forest.counts[row])) if int(forest.parents[row, slot]) == stop]
+            if children:
+                expected = sum(at_stop[forest.token_ids[row, c]] * torch.softmax(logits_at(c), -1) for c in children)
+            else:
+                expected = at_stop.scatter(0, previous.next_tokens[row, None], 0.0)
+            seen["children" if children else "leaf"] += 1
+            torch.testing.assert_close(guess[row], expected, rtol=1e-5, atol=1e-6)
+    assert seen["children"] > 0 and seen["leaf"] > 0, seen  # both cases ran
 
 
 def test_heads_drafter_tree_follows_the_heads():
@@ -411,4 +439,8 @@ def test_cli_generate_prints_text_stats_and_speedup(tmp_path, capsys):
                              branching=[2, 1], max_nodes=3)
     assert shaped.branching == (2, 1) and shaped.max_nodes == 3
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--max-nodes", "3"]) == 2
-    assert "applies to the heads drafter only" in capsys.readouterr().err
+    assert "the marginal drafter takes one branching count" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--branching", "2", "2"]) == 2
+    assert "the marginal drafter takes one branching count" in capsys.readouterr().err
+    assert resolve_drafter("marginal", None, branching=[5]).width(torch.device("cpu")) == 5
+    assert MarginalDrafter().width(torch.device("cpu")) == 3 and MarginalDrafter().width(torch.device("meta")) == 8
