@@ -16,7 +16,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -176,20 +176,22 @@ class MTPHeadsModel(nn.Module):
             raise ValueError("this model reads the final hidden state only (weighted_hidden_states=False)")
         return torch.softmax(self.layer_logits.float(), dim=-1)
 
-    def head_hidden(self, hidden_states: Sequence[Tensor]) -> Tensor:
+    def head_hidden(self, hidden_states: Sequence[Tensor], which: Optional[Sequence[int]] = None) -> Tensor:
         """Every head's output after the final norm [N, B, T, H], from the `hidden_states` of the
-        backbone's latest forward pass (output_hidden_states=True). Feeding element j through
-        the unembedding gives head j's logits for x_{t+j+2}. "block" heads attend over the
-        tokens of this pass only, so they need a pass over whole sequences (no KV cache)."""
+        backbone's latest forward pass (output_hidden_states=True), or only the heads `which`
+        (in that order). Feeding element j through the unembedding gives head j's logits for
+        x_{t+j+2}. "block" heads attend over the tokens of this pass only, so they need a pass
+        over whole sequences (no KV cache)."""
+        which = list(range(self.num_heads)) if which is None else list(which)
         last = self._last_layer_output(hidden_states)
         if self.layer_logits is None:
-            inputs = [last] * self.num_heads
+            inputs = [last] * len(which)
         else:
             layers = torch.stack(list(hidden_states[:-1]) + [last])  # [L + 1, B, T, H]
-            mixed = torch.einsum("nl,lbth->nbth", self.layer_weights().to(last.dtype), layers)
-            inputs = list(mixed)
+            weights = self.layer_weights()[which].to(last.dtype)
+            inputs = list(torch.einsum("nl,lbth->nbth", weights, layers))
         norm = self.final_norm
-        return torch.stack([norm(head(state)) for head, state in zip(self.heads, inputs)])
+        return torch.stack([norm(self.heads[head](state)) for head, state in zip(which, inputs)])
 
     def _last_layer_output(self, hidden_states: Sequence[Tensor]) -> Tensor:
         expected = self.backbone.config.num_hidden_layers + 1

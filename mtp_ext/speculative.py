@@ -224,7 +224,7 @@ class HeadsDrafter(Drafter):
     def drafting_hidden(self, hidden) -> Tensor:
         """[D, B, T, H]: the states of the heads that draft depths 1..D, at every position of
         the pass with these hidden states."""
-        return self.heads.head_hidden(hidden)[self.head_of_depth]
+        return self.heads.head_hidden(hidden, which=self.head_of_depth)
 
     def heads_topk(self, previous: VerifiedPass) -> tuple[Tensor, Tensor, Tensor]:
         """Top-k values, ids [D, B, k] and log-sum-exp [D, B] at the stop nodes of the heads that

@@ -102,6 +102,16 @@ def test_weighted_hidden_states_mix_every_layer_with_softmax_weights(architectur
                                    model.final_norm(head(mixed)))
 
 
+@pytest.mark.parametrize("whs", [False, True])
+def test_head_hidden_of_some_heads_equals_those_of_all(whs):
+    backbone = tiny_model("llama", VOCAB)
+    model = MTPHeadsModel(backbone, num_heads=3, weighted_hidden_states=whs)
+    perturb(model)
+    outputs = backbone.base_model(random_ids(2, LENGTH, seed=7), output_hidden_states=True)
+    every_head = model.head_hidden(outputs.hidden_states)
+    torch.testing.assert_close(model.head_hidden(outputs.hidden_states, which=[2, 0]), every_head[[2, 0]])
+
+
 def test_head_targets_are_the_tokens_step_ahead():
     input_ids = torch.arange(10, 16)[None]
     targets = head_targets(input_ids, [2, 3])
