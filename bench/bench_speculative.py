@@ -3,9 +3,11 @@ real SmolLM2-135M (dequantised Q4_1) and 10 prompts of held-out Austen text (the
 which the heads of results/heads/ were not trained on), 128 new tokens each, one prompt at a
 time. speculative_generate runs the model's linears through small_batch_linear (a few rows per
 pass), so model.generate also runs a second time with them ("generate_small_linears"): the
-speed-up over that is what the drafts themselves bring. Skipped, saying why, where the model or the text is not prepared, and for the heads
-drafter where no trained frozen-backbone heads are found in $MTP_EXT_HEADS_DIR (default
-results/heads/; each subdirectory one checkpoint, the first that loads is used).
+speed-up over that is what the drafts themselves bring. Skipped, saying why, where the model
+or the text is not prepared, for the heads drafter where no trained frozen-backbone heads are
+found in $MTP_EXT_HEADS_DIR (default results/heads/; each subdirectory one checkpoint, the
+first that loads is used), and for the token head drafter where $MTP_EXT_TOKEN_HEAD_DIR
+(default results/token_head/) holds no TokenHead for SmolLM2.
 
 Slow on a CPU (each round generates 1,280 tokens), hence one round; $BENCH_PROMPTS and
 $BENCH_NEW_TOKENS shrink it, and $BENCH_TREE sets the heads' tree as "branching per depth/node
@@ -24,13 +26,15 @@ import pytest
 import torch
 
 from mtp_ext.models.adapters import small_batch_linears
-from mtp_ext.speculative import HeadsDrafter, MarginalDrafter, speculative_generate
+from mtp_ext.speculative import HeadsDrafter, MarginalDrafter, TokenHeadDrafter, speculative_generate
 
 PROMPTS = int(os.environ.get("BENCH_PROMPTS", 10))
 PROMPT_TOKENS = 64
 NEW_TOKENS = int(os.environ.get("BENCH_NEW_TOKENS", 128))
 TREE = os.environ.get("BENCH_TREE")
-HEADS_DIR = Path(os.environ.get("MTP_EXT_HEADS_DIR", Path(__file__).resolve().parents[1] / "results" / "heads"))
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+HEADS_DIR = Path(os.environ.get("MTP_EXT_HEADS_DIR", RESULTS / "heads"))
+TOKEN_HEAD_DIR = Path(os.environ.get("MTP_EXT_TOKEN_HEAD_DIR", RESULTS / "token_head"))
 
 generate_outputs = {}  # prompt index -> model.generate's output, for the identity check
 
@@ -79,6 +83,14 @@ def trained_heads_drafter(model):
     pytest.skip(f"no trained heads for SmolLM2 under {HEADS_DIR} ({'; '.join(reasons) or 'none there'})")
 
 
+def trained_token_head_drafter(model):
+    """A TokenHeadDrafter for the head in TOKEN_HEAD_DIR, or a skip."""
+    try:
+        return TokenHeadDrafter.load(TOKEN_HEAD_DIR, model), TOKEN_HEAD_DIR.name
+    except (ValueError, OSError, ImportError) as error:
+        pytest.skip(f"no trained token head for SmolLM2 in {TOKEN_HEAD_DIR}: {error}")
+
+
 def run_generate(model, prompts):
     outputs = [model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
                               do_sample=False) for prompt in prompts]
@@ -96,7 +108,7 @@ def run_speculative(model, prompts, drafter):
     return [result.sequences for result in results], [result.stats for result in results]
 
 
-@pytest.mark.parametrize("contender", ["generate", "generate_small_linears", "marginal", "heads"])
+@pytest.mark.parametrize("contender", ["generate", "generate_small_linears", "marginal", "heads", "token_head"])
 def test_speculative_vs_generate(benchmark, model_and_prompts, contender):
     model, prompts = model_and_prompts
     if contender == "generate":
@@ -104,7 +116,8 @@ def test_speculative_vs_generate(benchmark, model_and_prompts, contender):
     elif contender == "generate_small_linears":
         function, arguments = run_generate_small_linears, (model, prompts)
     else:
-        drafter, name = (MarginalDrafter(), "marginal") if contender == "marginal" else trained_heads_drafter(model)
+        drafter, name = {"marginal": lambda _: (MarginalDrafter(), "marginal"), "heads": trained_heads_drafter,
+                         "token_head": trained_token_head_drafter}[contender](model)
         function, arguments = run_speculative, (model, prompts, drafter)
         benchmark.extra_info["drafter"] = name
         if contender == "heads":

@@ -23,7 +23,8 @@ from mtp_ext.sampling import TopPLogitsWarper  # noqa: E402
 from mtp_ext.marginal import MarginalMTP  # noqa: E402
 from mtp_ext.evaluate import evaluate_mtp  # noqa: E402
 from mtp_ext.heads import MTPHeadsModel, load_heads  # noqa: E402
-from mtp_ext.speculative import HeadsDrafter, MarginalDrafter, speculative_generate  # noqa: E402
+from mtp_ext.speculative import HeadsDrafter, MarginalDrafter, TokenHeadDrafter, speculative_generate  # noqa: E402
+from mtp_ext.token_head import TokenHead  # noqa: E402
 
 __all__ = [
     "HeadsDrafter",
@@ -31,6 +32,8 @@ __all__ = [
     "MarginalDrafter",
     "MarginalMTP",
     "evaluate_mtp",
+    "TokenHead",
+    "TokenHeadDrafter",
     "TopPCandidates",
     "TopPLogitsWarper",
     "TreePack",

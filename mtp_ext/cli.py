@@ -6,6 +6,7 @@
     mtp-ext generate --model smollm2-135m --prompt "It is a truth" --drafter marginal --max-new-tokens 64 --compare
     mtp-ext train-heads --model smollm2-135m --data austen --heads 3 --whs --steps 200 --out runs/whs
     mtp-ext eval-heads --model smollm2-135m --data austen --heads-dir runs/frozen runs/whs --json heads.json
+    mtp-ext train-token-head --model smollm2-135m --data austen --out runs/token-head
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="self-speculative decoding with MTP drafts")
     generate.add_argument("--model", default=DEFAULT_MODEL)
     generate.add_argument("--prompt", required=True, help="text to continue")
-    generate.add_argument("--drafter", default="marginal", help="marginal, or heads:DIR for heads saved in DIR")
+    generate.add_argument("--drafter", default="marginal",
+                          help="marginal, heads:DIR for MTP heads saved in DIR, or token-head:DIR for a TokenHead")
     generate.add_argument("--branching", type=int, nargs="+", default=None,
                           help="candidates per node at each depth (heads; default: 3 on a CPU, 4 3 2 2 on a GPU), or "
                                "under the root (marginal, one count; default: 3 on a CPU, 8 on a GPU)")
@@ -97,6 +99,18 @@ def _add_heads_parsers(commands) -> None:
     train.add_argument("--time-budget", type=float, default=None,
                        help="stop (and checkpoint) after this many seconds of training; rerun to go on")
     train.add_argument("--eval-tokens", type=int, default=1024, help="held-out positions scored after training")
+
+    token_head = commands.add_parser("train-token-head",
+                                     help="train a drafting head that reads the next token too (TokenHead)")
+    _add_heads_data_arguments(token_head)
+    token_head.add_argument("--out", type=Path, required=True, help="directory for the head")
+    token_head.add_argument("--tokens", type=int, default=200_000, help="training positions (one backbone pass)")
+    token_head.add_argument("--eval-tokens", type=int, default=8192, help="held-out positions scored")
+    token_head.add_argument("--epochs", type=int, default=6)
+    token_head.add_argument("--batch-size", type=int, default=512, help="positions per step")
+    token_head.add_argument("--lr", type=float, default=1e-3, help="AdamW, cosine decay to 0")
+    token_head.add_argument("--draft-vocab", type=int, default=8192,
+                            help="tokens the head can guess: the model's most frequent choices")
 
     evaluate = commands.add_parser("eval-heads", help="held-out top-k accuracy of MTP heads beside marginalisation")
     _add_heads_data_arguments(evaluate)
@@ -427,6 +441,41 @@ def run_train_heads(args: argparse.Namespace) -> dict:
     return report
 
 
+def run_train_token_head(args: argparse.Namespace) -> dict:
+    import torch
+
+    from mtp_ext.models import describe_weights, load_model
+    from mtp_ext.token_head import (TokenHeadSettings, evaluate_token_head, token_head_features,
+                                    train_token_head)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = TokenHeadSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                 draft_vocab=args.draft_vocab)
+    if args.tokens < 1 or args.eval_tokens < 1:
+        raise ValueError("--tokens and --eval-tokens must be >= 1")
+    out = _output_dir(args.out)
+    backbone, tokenizer = load_model(args.model)
+    settings.check(backbone.get_output_embeddings().weight.shape[0])
+    tokens = args.tokens
+    args.tokens = args.eval_tokens
+    windows, held_out, split = _heads_data(args, tokenizer, max(1, tokens // (args.seq_len - 1)))
+    head, record = train_token_head(backbone, token_head_features(backbone, windows), settings)
+    accuracy = evaluate_token_head(head, token_head_features(backbone, held_out))
+    report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
+              "seq_len": args.seq_len, "training": record, "held_out": vars(accuracy)}
+    head.save(out, report)
+    print(f"\ntrained on {record['positions']} positions ({record['seconds']:.0f} s); held-out "
+          f"({split['by']} split), the model's own next choice among the head's guesses:")
+    print("| positions | top-1 | top-3 |\n|---|---:|---:|")
+    print(f"| all {accuracy.positions} | {accuracy.top1:.3f} | {accuracy.top3:.3f} |")
+    print(f"| x_(t+1) the model's own choice (greedy decoding) {accuracy.greedy_positions} | "
+          f"{accuracy.greedy_top1:.3f} | {accuracy.greedy_top3:.3f} |")
+    print(f"draft vocabulary: {settings.draft_vocab} tokens, {accuracy.vocab_coverage:.3f} of the held-out choices")
+    print(f"wrote {out}")
+    return report
+
+
 def _initial_heads(args: argparse.Namespace, backbone):
     """The heads saved in --init-from, on `backbone`, if they are the heads the arguments ask for."""
     from mtp_ext.heads import MTPHeadsModel
@@ -521,6 +570,7 @@ COMMANDS = {
     "generate": run_generate,
     "train-heads": run_train_heads,
     "eval-heads": run_eval_heads,
+    "train-token-head": run_train_token_head,
 }
 
 

@@ -18,7 +18,8 @@ the rest are cropped; a row that accepted fewer nodes than the longest row leave
 slots (holes) that its 2-D slot mask hides, and positions count visible slots only.
 
 Drafters (see `Drafter`): `MarginalDrafter` uses the step-2 marginal that the verification pass
-gives for free at the last accepted node, `HeadsDrafter` trained MTP heads.
+gives for free at the last accepted node, `HeadsDrafter` trained MTP heads, `TokenHeadDrafter` a
+trained head that also reads the next root (mtp_ext.token_head).
 """
 from __future__ import annotations
 
@@ -99,36 +100,24 @@ class MarginalDrafter(Drafter):
     """
 
     def __init__(self, branching: Optional[int] = None, top_p: float = 0.9):
-        if branching is not None and branching < 1:
-            raise ValueError(f"branching must be >= 1, got {branching}")
         if not (0.0 < float(top_p) <= 1.0):
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        self.branching = None if branching is None else int(branching)
+        self.branching = check_branching(branching)
         self.top_p = float(top_p)
 
     def width(self, device: torch.device) -> int:
-        """Candidates under the root: `branching`, by default 3 on a CPU (where each node costs
-        a share of a pass: 4 nodes did best for SmolLM2, bench/README.md) and 8 elsewhere."""
-        if self.branching is not None:
-            return self.branching
-        return 3 if device.type == "cpu" else 8
+        return root_children(self.branching, device)
 
     def chooser(self, adapter: CausalLMAdapter, hidden, rule: "TokenRule", forest: DraftForest) -> Chooser:
-        """Every node's logits in one unembedding: the walk visits the root and perhaps a few
-        descendants, and the draft needs the logits of the last visited node's children (in a
-        depth-1 tree, all the other nodes). On a CPU one pass over the unembedding for a few
-        rows costs about what one row does, so this reads it once where a walk that unembeds
-        node by node, then the children, reads it two or three times per step."""
-        every_node = adapter.logits(final_hidden(hidden)[:, : forest.size])  # [B, N, V]
+        """Every node's logits at once (every_node_chooser), and at each visited node the
+        marginal over its children, which the draft needs at the last one."""
         live = torch.arange(forest.size, device=forest.counts.device)[None, :] < forest.counts[:, None]
 
-        def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-            at_node = every_node[rows, slots]
-            tokens = rule.choose(at_node)
+        def guess(rows: Tensor, slots: Tensor, at_node: Tensor, tokens: Tensor, every_node: Tensor):
             is_child = live[rows] & (forest.parents[rows] == slots[:, None])
-            return tokens, (step2_guess(at_node, tokens, forest.token_ids[rows], is_child, every_node[rows]),)
+            return (step2_guess(at_node, tokens, forest.token_ids[rows], is_child, every_node[rows]),)
 
-        return choose
+        return every_node_chooser(adapter, hidden, rule, forest, guess)
 
     def draft(self, previous: VerifiedPass) -> DraftForest:
         if previous.stop_drafts is not None:
@@ -139,6 +128,38 @@ class MarginalDrafter(Drafter):
         ids, probs, _, _ = top_p_candidates(guess.clamp(min=1e-30).log(), self.top_p, width)
         forest = root_forest(previous.next_tokens)
         return forest.grow(torch.zeros_like(ids), ids.clamp(min=0), probs, max_nodes=1 + width)
+
+
+def every_node_chooser(adapter: CausalLMAdapter, hidden, rule: "TokenRule", forest: DraftForest,
+                       at_node: Optional[Callable[..., tuple[Tensor, ...]]] = None) -> Chooser:
+    """A Chooser that unembeds every node of the pass at once, for depth-1 trees of a few
+    nodes: the walk visits the root and perhaps a child, and on a CPU one pass over the
+    unembedding for 4 rows costs about 1.3 of one for a single row (bench/README.md), so one
+    pass beats a pass per visited node. `at_node(rows, slots, logits at the nodes, tokens
+    chosen there, every node's logits [B, N, V])` adds what a drafter keeps from the node."""
+    every_node = adapter.logits(final_hidden(hidden)[:, : forest.size])  # [B, N, V]
+
+    def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        logits = every_node[rows, slots]
+        tokens = rule.choose(logits)
+        return tokens, (at_node(rows, slots, logits, tokens, every_node) if at_node else ())
+
+    return choose
+
+
+def root_children(branching: Optional[int], device: torch.device) -> int:
+    """Candidates under the root of a depth-1 draft tree: `branching`, by default 3 on a CPU
+    (where each node costs a share of a pass: 4 nodes did best for SmolLM2, bench/README.md)
+    and 8 elsewhere."""
+    if branching is not None:
+        return branching
+    return 3 if device.type == "cpu" else 8
+
+
+def check_branching(branching: Optional[int]) -> Optional[int]:
+    if branching is not None and branching < 1:
+        raise ValueError(f"branching must be >= 1, got {branching}")
+    return None if branching is None else int(branching)
 
 
 def step2_guess(at_node: Tensor, next_tokens: Tensor, node_tokens: Tensor, is_child: Tensor,
@@ -255,6 +276,38 @@ class HeadsDrafter(Drafter):
         return forest
 
 
+class TokenHeadDrafter(Drafter):
+    """Drafts the root's children with a TokenHead (mtp_ext.token_head): at the last accepted
+    node (position t) the walk has chosen the next root x_{t+1}, and the head reads both the
+    node's final hidden state and that token, where MTP heads must guess x_{t+2} without it.
+    Its top `branching` tokens (by default 3 on a CPU, 8 on a GPU) become the children."""
+
+    def __init__(self, head, branching: Optional[int] = None):
+        self.head = head
+        self.branching = check_branching(branching)
+
+    @classmethod
+    def load(cls, directory, model, branching: Optional[Sequence[int]] = None) -> "TokenHeadDrafter":
+        """The head saved in `directory` (TokenHead.save, `mtp-ext train-token-head`), for `model`."""
+        from mtp_ext.token_head import TokenHead
+
+        if branching is not None and len(branching) != 1:
+            raise ValueError(f"the token head drafts one level: give one branching count, got {list(branching)}")
+        return cls(TokenHead.load(directory, model), None if branching is None else branching[0])
+
+    def chooser(self, adapter: CausalLMAdapter, hidden, rule: "TokenRule", forest: DraftForest) -> Chooser:
+        return every_node_chooser(adapter, hidden, rule, forest)
+
+    def draft(self, previous: VerifiedPass) -> DraftForest:
+        final = final_hidden(previous.hidden)
+        at_stop = gather_nodes(final, previous.stop_positions()[:, None])[:, 0]
+        logits = self.head(at_stop, previous.next_tokens)  # [B, K] over the draft vocabulary
+        width = min(root_children(self.branching, logits.device), logits.shape[-1])
+        probs, slots = torch.softmax(logits, -1).topk(width, -1)
+        forest = root_forest(previous.next_tokens)
+        return forest.grow(torch.zeros_like(slots), self.head.vocab_ids[slots], probs, max_nodes=1 + width)
+
+
 def final_hidden(hidden: Union[Tensor, tuple[Tensor, ...]]) -> Tensor:
     return hidden[-1] if isinstance(hidden, tuple) else hidden
 
@@ -343,20 +396,26 @@ class _Rows:
 
 
 def resolve_drafter(drafter: Union[str, Drafter], model, **tree) -> Drafter:
-    """A Drafter from an instance or a name: "marginal", or "heads:DIR" for the heads saved in
-    DIR (trained for `model`); `tree` (branching, max_nodes) shapes the heads' draft trees, and
-    a single branching count sets the marginal drafter's candidates under the root."""
+    """A Drafter from an instance or a name: "marginal", "heads:DIR" for the MTP heads saved in
+    DIR or "token-head:DIR" for a TokenHead (each trained for `model`); `tree` (branching,
+    max_nodes) shapes the heads' draft trees, and a single branching count sets the marginal
+    and token head drafters' candidates under the root."""
     if isinstance(drafter, Drafter):
         return drafter
     if isinstance(drafter, str) and drafter.startswith("heads:") and len(drafter) > len("heads:"):
         return HeadsDrafter.load(drafter[len("heads:"):], model, **tree)
+    if isinstance(drafter, str) and drafter.startswith("token-head:") and len(drafter) > len("token-head:"):
+        if "max_nodes" in tree:
+            raise ValueError("the token head drafter takes one branching count (candidates under the root), "
+                             "not max_nodes")
+        return TokenHeadDrafter.load(drafter[len("token-head:"):], model, **tree)
     if drafter == "marginal":
         branching = tree.pop("branching", None)
         if tree or (branching is not None and len(branching) != 1):
             raise ValueError("the marginal drafter takes one branching count (candidates under the root) and no "
                              f"other tree shape, got {dict(tree, branching=branching)}")
         return MarginalDrafter(None if branching is None else branching[0])
-    raise ValueError(f"unknown drafter {drafter!r}: use 'marginal', 'heads:DIR' or a Drafter")
+    raise ValueError(f"unknown drafter {drafter!r}: use 'marginal', 'heads:DIR', 'token-head:DIR' or a Drafter")
 
 
 @torch.no_grad()

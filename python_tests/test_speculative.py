@@ -13,12 +13,14 @@ import torch
 import mtp_ext
 from mtp_ext.marginal import DraftForest
 from mtp_ext.models.adapters import CausalLMAdapter, prefix_position_ids
+from mtp_ext.token_head import TokenHead
 from mtp_ext.speculative import (
     Drafter,
     HeadsDrafter,
     MarginalDrafter,
     resolve_drafter,
     SpeculativeDecoder,
+    TokenHeadDrafter,
     TokenRule,
     node_depths,
     root_forest,
@@ -97,13 +99,15 @@ def emitted_rows(sequences, prompt_width, eos):
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("drafter", ["marginal", "scripted"])
+@pytest.mark.parametrize("drafter", ["marginal", "scripted", "token_head"])
 def test_greedy_equals_generate(architecture, batch, drafter):
     model = tiny_model(architecture, VOCAB, seed=batch).double()
     input_ids, mask = padded_batch(PROMPTS[:batch])
     expected = greedy_reference(model, input_ids, mask, 24)
     if drafter == "scripted":
         drafter = ScriptedDrafter(expected[:, input_ids.shape[1]:], seed=batch)
+    elif drafter == "token_head":
+        drafter = TokenHeadDrafter(random_token_head(model))
     got = speculative_generate(model, input_ids, mask, drafter=drafter, max_new_tokens=24, pad_token_id=0)
     assert torch.equal(got.sequences, expected)
     stats = got.stats
@@ -222,11 +226,13 @@ def sampled_counts(model, drafter, temperature: float) -> tuple[dict, object]:
     return counts, output.stats
 
 
-@pytest.mark.parametrize("drafter", ["marginal", "full_tree"])
+@pytest.mark.parametrize("drafter", ["marginal", "full_tree", "token_head"])
 def test_sampling_draws_from_the_model_distribution(drafter):
     model = sampling_model()
     expected = exact_distribution(model, SAMPLING["prompt"], SAMPLING["length"], 0.8, SAMPLING["top_p"])
-    counts, stats = sampled_counts(model, FullTreeDrafter() if drafter == "full_tree" else MarginalDrafter(), 0.8)
+    drafters = {"marginal": MarginalDrafter, "full_tree": FullTreeDrafter,
+                "token_head": lambda: TokenHeadDrafter(random_token_head(model), branching=4)}
+    counts, stats = sampled_counts(model, drafters[drafter](), 0.8)
     statistic, degrees = chi_square_statistic(counts, expected, SAMPLING["draws"])
     assert degrees >= 100
     assert statistic < chi_square_critical(degrees)
@@ -260,6 +266,16 @@ def test_bad_input():
         speculative_generate(tiny_model("llama", VOCAB, context=16), prompt, max_new_tokens=14)
     with pytest.raises(ValueError, match="branching"):
         MarginalDrafter(branching=0)
+
+
+def random_token_head(model) -> TokenHead:
+    """A TokenHead over the whole vocabulary with random (not pass-through) weights."""
+    head = TokenHead(model, torch.arange(model.config.vocab_size))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return head
 
 
 def random_heads(model, num_heads: int = 3, weighted_hidden_states: bool = False):
