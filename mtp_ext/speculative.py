@@ -287,13 +287,11 @@ class TokenHeadDrafter(Drafter):
         self.branching = check_branching(branching)
 
     @classmethod
-    def load(cls, directory, model, branching: Optional[Sequence[int]] = None) -> "TokenHeadDrafter":
+    def load(cls, directory, model, branching: Optional[int] = None) -> "TokenHeadDrafter":
         """The head saved in `directory` (TokenHead.save, `mtp-ext train-token-head`), for `model`."""
         from mtp_ext.token_head import TokenHead
 
-        if branching is not None and len(branching) != 1:
-            raise ValueError(f"the token head drafts one level: give one branching count, got {list(branching)}")
-        return cls(TokenHead.load(directory, model), None if branching is None else branching[0])
+        return cls(TokenHead.load(directory, model), branching)
 
     def chooser(self, adapter: CausalLMAdapter, hidden, rule: "TokenRule", forest: DraftForest) -> Chooser:
         return every_node_chooser(adapter, hidden, rule, forest)
@@ -405,17 +403,19 @@ def resolve_drafter(drafter: Union[str, Drafter], model, **tree) -> Drafter:
     if isinstance(drafter, str) and drafter.startswith("heads:") and len(drafter) > len("heads:"):
         return HeadsDrafter.load(drafter[len("heads:"):], model, **tree)
     if isinstance(drafter, str) and drafter.startswith("token-head:") and len(drafter) > len("token-head:"):
-        if "max_nodes" in tree:
-            raise ValueError("the token head drafter takes one branching count (candidates under the root), "
-                             "not max_nodes")
-        return TokenHeadDrafter.load(drafter[len("token-head:"):], model, **tree)
+        return TokenHeadDrafter.load(drafter[len("token-head:"):], model, single_branching(tree, "token head"))
     if drafter == "marginal":
-        branching = tree.pop("branching", None)
-        if tree or (branching is not None and len(branching) != 1):
-            raise ValueError("the marginal drafter takes one branching count (candidates under the root) and no "
-                             f"other tree shape, got {dict(tree, branching=branching)}")
-        return MarginalDrafter(None if branching is None else branching[0])
+        return MarginalDrafter(single_branching(tree, "marginal"))
     raise ValueError(f"unknown drafter {drafter!r}: use 'marginal', 'heads:DIR', 'token-head:DIR' or a Drafter")
+
+
+def single_branching(tree: dict, name: str) -> Optional[int]:
+    """The one branching count (candidates under the root) that a depth-1 drafter takes."""
+    branching = tree.get("branching")
+    if set(tree) - {"branching"} or (branching is not None and len(branching) != 1):
+        raise ValueError(f"the {name} drafter takes one branching count (candidates under the root) and no "
+                         f"other tree shape, got {tree}")
+    return None if branching is None else int(branching[0])
 
 
 @torch.no_grad()

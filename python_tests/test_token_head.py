@@ -146,6 +146,6 @@ def test_cli_trains_and_the_generate_command_drafts_with_it(tmp_path, tiny_check
     assert "outputs identical" in capsys.readouterr().out
     assert main(["generate", "--model", str(model), "--prompt", "the", "--drafter", f"token-head:{out}",
                  "--max-nodes", "3"]) == 2
-    assert "not max_nodes" in capsys.readouterr().err
+    assert "the token head drafter takes one branching count" in capsys.readouterr().err
     assert main(["train-token-head", *common, "--out", str(tmp_path / "x"), "--draft-vocab", "0"]) == 2
     assert "draft_vocab must be >= 1" in capsys.readouterr().err
