@@ -4,12 +4,12 @@
 // project's CPU. Here each weight row is read from memory once, in order.
 //
 // With AVX-512 each weight row meets up to 4 input rows per pass over it, in registers; the
-// passes after the first find it in L1. Measured on SmolLM2's linears (2 threads, all 30 layers,
-// against the portable loop below, which pairs input rows): 1-2 rows the same (memory speed),
-// 4 rows 15 against 18 ms, 8 rows 22 against 28 ms. Tiles of several weight rows at once were
-// slower at every count (interleaved weight streams defeat the hardware prefetcher), and from 5
-// rows on, where the loop is bound by its FMAs, a software prefetch 2 KB ahead keeps the weight
-// stream from stalling it (it costs time below that).
+// passes after the first find it in L1. Measured on SmolLM2's linears (2 threads, all 30
+// layers, against the portable loop below, which pairs input rows; bench/README.md): 1-2 rows
+// the same (memory speed), 4 rows 19 against 21.5 ms, 8 rows 26 against 30 ms. Tiles of
+// several weight rows at once were slower at every count (interleaved weight streams defeat the
+// hardware prefetcher), and from 5 rows on, where the loop is bound by its FMAs, a software
+// prefetch 2 KB ahead keeps the weight stream from stalling it (it costs time below that).
 #pragma once
 
 #include <algorithm>

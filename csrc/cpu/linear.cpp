@@ -1,8 +1,8 @@
 // small_batch_linear on the CPU. With a handful of rows the product is bound by reading the
 // weights, yet MKL's small-M GEMM (and even its GEMV) streams them at well under memory speed
-// (SmolLM2's 30 layers of linears, one thread: 1 row 40 ms, 4 rows 48 ms against 22 and 33 ms
-// here; at 8 rows both take about 55 ms). dot_rows.h streams the weights; output features are
-// split over threads.
+// (SmolLM2's 30 layers of linears, one thread: 1 / 4 / 8 rows 40 / 51 / 58 ms against 22 / 35 /
+// 49 ms here; bench/README.md). dot_rows.h streams the weights; output features are split over
+// threads.
 #include <ATen/Parallel.h>
 
 #include "../common/linear.h"
