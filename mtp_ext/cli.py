@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="marginal, heads:DIR for MTP heads saved in DIR, or token-head:DIR for a TokenHead")
     generate.add_argument("--branching", type=int, nargs="+", default=None,
                           help="candidates per node at each depth (heads; default: 3 on a CPU, 4 3 2 2 on a GPU), or "
-                               "under the root (marginal, one count; default: 3 on a CPU, 8 on a GPU)")
+                               "under the root (marginal and token head, one count; default: 3 on a CPU, 8 on a GPU)")
     generate.add_argument("--max-nodes", type=int, default=None,
                           help="heads drafter: node budget of a draft tree (default: 4 on a CPU, 16 on a GPU)")
     generate.add_argument("--max-new-tokens", type=int, default=64)

@@ -144,8 +144,9 @@ class CausalLMAdapter:
                 setattr(layer, name, states[:, :, :kept])
 
 
-# Rows up to which small_batch_linear beats MKL on the project's CPU (SmolLM2's linears,
-# bench/bench_linear.py); above, MKL's GEMM reuses each weight tile across enough rows.
+# Rows up to which small_batch_linear beats MKL on the project's CPU at 2 threads (SmolLM2's
+# linears, bench/bench_linear.py: 16 rows 1.27x; at one thread 16 rows are 6% slower); above,
+# MKL's GEMM reuses each weight tile across enough rows.
 SMALL_BATCH_ROWS = 16
 
 
