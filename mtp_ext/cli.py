@@ -389,8 +389,8 @@ def plot_accuracy(reports: list[dict], path: Path, k: int = 5) -> None:
     _save(plt, figure, path)
 
 
-def _heads_data(args: argparse.Namespace, tokenizer, training_windows: int):
-    """(training windows, held-out sequences of up to args.tokens positions, the split)."""
+def _heads_data(args: argparse.Namespace, tokenizer, training_windows: int, held_out_tokens: int):
+    """(training windows, held-out sequences of up to `held_out_tokens` positions, the split)."""
     from mtp_ext import data as corpora
     from mtp_ext.heads_training import split_documents
 
@@ -399,7 +399,7 @@ def _heads_data(args: argparse.Namespace, tokenizer, training_windows: int):
     train_documents, held_out_documents, split = split_documents(corpora.load_text(args.data), args.held_out_share)
     windows = corpora.token_sequences(tokenizer, train_documents, args.seq_len,
                                       max_tokens=training_windows * (args.seq_len - 1))
-    held_out = corpora.token_sequences(tokenizer, held_out_documents, args.seq_len, max_tokens=args.tokens)
+    held_out = corpora.token_sequences(tokenizer, held_out_documents, args.seq_len, max_tokens=held_out_tokens)
     if not windows or not held_out:
         raise ValueError(f"{args.data!r} holds too little text for windows of {args.seq_len} tokens on both "
                          "sides of the held-out split")
@@ -421,8 +421,7 @@ def run_train_heads(args: argparse.Namespace) -> dict:
     settings.check()
     out = _output_dir(args.out)
     backbone, tokenizer = load_model(args.model)
-    args.tokens = args.eval_tokens
-    windows, held_out, split = _heads_data(args, tokenizer, max(1, args.steps * args.batch_size))
+    windows, held_out, split = _heads_data(args, tokenizer, max(1, args.steps * args.batch_size), args.eval_tokens)
     if args.init_from is not None:
         heads = _initial_heads(args, backbone)
     else:
@@ -457,9 +456,8 @@ def run_train_token_head(args: argparse.Namespace) -> dict:
     out = _output_dir(args.out)
     backbone, tokenizer = load_model(args.model)
     settings.check(backbone.get_output_embeddings().weight.shape[0])
-    tokens = args.tokens
-    args.tokens = args.eval_tokens
-    windows, held_out, split = _heads_data(args, tokenizer, max(1, tokens // (args.seq_len - 1)))
+    windows, held_out, split = _heads_data(args, tokenizer, max(1, args.tokens // (args.seq_len - 1)),
+                                           args.eval_tokens)
     head, record = train_token_head(backbone, token_head_features(backbone, windows), settings)
     accuracy = evaluate_token_head(head, token_head_features(backbone, held_out))
     report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
@@ -502,7 +500,7 @@ def run_eval_heads(args: argparse.Namespace) -> dict:
     if args.json is not None:
         _check_writable(args.json)
     backbone, tokenizer = load_model(args.model)
-    _, held_out, split = _heads_data(args, tokenizer, 1)
+    _, held_out, split = _heads_data(args, tokenizer, 1, args.tokens)
     results, configs = {}, {}
     for directory in args.heads_dir:
         # A joint checkpoint overwrites the backbone's weights: each gets a fresh copy.

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -214,8 +215,6 @@ def train_token_head(backbone: nn.Module, features: Features, settings: TokenHea
                      progress: bool = True) -> tuple[TokenHead, dict]:
     """A TokenHead trained on `features` (token_head_features of the training text), and a
     record of the training (losses per epoch, seconds)."""
-    import time
-
     vocab_size = backbone.get_output_embeddings().weight.shape[0]
     settings.check(vocab_size)
     torch.manual_seed(settings.seed)

@@ -31,3 +31,17 @@ def restore_num_threads():
     saved = torch.get_num_threads()
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A tiny Llama checkpoint directory and a text file of random words, for the CLI tests."""
+    from test_models_data import WORDS, save_tiny_checkpoint
+
+    path = tmp_path / "model"
+    save_tiny_checkpoint(path)
+    text = tmp_path / "text.txt"
+    generator = torch.Generator().manual_seed(0)
+    text.write_text("\n".join(" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (12,), generator=generator))
+                              for _ in range(60)))
+    return path, text

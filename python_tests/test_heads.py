@@ -20,7 +20,6 @@ from mtp_ext.heads_training import (
     train_heads,
 )
 
-from test_models_data import WORDS, save_tiny_checkpoint
 from tiny_models import ARCHITECTURES, tiny_model
 
 VOCAB = 23
@@ -295,17 +294,6 @@ def test_split_documents():
     train, held, split = split_documents(["line one\nline two\nline three\n" * 10])
     assert train[0] + held[0] == "line one\nline two\nline three\n" * 10 and held[0].startswith("\n")
     assert split["by"] == "characters"
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    path = tmp_path / "model"
-    save_tiny_checkpoint(path)
-    text = tmp_path / "text.txt"
-    generator = torch.Generator().manual_seed(0)
-    text.write_text("\n".join(" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (12,), generator=generator))
-                              for _ in range(60)))
-    return path, text
 
 
 def test_cli_train_resume_and_eval(tmp_path, tiny_checkpoint, capsys):

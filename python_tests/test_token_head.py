@@ -18,7 +18,6 @@ from mtp_ext.token_head import (
     train_token_head,
 )
 
-from test_heads import tiny_checkpoint  # noqa: F401 (a fixture)
 from tiny_models import ARCHITECTURES, tiny_model
 
 VOCAB = 13
@@ -131,7 +130,7 @@ def test_bad_arguments():
         token_head_features(model, [[3]], progress=False)
 
 
-def test_cli_trains_and_the_generate_command_drafts_with_it(tmp_path, tiny_checkpoint, capsys):  # noqa: F811
+def test_cli_trains_and_the_generate_command_drafts_with_it(tmp_path, tiny_checkpoint, capsys):
     model, text = tiny_checkpoint
     common = ["--model", str(model), "--data", str(text), "--seq-len", "16"]
     out = tmp_path / "token-head"
