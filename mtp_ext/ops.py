@@ -49,7 +49,9 @@ def top_p_candidates(
 
     Probabilities are softmax(logits / temperature) in float32. The nucleus of a row is the
     shortest run of tokens, in order of descending probability (ties: lower id first), whose
-    probability reaches `top_p` (a float, or a float tensor [B]; values in (0, 1]). Tokens more
+    probability reaches `top_p` (a float, or a float tensor [B]; values in (0, 1]). A run whose
+    probability lies within one float32 ulp under top_p reaches it: top_p is taken in float32,
+    so this keeps the decimal boundary exact (3 of 10 equal tokens reach 0.3). Tokens more
     than 29 nats below the row's top logit (probability < 2.5e-13 of the top token's) carry no
     mass and never enter a nucleus.
 
@@ -103,6 +105,7 @@ def _check_logits_rank(logits: Tensor) -> None:
 
 @torch.library.register_fake("mtp_ext::top_p_candidates")
 def _top_p_candidates_fake(logits, top_p, max_candidates, temperature):
+    _check_fake_devices("top_p_candidates", logits=logits, top_p=top_p)
     torch._check(logits.dim() == 2, lambda: "logits must be 2-D [batch, vocab]")
     batch = logits.shape[0]
     return (
@@ -115,6 +118,7 @@ def _top_p_candidates_fake(logits, top_p, max_candidates, temperature):
 
 @torch.library.register_fake("mtp_ext::top_p_mask")
 def _top_p_mask_fake(logits, top_p, min_tokens_to_keep, filter_value):
+    _check_fake_devices("top_p_mask", logits=logits, top_p=top_p)
     torch._check(logits.dim() == 2, lambda: "logits must be 2-D [batch, vocab]")
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
@@ -155,6 +159,7 @@ def tree_pack(
     and the prefix's cache gives every node the logits of [prefix, ancestors, node]; the
     cache then also holds the tree tokens, so crop it back to T afterwards.
     """
+    _check_same_device(tree_ids=tree_ids, parents=parents, counts=counts, prefix_mask=prefix_mask)
     return TreePack(*torch.ops.mtp_ext.tree_pack(
         tree_ids, parents, counts, prefix_mask, int(pad_id), int(sliding_window)
     ))
@@ -182,6 +187,7 @@ def tree_pack_teacher(
     ancestors in tree w and itself (within `sliding_window` positions, if > 0). Padding nodes
     (j >= counts[b, w], or a padding token t) see only themselves.
     """
+    _check_same_device(tree_ids=tree_ids, parents=parents, counts=counts, seq_mask=seq_mask)
     return TreePack(*torch.ops.mtp_ext.tree_pack_teacher(
         tree_ids, parents, counts, seq_mask, int(pad_id), int(sliding_window), int(first_position)
     ))
@@ -197,6 +203,7 @@ def marginal_accumulate(weights: Tensor, logits: Tensor) -> Tensor:
 
     Fused: two reads of the live rows, and the N x V probabilities are never written.
     """
+    _check_same_device(weights=weights, logits=logits)
     return torch.ops.mtp_ext.marginal_accumulate(weights, logits)
 
 
@@ -211,6 +218,7 @@ def _tree_pack_fake_outputs(tree_ids: Tensor, packed, seq_len):
 
 @torch.library.register_fake("mtp_ext::tree_pack")
 def _tree_pack_fake(tree_ids, parents, counts, prefix_mask, pad_id, sliding_window):
+    _check_fake_devices("tree_pack", tree_ids=tree_ids, parents=parents, counts=counts, prefix_mask=prefix_mask)
     torch._check(tree_ids.dim() == 2, lambda: "tree_ids must be 2-D [batch, nodes]")
     torch._check(prefix_mask.dim() == 2, lambda: "prefix_mask must be 2-D [batch, length]")
     return _tree_pack_fake_outputs(tree_ids, tree_ids.shape[1], prefix_mask.shape[1])
@@ -218,6 +226,7 @@ def _tree_pack_fake(tree_ids, parents, counts, prefix_mask, pad_id, sliding_wind
 
 @torch.library.register_fake("mtp_ext::tree_pack_teacher")
 def _tree_pack_teacher_fake(tree_ids, parents, counts, seq_mask, pad_id, sliding_window, first_position=0):
+    _check_fake_devices("tree_pack_teacher", tree_ids=tree_ids, parents=parents, counts=counts, seq_mask=seq_mask)
     torch._check(tree_ids.dim() == 3, lambda: "tree_ids must be 3-D [batch, trees, nodes]")
     torch._check(seq_mask.dim() == 2, lambda: "seq_mask must be 2-D [batch, length]")
     return _tree_pack_fake_outputs(tree_ids, tree_ids.shape[1] * tree_ids.shape[2], seq_mask.shape[1])
@@ -225,6 +234,7 @@ def _tree_pack_teacher_fake(tree_ids, parents, counts, seq_mask, pad_id, sliding
 
 @torch.library.register_fake("mtp_ext::marginal_accumulate")
 def _marginal_accumulate_fake(weights, logits):
+    _check_fake_devices("marginal_accumulate", weights=weights, logits=logits)
     torch._check(logits.dim() == 3, lambda: "logits must be 3-D [batch, candidates, vocab]")
     return logits.new_empty((logits.shape[0], logits.shape[2]), dtype=torch.float32)
 
@@ -248,6 +258,9 @@ def multihead_unembed_topk(hidden: Tensor, weight: Tensor, k: int) -> UnembedTop
     Returns `UnembedTopk(values, ids, lse)`: per head and row the k largest logits in
     descending order (ties: lower id first) [N, B, k] float32, their ids [N, B, k] int64, and
     the log-sum-exp of all V logits [N, B] float32 (so values - lse are log-probabilities).
+    A NaN logit ranks above every number, as in torch.sort and torch.topk, and makes its row's
+    lse NaN: callers that need a distribution check lse. Every bit of the result is the same
+    for any thread count.
     """
     if isinstance(k, bool) or int(k) != k:
         raise ValueError(f"k must be an integer, got {k!r}")
@@ -273,6 +286,8 @@ def multihead_cross_entropy(
     Returns a scalar float32 tensor (float64 for float64 inputs), differentiable with respect
     to hidden, weight and head_weights. Chunked over rows so that no N x M x V logits are held;
     when a gradient is needed it is computed during this call (the backward only scales it).
+    Higher-order gradients (create_graph=True) are exact but recompute the loss the plain way,
+    holding N x M x V logits.
     """
     _check_same_device(hidden=hidden, weight=weight, targets=targets, head_weights=head_weights)
     if head_weights is None:
@@ -303,21 +318,38 @@ def small_batch_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None
 
 def linear_over_rows(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """torch.ops.mtp_ext.small_batch_linear on input [..., K] flattened to rows, unchecked."""
-    rows = input.reshape(-1, input.shape[-1])
+    rows = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])  # -1 is ambiguous when K = 0
     return torch.ops.mtp_ext.small_batch_linear(rows, weight, bias).reshape(*input.shape[:-1], weight.shape[0])
 
 
-def _check_same_device(**tensors: Tensor | None) -> None:
-    """Checked here too, before dispatch: a meta tensor among CPU ones would send the call to
-    the fake kernel instead of failing."""
+def _device_mismatch(tensors: dict[str, Tensor | None]) -> str | None:
+    """"x is on A but y is on B" for the first tensor not on the first one's device, else None."""
     named = [(name, tensor) for name, tensor in tensors.items() if isinstance(tensor, Tensor)]
     for name, tensor in named[1:]:
         if tensor.device != named[0][1].device:
-            raise ValueError(f"{name} is on {tensor.device} but {named[0][0]} is on {named[0][1].device}")
+            return f"{name} is on {tensor.device} but {named[0][0]} is on {named[0][1].device}"
+    return None
+
+
+def _check_same_device(**tensors: Tensor | None) -> None:
+    """The wrappers' device check (ValueError), before dispatch."""
+    mismatch = _device_mismatch(tensors)
+    if mismatch is not None:
+        raise ValueError(mismatch)
+
+
+def _check_fake_devices(op: str, **tensors: Tensor | None) -> None:
+    """Every fake kernel's device check. A meta tensor among CPU ones sends a call to the fake
+    kernel, which would return unfilled CPU tensors; under torch.compile all inputs are fake
+    tensors of their real devices, so the check holds there as the kernels' own does."""
+    mismatch = _device_mismatch(tensors)
+    if mismatch is not None:
+        raise RuntimeError(f"mtp_ext::{op}: {mismatch}")
 
 
 @torch.library.register_fake("mtp_ext::multihead_unembed_topk")
 def _multihead_unembed_topk_fake(hidden, weight, k):
+    _check_fake_devices("multihead_unembed_topk", hidden=hidden, weight=weight)
     torch._check(hidden.dim() == 3, lambda: "hidden must be 3-D [heads, rows, hidden_size]")
     heads, batch = hidden.shape[0], hidden.shape[1]
     return (
@@ -329,6 +361,8 @@ def _multihead_unembed_topk_fake(hidden, weight, k):
 
 @torch.library.register_fake("mtp_ext::multihead_cross_entropy")
 def _multihead_cross_entropy_fake(hidden, weight, targets, head_weights, ignore_index, hidden_grad, weight_grad):
+    _check_fake_devices("multihead_cross_entropy", hidden=hidden, weight=weight, targets=targets,
+                        head_weights=head_weights)
     torch._check(hidden.dim() == 3, lambda: "hidden must be 3-D [heads, rows, hidden_size]")
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return (
@@ -340,16 +374,22 @@ def _multihead_cross_entropy_fake(hidden, weight, targets, head_weights, ignore_
 
 
 def _multihead_cross_entropy_setup_context(ctx, inputs, output):
-    _, _, _, head_weights, _, hidden_grad, weight_grad = inputs
+    hidden, weight, targets, head_weights, ignore_index, hidden_grad, weight_grad = inputs
     _, head_losses, grad_hidden, grad_weight = output
     ctx.computed = (hidden_grad, weight_grad)
     ctx.head_weights_dtype = head_weights.dtype
-    ctx.save_for_backward(head_losses, grad_hidden, grad_weight)
+    ctx.ignore_index = ignore_index
+    # The inputs themselves (no copies) for a differentiable backward (create_graph=True).
+    ctx.save_for_backward(head_losses, grad_hidden, grad_weight, hidden, weight, targets, head_weights)
 
 
 def _multihead_cross_entropy_backward(ctx, grad_loss, _grad_head_losses, _grad_hidden, _grad_weight):
-    """The gradients were computed in the forward call: scale them by the loss's gradient."""
-    head_losses, grad_hidden, grad_weight = ctx.saved_tensors
+    """The gradients were computed in the forward call: scale them by the loss's gradient.
+    Under create_graph=True they must be differentiable functions of the inputs, which the
+    forward's gradients are not: then they are recomputed the plain way."""
+    head_losses, grad_hidden, grad_weight, hidden, weight, targets, head_weights = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _differentiable_cross_entropy_backward(ctx, grad_loss, hidden, weight, targets, head_weights)
     needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if (needs_hidden and not ctx.computed[0]) or (needs_weight and not ctx.computed[1]):
         raise RuntimeError(
@@ -367,6 +407,31 @@ def _multihead_cross_entropy_backward(ctx, grad_loss, _grad_head_losses, _grad_h
     )
 
 
+def _differentiable_cross_entropy_backward(ctx, grad_loss, hidden, weight, targets, head_weights):
+    """The backward of multihead_cross_entropy as plain, differentiable PyTorch (full logits,
+    [N, M, V] at once), so that second derivatives are exact."""
+    needs = ctx.needs_input_grad
+    accumulate = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = torch.matmul(hidden.to(accumulate), weight.to(accumulate).t())
+    scored = targets != ctx.ignore_index
+    row_losses = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten().where(scored.flatten(), 0), reduction="none"
+    ).view(targets.shape) * scored
+    head_losses = row_losses.sum(1) / scored.sum(1).clamp_min(1)
+    loss = (head_weights.to(accumulate) * head_losses).sum()
+    wanted = [tensor for tensor, need in zip((hidden, weight), needs[:2]) if need]
+    grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True) if wanted else ())
+    return (
+        next(grads) if needs[0] else None,
+        next(grads) if needs[1] else None,
+        None,
+        (head_losses * grad_loss).to(ctx.head_weights_dtype) if needs[3] else None,
+        None,
+        None,
+        None,
+    )
+
+
 torch.library.register_autograd(
     "mtp_ext::multihead_cross_entropy",
     _multihead_cross_entropy_backward,
@@ -376,6 +441,7 @@ torch.library.register_autograd(
 
 @torch.library.register_fake("mtp_ext::small_batch_linear")
 def _small_batch_linear_fake(input, weight, bias):
+    _check_fake_devices("small_batch_linear", input=input, weight=weight, bias=bias)
     torch._check(input.dim() == 2, lambda: "input must be 2-D [rows, in_features]")
     torch._check(weight.dim() == 2, lambda: "weight must be 2-D [out_features, in_features]")
     return input.new_empty((input.shape[0], weight.shape[0]))

@@ -25,6 +25,15 @@ def _top_p_per_row(top_p: Union[float, Tensor], logits: Tensor) -> Tensor:
     return torch.full((logits.shape[0],), float(top_p), dtype=torch.float64)
 
 
+def _mass_share(top_p: Tensor) -> Tensor:
+    """The share of the mass a nucleus must reach, float64: top_p rounded to float32 and then
+    lowered by one float32 ulp (below 1), so that a prefix holding exactly the decimal top_p
+    reaches it (csrc/common/top_p.h, mass_target)."""
+    rounded = top_p.to(torch.float32)
+    lowered = torch.nextafter(rounded, torch.zeros_like(rounded))
+    return torch.where(rounded >= 1, rounded, lowered).to(torch.float64)
+
+
 def nucleus_in_order(logits: Tensor, top_p: Union[float, Tensor], temperature: float = 1.0):
     """The sorted view of every row and its nucleus, before any cap.
 
@@ -38,7 +47,8 @@ def nucleus_in_order(logits: Tensor, top_p: Union[float, Tensor], temperature: f
     live = torch.exp(sorted_scaled - sorted_scaled[:, :1]) >= MIN_LIVE_RATIO
     live_probs = sorted_probs.double() * live
     cum_before = live_probs.cumsum(dim=-1) - live_probs
-    target = _top_p_per_row(top_p, logits).to(logits.device)[:, None] * live_probs.sum(-1, keepdim=True)
+    share = _mass_share(_top_p_per_row(top_p, logits)).to(logits.device)
+    target = share[:, None] * live_probs.sum(-1, keepdim=True)
     in_nucleus = live & (cum_before < target)
     return order, sorted_probs, cum_before, target, in_nucleus.sum(dim=-1)
 
@@ -153,17 +163,18 @@ def multihead_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, hea
     """Reference for mtp_ext.multihead_cross_entropy: sum_i head_weights[i] * CE_i, where CE_i is
     head i's mean cross-entropy over its targets that are not ignore_index (0 if it has none).
     hidden [N, M, H], weight [V, H], targets [N, M]; head_weights [N] defaults to all ones / N.
-    Logits are computed in float32."""
+    Logits are computed in float32 (float64 for float64 inputs)."""
     num_heads = hidden.shape[0]
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if head_weights is None:
         head_weights = torch.full((num_heads,), 1.0 / num_heads, device=hidden.device)
-    loss = hidden.new_zeros((), dtype=torch.float32)
+    loss = hidden.new_zeros((), dtype=dtype)
     for head in range(num_heads):
-        logits = torch.matmul(hidden[head].float(), weight.float().t())
+        logits = torch.matmul(hidden[head].to(dtype), weight.to(dtype).t())
         kept = targets[head] != ignore_index
         if kept.any():
             head_loss = torch.nn.functional.cross_entropy(logits[kept], targets[head][kept])
-            loss = loss + head_weights[head].float() * head_loss
+            loss = loss + head_weights[head].to(dtype) * head_loss
     return loss
 
 

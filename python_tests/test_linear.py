@@ -43,6 +43,14 @@ def test_integer_inputs_are_exact_and_rows_independent(generator):
         assert torch.equal(mtp_ext.small_batch_linear(x[row:row + 1], weight), got[row:row + 1])
 
 
+@pytest.mark.parametrize("shape", [(3, 0), (2, 3, 0), (0,)])
+def test_no_input_features_gives_the_bias(shape):
+    # K = 0: the op accepts it; the wrapper's flattening must too.
+    weight, bias = torch.ones(4, 0), torch.arange(4.0)
+    got = mtp_ext.small_batch_linear(torch.ones(shape), weight, bias)
+    assert torch.equal(got, torch.nn.functional.linear(torch.ones(shape), weight, bias))
+
+
 def test_leading_dimensions_and_non_contiguous_inputs(generator):
     x = torch.randn((2, 3, 24), generator=generator)
     weight = torch.randn((40, 12), generator=generator)

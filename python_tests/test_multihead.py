@@ -394,3 +394,66 @@ def test_cuda_cross_entropy_gradcheck(generator):
     hidden.requires_grad_()
     weight.requires_grad_()
     assert torch.autograd.gradcheck(lambda h, w: mtp_ext.multihead_cross_entropy(h, w, targets), (hidden, weight))
+
+
+# ----------------------------------------------------------------------------- NaN, threads, second derivative
+
+
+def test_topk_of_nan_logits_ranks_them_first():
+    # NaN ranks above every number, as in torch.sort: fewer than k numbers must still give k ids.
+    hidden = torch.full((1, 1, 4), float("nan"))
+    weight = torch.randn(10, 4)
+    values, ids, lse = mtp_ext.multihead_unembed_topk(hidden, weight, 3)
+    assert ids.tolist() == [[[0, 1, 2]]]
+    assert torch.isnan(values).all() and torch.isnan(lse).all()
+
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_topk_with_a_nan_weight_row_equals_reference(k, generator):
+    hidden, weight = draw_inputs(2, 3, 8, 10, generator)
+    weight[6] = float("nan")
+    values, ids, lse = mtp_ext.multihead_unembed_topk(hidden, weight, k)
+    expected_values, expected_ids, expected_lse = reference.multihead_unembed_topk(hidden, weight, k)
+    assert ids[..., 0].eq(6).all() and torch.isnan(values[..., 0]).all() and torch.isnan(lse).all()
+    assert ((ids >= 0) & (ids < 10)).all()
+    assert torch.equal(ids[..., :2], expected_ids[..., :2])  # NaN first, then the clear best
+    torch.testing.assert_close(values[..., 1:], expected_values[..., 1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [3, 9, 40, 300])
+@pytest.mark.usefixtures("restore_num_threads")
+def test_topk_is_bit_identical_across_thread_counts(rows, generator):
+    hidden, weight = draw_inputs(1, rows, 64, 49_152, generator)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(mtp_ext.multihead_unembed_topk(hidden, weight, 5))
+    for other in results[1:]:
+        for got, expected in zip(other, results[0]):
+            assert torch.equal(got, expected)
+
+
+def test_cross_entropy_second_derivative_equals_reference(generator):
+    # create_graph=True: the gradient must itself be differentiable (it once gave 0 silently).
+    hidden, weight = draw_inputs(2, 5, 6, 11, generator, torch.float64)
+    targets = torch.tensor([[0, 3, -100, 10, 2], [4, 4, 1, -100, 7]])
+    head_weights = torch.tensor([0.3, 0.7], dtype=torch.float64)
+
+    def second_derivatives(loss_fn):
+        h, w, hw = (t.clone().requires_grad_() for t in (hidden, weight, head_weights))
+        grad_h, grad_w = torch.autograd.grad(loss_fn(h, w, targets, hw), (h, w), create_graph=True)
+        return torch.autograd.grad((grad_h**2).sum() + grad_w.sum() ** 2, (h, w, hw))
+
+    got = second_derivatives(mtp_ext.multihead_cross_entropy)
+    expected = second_derivatives(reference.multihead_cross_entropy)
+    assert got[0].abs().max() > 0
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_cross_entropy_gradgradcheck(generator):
+    hidden, weight = draw_inputs(2, 3, 4, 7, generator, torch.float64)
+    targets = torch.tensor([[0, 6, -100], [3, 3, 1]])
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda h, w: mtp_ext.multihead_cross_entropy(h, w, targets), (hidden, weight))

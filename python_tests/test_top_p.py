@@ -6,6 +6,7 @@ NUCLEUS_TOL of the target: `assert_matches_reference` accepts exactly that and n
 Exact comparisons (masks, Hugging Face) use inputs drawn clear of such borderlines.
 """
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -789,3 +790,32 @@ def test_cuda_bad_rows_raise(op, bad):
 def test_cuda_top_p_on_cpu_raises(op):
     with pytest.raises((ValueError, RuntimeError), match="top_p"):
         OPS[op](logits=GOOD_LOGITS.cuda(), top_p=torch.full((2,), 0.9))
+
+
+# ----------------------------------------------------------------------------- exact boundary
+
+
+BOUNDARY_TOP_P = [0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95, 0.99]
+
+
+@pytest.mark.parametrize("top_p", BOUNDARY_TOP_P)
+def test_equal_rows_keep_the_decimal_nucleus(top_p):
+    # n equal tokens: the nucleus is the smallest k with k / n >= top_p, counted exactly with
+    # fractions of the decimal top_p. top_p rounds up in float32 for most of these values,
+    # which once made a prefix of exactly top_p fall short and keep one token more.
+    exact = Fraction(str(top_p))
+    for vocab in range(1, 41):
+        expected = next(k for k in range(1, vocab + 1) if Fraction(k, vocab) >= exact)
+        logits = torch.zeros(1, vocab)
+        assert int(mtp_ext.top_p_candidates(logits, top_p, vocab).counts[0]) == expected, vocab
+        assert int(torch.isfinite(mtp_ext.top_p_mask(logits, top_p)).sum()) == expected, vocab
+        assert int(reference.top_p_candidates(logits, top_p, vocab)[2][0]) == expected, vocab
+
+
+def test_equal_rows_keep_hugging_face_count():
+    # The case that was wrong: 10 equal logits at top_p 0.3 keep 3 tokens, as HF's warper does.
+    logits = torch.zeros(1, 10)
+    hf_kept = torch.isfinite(HFTopPLogitsWarper(0.3)(None, logits.clone())).sum()
+    assert int(hf_kept) == 3
+    assert int(torch.isfinite(mtp_ext.top_p_mask(logits, 0.3)).sum()) == 3
+    assert mtp_ext.top_p_candidates(logits, torch.full((1,), 0.3), 10).counts.tolist() == [3]

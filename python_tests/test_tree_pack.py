@@ -407,6 +407,8 @@ BAD_TEACHER = {
     "counts_shape": (dict(counts=torch.zeros(2, dtype=torch.long)), "counts must have shape"),
     "too_many_trees": (dict(first_position=1), "first_position"),
     "negative_first_position": (dict(first_position=-1), "first_position"),
+    # first_position + trees overflows int64: the bound must still hold.
+    "first_position_overflows": (dict(first_position=2**63 - 1), "first_position"),
     "parent_is_self": (dict(parents=torch.zeros((2, 4, 3), dtype=torch.long)), r"parents\[0, 0, 0\] = 0"),
     "mask_float": (dict(seq_mask=GOOD_MASK.float()), "seq_mask must be bool or an integer"),
 }

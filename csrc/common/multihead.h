@@ -40,9 +40,11 @@ constexpr int64_t kLogitsBudget = int64_t(1) << 25;
 
 // A candidate (logit, id) as one integer that orders like "higher logit first, then lower id":
 // the logit's order key above, the complement of the id below. Keys of one row are unique, so
-// any selection of the k largest keys is the reference's (stable sort) top-k.
+// any selection of the k largest keys is the reference's (stable sort) top-k. A NaN of either
+// sign ranks above every number, as in torch.sort and torch.topk, and decodes to a NaN.
 MTP_HD uint64_t candidate_key(float logit, int64_t id) {
-  return (static_cast<uint64_t>(order_key(logit)) << 32) |
+  const uint32_t logit_key = isnan(logit) ? 0xffffffffu : order_key(logit);
+  return (static_cast<uint64_t>(logit_key) << 32) |
          static_cast<uint64_t>(0xffffffffu - static_cast<uint32_t>(id));
 }
 
@@ -67,11 +69,23 @@ MTP_HD uint64_t unsigned_candidate_key(int64_t key) {
 constexpr uint64_t kNoCandidate = 0;
 
 // The lowest logit that can still beat `threshold`: a cheap float test before building a key.
+// A logit passes it unless it is below the floor (may_beat), so NaN always passes, and once the
+// floor is NaN (k NaN logits kept) every logit does and the key decides.
 MTP_HD float logit_floor(uint64_t threshold) {
   return threshold == kNoCandidate ? -INFINITY : candidate_logit(threshold);
 }
 
+MTP_HD bool may_beat(float logit, float floor) { return !(logit < floor); }
+
 MTP_HD float log_sum_exp(SoftmaxStats stats) { return stats.max + logf(stats.sum); }
+
+// A row's log-sum-exp from its statistics and its best candidate key. The statistics skip NaN
+// and cannot hold +inf, so those rows take it from the best logit, as torch.logsumexp gives:
+// NaN for a row holding a NaN (which then ranks first), +inf for one holding +inf.
+MTP_HD float row_log_sum_exp(SoftmaxStats stats, uint64_t best_key) {
+  const float best = candidate_logit(best_key);
+  return isnan(best) || best == INFINITY ? best : log_sum_exp(stats);
+}
 
 // ------------------------------------------------------------------ cross-entropy rows
 

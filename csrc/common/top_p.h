@@ -9,7 +9,8 @@
 //   q_i   = round(e_i * 2^40)                         integer mass, see quantize_mass
 //   order = s descending, ties by lower id            (order_key below)
 //   the nucleus is the shortest prefix of that order whose integer mass reaches
-//   ceil(top_p * sum_i q_i), or at least min_keep tokens, cut at `cap` tokens.
+//   ceil(top_p' * sum_i q_i), top_p' the float32 just below top_p (mass_target), or at least
+//   min_keep tokens, cut at `cap` tokens.
 //
 // Integer masses make the sums associative: a histogram built with atomics on the GPU, a
 // different summation order on the CPU and a parallel reduction all give the same bits, so the
@@ -109,10 +110,15 @@ MTP_HD uint32_t radix_prefix_mask(RadixLevel level) {
   return fixed_from >= 32 ? 0u : ~0u << fixed_from;
 }
 
-// ceil(top_p * total): the integer mass a nucleus must reach.
+// ceil(top_p' * total): the integer mass a nucleus must reach, where top_p' is the float32 just
+// below top_p. top_p arrives rounded to float32 (0.3 becomes 0.30000001), so a prefix holding
+// exactly the decimal top_p (3 of 10 equal tokens) would otherwise fall short by the rounding
+// and take one token more than Hugging Face's warper: a mass within one float32 ulp under
+// top_p reaches it. (top_p > 0 here, so the bits minus one are the next float down.)
 MTP_HD uint64_t mass_target(float top_p, uint64_t total_mass) {
   if (top_p >= 1.0f) return total_mass;
-  const double target = ceil(static_cast<double>(top_p) * static_cast<double>(total_mass));
+  const float lowered = bit_cast<float>(bit_cast<uint32_t>(top_p) - 1u);
+  const double target = ceil(static_cast<double>(lowered) * static_cast<double>(total_mass));
   return target < 1.0 ? 1 : static_cast<uint64_t>(target);
 }
 

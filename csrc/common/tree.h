@@ -327,7 +327,8 @@ inline TreePackOutputs tree_pack_teacher_op(const at::Tensor& tree_ids, const at
   TORCH_CHECK(tree_ids.dim() == 3, op,
               ": tree_ids must be 3-D [batch, trees, nodes], got shape ", tree_ids.sizes());
   check_tree_args(tree_ids, parents, counts, seq_mask, sliding_window, "seq_mask", op);
-  TORCH_CHECK(first_position >= 0 && first_position + tree_ids.size(1) <= seq_mask.size(1), op,
+  // Compared as first_position <= length - trees: the sum could overflow int64.
+  TORCH_CHECK(first_position >= 0 && first_position <= seq_mask.size(1) - tree_ids.size(1), op,
               ": first_position + trees must lie in [0, length of seq_mask] (one tree per token), "
               "got first_position ", first_position, ", ", tree_ids.size(1), " trees, length ",
               seq_mask.size(1));

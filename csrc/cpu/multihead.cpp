@@ -42,22 +42,23 @@ acc_t sum_exp_below(const acc_t* row, int64_t width, acc_t max) {
   return sum;
 }
 
-// Running top-k candidates and softmax statistics of every row, over some of the tiles.
+// Running top-k candidates of every row, over a thread's run of tile groups.
 struct TopkState {
   std::vector<std::vector<uint64_t>> candidates;  // keys above threshold, per row
   std::vector<uint64_t> thresholds;                // each row's k-th best key so far
-  std::vector<SoftmaxStats> stats;
 
-  explicit TopkState(int64_t rows)
-      : candidates(rows), thresholds(rows, kNoCandidate), stats(rows, empty_stats()) {}
+  explicit TopkState(int64_t rows) : candidates(rows), thresholds(rows, kNoCandidate) {}
 };
 
-// The tiles run in parallel, each thread's run of tiles with its own state and single-threaded
-// GEMMs (one parallel region per call: a shared machine delays every region's slowest thread). A
-// tile's logits are vocabulary-major, [width, rows] (MKL computes weight_tile @ rows.T faster
-// than its transpose here), so one vector holds kRowBlock rows' logits of one token: the
-// reductions walk a block of rows kStatsChunk tokens at a time, maxima and sums in registers.
-// finish merges the threads' states.
+// The tiles run in parallel, in groups of consecutive tiles, each thread's run of groups with its
+// own candidates and single-threaded GEMMs (one parallel region per call: a shared machine
+// delays every region's slowest thread). A tile's logits are vocabulary-major, [width, rows]
+// (MKL computes weight_tile @ rows.T faster than its transpose here), so one vector holds
+// kRowBlock rows' logits of one token: the reductions walk a block of rows kStatsChunk tokens
+// at a time, maxima and sums in registers. finish merges the runs' candidates and the groups'
+// statistics in group order. The groups do not depend on the thread count, so neither does
+// any bit of the result: the candidate keys are exact, and the floating-point statistics are
+// summed in one order.
 class TopkReducerCpu {
  public:
   TopkReducerCpu(int64_t rows, int64_t k)
@@ -67,15 +68,22 @@ class TopkReducerCpu {
     // Zero rows pad the GEMM to whole blocks: the lane loops are one full vector.
     at::Tensor padded_rows = at::zeros({stride_, rows.size(1)}, rows.options().dtype(at::kFloat));
     padded_rows.narrow(0, 0, rows_).copy_(rows);
-    states_.resize(tiles.count);
-    at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
-      // Keyed by the run's first tile: right however the runs are spread over threads.
+    const int64_t groups = std::min(tiles.count, kTileGroups);
+    const int64_t tiles_per_group = (tiles.count + groups - 1) / groups;
+    states_.resize(groups);
+    group_stats_.assign(groups, std::vector<SoftmaxStats>(rows_, empty_stats()));
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      // Keyed by the run's first group: right however the runs are spread over threads.
       states_[begin] = std::make_unique<TopkState>(rows_);
       TopkState& state = *states_[begin];
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const at::Tensor weight_rows = tiles.weight_rows(weight, tile).to(at::kFloat).contiguous();
-        const at::Tensor logits = tile_logits(weight_rows, padded_rows);
-        add_tile(logits.data_ptr<float>(), logits.size(0), tiles.first_id(tile), state);
+      for (int64_t group = begin; group < end; ++group) {
+        const int64_t last_tile = std::min(tiles.count, (group + 1) * tiles_per_group);
+        for (int64_t tile = group * tiles_per_group; tile < last_tile; ++tile) {
+          const at::Tensor weight_rows = tiles.weight_rows(weight, tile).to(at::kFloat).contiguous();
+          const at::Tensor logits = tile_logits(weight_rows, padded_rows);
+          add_tile(logits.data_ptr<float>(), logits.size(0), tiles.first_id(tile), state,
+                   group_stats_[group]);
+        }
       }
     });
   }
@@ -92,14 +100,17 @@ class TopkReducerCpu {
         for (const std::unique_ptr<TopkState>& state : states_) {
           if (!state) continue;
           keys.insert(keys.end(), state->candidates[row].begin(), state->candidates[row].end());
-          stats = merge_stats(stats, state->stats[row]);
         }
+        for (const std::vector<SoftmaxStats>& group : group_stats_) stats = merge_stats(stats, group[row]);
+        // Every logit, NaN and -inf included, is a candidate until k are kept, and k <= V.
+        TORCH_INTERNAL_ASSERT(static_cast<int64_t>(keys.size()) >= k_, "row ", row, " kept ",
+                              keys.size(), " candidates for k = ", k_);
         std::partial_sort(keys.begin(), keys.begin() + k_, keys.end(), std::greater<uint64_t>());
         for (int64_t slot = 0; slot < k_; ++slot) {
           value_data[row * k_ + slot] = candidate_logit(keys[slot]);
           id_data[row * k_ + slot] = candidate_id(keys[slot]);
         }
-        lse_data[row] = log_sum_exp(stats);
+        lse_data[row] = row_log_sum_exp(stats, keys[0]);
       }
     });
   }
@@ -110,6 +121,8 @@ class TopkReducerCpu {
   static constexpr int64_t kStatsChunk = 512;
   // Up to this many rows (a drafter's few heads at one position) the product runs in dot_rows.
   static constexpr int64_t kFewRows = 8;
+  // Tile groups: the unit of parallel work, enough to keep many cores busy.
+  static constexpr int64_t kTileGroups = 64;
 
   // logits [width, stride_] of a weight tile [width, H]: the tile's rows streamed once for few
   // rows (dot_rows.h; MKL took 3x the time of one row at three), else a GEMM.
@@ -121,14 +134,15 @@ class TopkReducerCpu {
     return logits;
   }
 
-  // logits [width, stride_] of tokens first_id.. into `state`.
-  void add_tile(const float* logits, int64_t width, int64_t first_id, TopkState& state) const {
+  // logits [width, stride_] of tokens first_id.. into `state` and the group's `stats`.
+  void add_tile(const float* logits, int64_t width, int64_t first_id, TopkState& state,
+                std::vector<SoftmaxStats>& stats) const {
     for (int64_t first_row = 0; first_row < rows_; first_row += kRowBlock) {
       const int64_t count = std::min(kRowBlock, rows_ - first_row);
       for (int64_t v = 0; v < width; v += kStatsChunk) {
         const int64_t tokens = std::min(kStatsChunk, width - v);
         const float* chunk = logits + v * stride_ + first_row;
-        add_stats(chunk, tokens, first_row, count, state);
+        add_stats(chunk, tokens, first_row, count, stats);
         gather(chunk, tokens, first_row, count, first_id + v, state);
       }
     }
@@ -137,7 +151,7 @@ class TopkReducerCpu {
   // chunk[t * stride_ + r]: token t of the chunk, row first_row + r (rows from `count` on are
   // padding: computed, never kept).
   void add_stats(const float* chunk, int64_t tokens, int64_t first_row, int64_t count,
-                 TopkState& state) const {
+                 std::vector<SoftmaxStats>& row_stats) const {
     float max[kRowBlock];
     float sum[kRowBlock] = {};
     std::fill(max, max + kRowBlock, -std::numeric_limits<float>::infinity());
@@ -150,7 +164,7 @@ class TopkReducerCpu {
       for (int64_t r = 0; r < kRowBlock; ++r) sum[r] += mtp_exp(chunk[t * stride_ + r] - max[r]);
     }
     for (int64_t r = 0; r < count; ++r) {
-      SoftmaxStats& stats = state.stats[first_row + r];
+      SoftmaxStats& stats = row_stats[first_row + r];
       stats = merge_stats(stats, SoftmaxStats{max[r], sum[r]});
     }
   }
@@ -165,10 +179,10 @@ class TopkReducerCpu {
       const float* token = chunk + t * stride_;
       int any_passes = 0;
 #pragma omp simd reduction(| : any_passes)
-      for (int64_t r = 0; r < kRowBlock; ++r) any_passes |= static_cast<int>(token[r] >= floor[r]);
+      for (int64_t r = 0; r < kRowBlock; ++r) any_passes |= static_cast<int>(may_beat(token[r], floor[r]));
       if (!any_passes) continue;
       for (int64_t r = 0; r < count; ++r) {
-        if (!(token[r] >= floor[r])) continue;
+        if (!may_beat(token[r], floor[r])) continue;
         const int64_t row = first_row + r;
         const uint64_t key = candidate_key(token[r], first_id + t);
         if (key <= state.thresholds[row]) continue;
@@ -191,7 +205,8 @@ class TopkReducerCpu {
   int64_t rows_;
   int64_t stride_;  // rows padded to whole blocks: the logits' row stride
   int64_t k_;
-  std::vector<std::unique_ptr<TopkState>> states_;  // one per run of tiles, at its first tile
+  std::vector<std::unique_ptr<TopkState>> states_;  // one per run of groups, at its first group
+  std::vector<std::vector<SoftmaxStats>> group_stats_;  // [group][row]
 };
 
 UnembedTopk multihead_unembed_topk_cpu(

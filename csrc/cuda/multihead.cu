@@ -67,7 +67,7 @@ __global__ void decode_kernel(const int64_t* keys, const SoftmaxStats* stats, in
   const uint64_t key = unsigned_candidate_key(keys[slot]);
   values[slot] = candidate_logit(key);
   ids[slot] = candidate_id(key);
-  if (slot % k == 0) lse[slot / k] = log_sum_exp(stats[slot / k]);
+  if (slot % k == 0) lse[slot / k] = row_log_sum_exp(stats[slot / k], key);
 }
 
 // float32 logits [rows, width] (a block reads a row). bf16 / fp16 inputs go straight into
