@@ -1,6 +1,7 @@
 // small_batch_linear: input [M, K] @ weight[N, K].T (+ bias [N]) for the few rows of a draft
 // tree's verification pass, where a GEMM library's small-M path reads the weights far below
-// memory speed. Argument checks shared by the CPU and CUDA entry points.
+// memory speed (bench/README.md, small_batch_linear). Argument checks shared by the CPU and
+// CUDA entry points.
 #pragma once
 
 #include <torch/library.h>

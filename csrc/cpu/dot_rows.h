@@ -4,12 +4,11 @@
 // project's CPU. Here each weight row is read from memory once, in order.
 //
 // With AVX-512 each weight row meets up to 4 input rows per pass over it, in registers; the
-// passes after the first find it in L1. Measured on SmolLM2's linears (2 threads, all 30
-// layers, against the portable loop below, which pairs input rows; bench/README.md): 1-2 rows
-// the same (memory speed), 4 rows 19 against 21.5 ms, 8 rows 26 against 30 ms. Tiles of
-// several weight rows at once were slower at every count (interleaved weight streams defeat the
-// hardware prefetcher), and from 5 rows on, where the loop is bound by its FMAs, a software
-// prefetch 2 KB ahead keeps the weight stream from stalling it (it costs time below that).
+// passes after the first find it in L1. That takes fewer passes than the portable loop below,
+// which pairs input rows, and gains from 4 rows on; at 1-2 rows both run at memory speed. One
+// weight row at a time: interleaved weight streams defeat the hardware prefetcher. From 5 rows
+// on, where the loop is bound by its FMAs, a software prefetch 2 KB ahead keeps the weight
+// stream from stalling it; below that it only costs time (bench/README.md, small_batch_linear).
 #pragma once
 
 #include <algorithm>

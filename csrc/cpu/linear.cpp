@@ -1,8 +1,7 @@
 // small_batch_linear on the CPU. With a handful of rows the product is bound by reading the
-// weights, yet MKL's small-M GEMM (and even its GEMV) streams them at well under memory speed
-// (SmolLM2's 30 layers of linears, one thread: 1 / 4 / 8 rows 40 / 51 / 58 ms against 22 / 35 /
-// 49 ms here; bench/README.md). dot_rows.h streams the weights; output features are split over
-// threads.
+// weights, yet MKL's small-M GEMM (and even its GEMV) streams them at well under memory speed,
+// so dot_rows.h streams the weights instead (bench/README.md, small_batch_linear); output
+// features are split over threads.
 #include <ATen/Parallel.h>
 
 #include "../common/linear.h"

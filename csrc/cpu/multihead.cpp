@@ -119,13 +119,15 @@ class TopkReducerCpu {
   // One AVX-512 vector of rows; tokens per statistics chunk (32 KiB of logits, in L1).
   static constexpr int64_t kRowBlock = 16;
   static constexpr int64_t kStatsChunk = 512;
-  // Up to this many rows (a drafter's few heads at one position) the product runs in dot_rows.
+  // Up to this many rows (a drafter's few heads at one position) the product runs in dot_rows
+  // (bench/README.md, multihead_unembed_topk).
   static constexpr int64_t kFewRows = 8;
   // Tile groups: the unit of parallel work, enough to keep many cores busy.
   static constexpr int64_t kTileGroups = 64;
 
-  // logits [width, stride_] of a weight tile [width, H]: the tile's rows streamed once for few
-  // rows (dot_rows.h; MKL took 3x the time of one row at three), else a GEMM.
+  // logits [width, stride_] of a weight tile [width, H]: for few rows the tile's rows are streamed
+  // once (dot_rows.h), as MKL's GEMM over so thin a matrix reads them far below memory speed;
+  // else a GEMM.
   at::Tensor tile_logits(const at::Tensor& weight_rows, const at::Tensor& padded_rows) const {
     if (rows_ > kFewRows) return at::mm(weight_rows, padded_rows.t());
     at::Tensor logits = at::zeros({weight_rows.size(0), stride_}, padded_rows.options());

@@ -276,6 +276,7 @@ Threshold select_general(const float* scaled, int64_t vocab, float top_p, const 
 // (the total, and what lies above the bracket), and the radix select runs over the bracket's
 // tokens only. The exact sums decide whether the bracket holds the threshold; when it does not
 // (an unlucky sample) the row takes the general path, so the result never depends on the sample.
+// (bench/README.md, top_p_candidates / top_p_mask)
 
 constexpr int64_t kMinBracketVocab = 1024;  // below this the general path is as fast
 constexpr int64_t kSampleStride = 32;
