@@ -11,6 +11,8 @@ from typing import NamedTuple, Union
 import torch
 from torch import Tensor
 
+from mtp_ext._checks import check_positive_int, check_temperature, check_top_p
+
 TopP = Union[float, Tensor]
 
 
@@ -33,9 +35,7 @@ def _top_p_per_row(top_p: TopP, logits: Tensor) -> Tensor:
         if top_p.dim() == 0:
             top_p = top_p.expand(logits.shape[0])
         return top_p.to(torch.float32)
-    top_p = float(top_p)
-    if not (0.0 < top_p <= 1.0):  # also rejects NaN
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    top_p = check_top_p(top_p)
     return torch.full((logits.shape[0],), top_p, dtype=torch.float32, device=logits.device)
 
 
@@ -62,14 +62,11 @@ def top_p_candidates(
     No sort of the vocabulary: a radix select finds the threshold and only the selected tokens
     are sorted. Deterministic, and the same result on CPU and CUDA.
     """
-    if isinstance(max_candidates, bool) or int(max_candidates) != max_candidates or max_candidates < 1:
-        raise ValueError(f"max_candidates must be an integer >= 1, got {max_candidates}")
-    temperature = float(temperature)
-    if not (temperature > 0.0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    max_candidates = check_positive_int(max_candidates, "max_candidates")
+    temperature = check_temperature(temperature)
     _check_logits_rank(logits)
     ids, probs, counts, mass = torch.ops.mtp_ext.top_p_candidates(
-        logits, _top_p_per_row(top_p, logits), int(max_candidates), temperature
+        logits, _top_p_per_row(top_p, logits), max_candidates, temperature
     )
     return TopPCandidates(ids, probs, counts, mass)
 
@@ -88,11 +85,10 @@ def top_p_mask(
     probability underflows to 0, more than about 100 nats below the top one).
     Returns a new tensor of the same dtype.
     """
-    if isinstance(min_tokens_to_keep, bool) or int(min_tokens_to_keep) != min_tokens_to_keep or min_tokens_to_keep < 1:
-        raise ValueError(f"min_tokens_to_keep must be an integer >= 1, got {min_tokens_to_keep}")
+    min_tokens_to_keep = check_positive_int(min_tokens_to_keep, "min_tokens_to_keep")
     _check_logits_rank(logits)
     return torch.ops.mtp_ext.top_p_mask(
-        logits, _top_p_per_row(top_p, logits), int(min_tokens_to_keep), float(filter_value)
+        logits, _top_p_per_row(top_p, logits), min_tokens_to_keep, float(filter_value)
     )
 
 

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import mtp_ext
-from mtp_ext.marginal import DraftForest
+from mtp_ext.heads import TokenHead
 from mtp_ext.models.adapters import CausalLMAdapter, prefix_position_ids
-from mtp_ext.token_head import TokenHead
 from mtp_ext.speculative import (
     Drafter,
     HeadsDrafter,
@@ -23,10 +22,9 @@ from mtp_ext.speculative import (
     SpeculativeDecoder,
     TokenHeadDrafter,
     TokenRule,
-    node_depths,
-    root_forest,
     speculative_generate,
 )
+from mtp_ext.tree import DraftForest
 
 from tiny_models import ARCHITECTURES, padded_batch, tiny_model
 
@@ -50,7 +48,7 @@ class ScriptedDrafter(Drafter):
         if self.emitted is None:
             self.emitted = [1] * batch
         else:
-            stop_depths = node_depths(previous.forest).gather(1, previous.stop_nodes[:, None])[:, 0]
+            stop_depths = previous.forest.depths().gather(1, previous.stop_nodes[:, None])[:, 0]
             self.emitted = [e + int(d) + 1 for e, d in zip(self.emitted, stop_depths)]
         size = 1 + 2 * self.depth
         tokens = torch.zeros(batch, size, dtype=torch.long)
@@ -76,7 +74,7 @@ class FullTreeDrafter(Drafter):
 
     def draft(self, previous):
         batch = previous.next_tokens.shape[0]
-        forest = root_forest(previous.next_tokens)
+        forest = DraftForest.roots(previous.next_tokens)
         for _ in range(self.depth):
             parents = forest.leaf_slots()[0].repeat_interleave(VOCAB, 1)
             ids = torch.arange(VOCAB).repeat(batch, parents.shape[1] // VOCAB)
@@ -374,7 +372,7 @@ def test_heads_drafter_tree_follows_the_heads():
     forest = drafter.draft(decoder.previous)
     assert torch.equal(forest.token_ids[:, 0], decoder.previous.next_tokens)
     assert int(forest.counts.max()) == 12  # 1 + 3 + 6, and the 2 heaviest of 12 at depth 3
-    depths = node_depths(forest)
+    depths = forest.depths()
     assert int(depths.max()) == 3
     # After the prompt's pass the last real token is the stop node (left padding: the last column).
     probs = torch.softmax(adapter.logits(heads.head_hidden(decoder.previous.hidden)[:, :, -1]), -1)  # [N, B, V]
@@ -465,3 +463,20 @@ def test_cli_generate_prints_text_stats_and_speedup(tmp_path, capsys):
     assert "the marginal drafter takes one branching count" in capsys.readouterr().err
     assert resolve_drafter("marginal", None, branching=[5]).width(torch.device("cpu")) == 5
     assert MarginalDrafter().width(torch.device("cpu")) == 3 and MarginalDrafter().width(torch.device("meta")) == 8
+
+
+def test_drafter_docstring_holds_a_complete_drafter():
+    # help(mtp_ext.speculative.Drafter) shows a minimal drafter: it must run as written.
+    import doctest
+
+    model = tiny_model("llama", VOCAB)
+    globs = {"model": model, "input_ids": torch.tensor([[1, 2, 3], [4, 4, 4]])}
+    [example] = [test for test in doctest.DocTestFinder().find(Drafter, "Drafter", globs=globs)
+                 if test.name == "Drafter"]
+    runner = doctest.DocTestRunner()
+    runner.run(example)
+    assert runner.summarize(verbose=False) == doctest.TestResults(failed=0, attempted=len(example.examples))
+    drafter = example.globs["RepeatDrafter"]()
+    got = speculative_generate(model, globs["input_ids"], drafter=drafter, max_new_tokens=8, pad_token_id=0)
+    expected = greedy_reference(model, globs["input_ids"], None, 8)
+    assert torch.equal(got.sequences, expected)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
+from mtp_ext._checks import check_positive_int
 from mtp_ext.ops import linear_over_rows
 
 
@@ -111,11 +112,11 @@ class CausalLMAdapter:
         """The model's attention mask from boolean masks [B, 1, n, K] keyed by sliding window
         (0: none): additive in the model's dtype, and one per layer type for models with
         sliding layers."""
-        full = _additive(allowed[0], self.dtype)
+        full = additive_mask(allowed[0], self.dtype)
         if not self.sliding_window:
             return full
         return {"full_attention": full,
-                "sliding_attention": _additive(allowed[self.sliding_window], self.dtype)}
+                "sliding_attention": additive_mask(allowed[self.sliding_window], self.dtype)}
 
     def mask_windows(self) -> list[int]:
         """The sliding windows (0: none) for which packed_mask wants a boolean mask."""
@@ -133,8 +134,8 @@ class CausalLMAdapter:
         """Keep the first `length` tokens and, after them, the tokens at `slots` [B, L]
         (indices counted from `length`, per row); drop the rest."""
         # The kept entries are written over the first slots after `length` and the rest cut
-        # off, in place: the cache's tensors are its own (each update concatenates anew), and
-        # copying the whole cache per step cost about a millisecond for SmolLM2.
+        # off, in place: the cache's tensors are its own (each update concatenates anew), and a
+        # copy of the whole cache per step would cost more than the gather.
         kept = length + slots.shape[1]
         for layer in cache.layers:
             index = slots[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
@@ -144,9 +145,8 @@ class CausalLMAdapter:
                 setattr(layer, name, states[:, :, :kept])
 
 
-# Rows up to which small_batch_linear beats MKL on the project's CPU at 2 threads (SmolLM2's
-# linears, bench/bench_linear.py: 16 rows 1.27x; at one thread 16 rows are 6% slower); above,
-# MKL's GEMM reuses each weight tile across enough rows.
+# Rows up to which small_batch_linear beats MKL on the project's CPU (bench/README.md,
+# small_batch_linear); above, MKL's GEMM reuses each weight tile across enough rows.
 SMALL_BATCH_ROWS = 16
 
 
@@ -170,8 +170,7 @@ def small_batch_linears(model: torch.nn.Module, max_rows: int = SMALL_BATCH_ROWS
 
 def _small_batch_forward(weight: Tensor, bias: Optional[Tensor], max_rows: int) -> Callable[[Tensor], Tensor]:
     # Called for every linear layer of every pass: the parameters are bound here rather than
-    # looked up through nn.Module.__getattr__ (12 -> 9 microseconds a call with the module call
-    # itself, 0.6 ms of a SmolLM2 step).
+    # looked up through nn.Module.__getattr__, a sizeable share of a layer's call on a CPU.
     return lambda input: few_rows_linear(input, weight, bias, max_rows)
 
 
@@ -187,7 +186,9 @@ def few_rows_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None
     return torch.nn.functional.linear(input, weight, bias)
 
 
-def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True = may attend) as the additive mask HF models take: 0 where allowed,
+    the dtype's lowest number elsewhere."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
@@ -195,3 +196,29 @@ def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 def prefix_position_ids(attention_mask: Tensor) -> Tensor:
     """Position ids for a left- or right-padded batch: real tokens count from 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_real_positions(attention_mask: Tensor) -> Tensor:
+    """[B] int64: the index of each row's last real token, whichever side the padding is on."""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(1)
+
+
+def check_inputs(adapter: CausalLMAdapter, input_ids: Tensor, attention_mask: Optional[Tensor], steps: int) -> Tensor:
+    """The attention mask to use (all ones when None), after checking a request to predict
+    `steps` tokens after input_ids [B, T] (each row needs a real token, and room in the context)."""
+    steps = check_positive_int(steps, "steps")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                         f"{tuple(input_ids.shape)}")
+    if not bool((attention_mask.sum(1) > 0).all()):
+        raise ValueError("every row needs at least one real token (an attention_mask row is all 0)")
+    # The deepest tree tokens sit steps - 1 positions after the prefix.
+    needed = int(attention_mask.sum(1).max()) + steps - 1
+    if needed > adapter.context_length:
+        raise ValueError(f"input of {needed - steps + 1} tokens plus {steps - 1} predicted ones exceeds the "
+                         f"model's context of {adapter.context_length}")
+    return attention_mask

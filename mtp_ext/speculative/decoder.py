@@ -1,0 +1,282 @@
+"""Lossless self-speculative decoding: a drafter proposes a tree of continuations, one forward
+pass over the packed tree (tree_pack, reusing the KV cache) verifies it, and the longest path
+that the model itself would have produced is kept.
+
+Every step starts from a *root*: the next token, already chosen by the model's own rule from
+exact logits. The tree holds the root and drafted descendants. After the pass every node has
+the model's exact next-token logits for [sequence, path to the node], so the walk is: at a
+node, choose the next token by the model's rule (argmax, or one draw from the temperature /
+top-p distribution); if a child holds that token, descend, else that token is the next root.
+Each emitted token is thus chosen by the model's rule from the model's exact distribution given
+everything before it, whatever the drafts were: the output of greedy decoding is
+model.generate's, and sampling is plain ancestral sampling. Drafts are deterministic candidate
+sets, not samples, so no rejection-ratio correction (as in Leviathan et al.) is needed: a draft
+only decides whether the logits for the next token are already at hand.
+
+The accepted nodes' cache entries are gathered to the slots right after the cache's tokens and
+the rest are cropped; a row that accepted fewer nodes than the longest row leaves invisible
+slots (holes) that its 2-D slot mask hides, and positions count visible slots only.
+
+The phases of a step, as named below: draft (the drafter, drafters.py), pack and verify (one
+forward over the packed forest, `verify`), walk (`walk`, with the drafter's Chooser or the
+model's logits), keep (the accepted nodes' cache entries, `CausalLMAdapter.keep_cache_slots`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mtp_ext._checks import check_positive_int
+from mtp_ext.models.adapters import CausalLMAdapter, check_inputs, last_real_positions, prefix_position_ids, small_batch_linears
+from mtp_ext.speculative.drafters import resolve_drafter
+from mtp_ext.speculative.protocol import (
+    Chooser,
+    Drafter,
+    ModelLogits,
+    TokenRule,
+    VerifiedPass,
+    final_hidden,
+    gather_nodes,
+)
+from mtp_ext.tree import DraftForest, pack_forest
+
+__all__ = ["GenerationStats", "SpeculativeDecoder", "SpeculativeOutput", "speculative_generate"]
+
+
+@dataclass
+class GenerationStats:
+    new_tokens: list[int]  # per row, up to and including EOS
+    verification_steps: int  # packed forward passes after the prompt's
+    accepted_drafts: int  # drafted tokens accepted, all rows
+    drafted_nodes: int  # drafted tokens verified, all rows
+    row_steps: int  # (row, step) pairs in which the row was still generating
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(self.new_tokens) / max(self.seconds, 1e-12)
+
+    @property
+    def mean_accepted_per_step(self) -> float:
+        """Tokens emitted per verification step and row: accepted drafts + the one the model
+        chooses itself (1.0 = no draft ever accepted)."""
+        return 1.0 + self.accepted_drafts / max(self.row_steps, 1)
+
+    def to_dict(self) -> dict:
+        return {"new_tokens": self.new_tokens, "verification_steps": self.verification_steps,
+                "accepted_drafts": self.accepted_drafts, "drafted_nodes": self.drafted_nodes, "seconds": self.seconds,
+                "tokens_per_second": self.tokens_per_second,
+                "mean_accepted_per_step": self.mean_accepted_per_step}
+
+
+@dataclass
+class SpeculativeOutput:
+    sequences: Tensor  # [B, T + new] like model.generate: prompt, new tokens, pad after EOS
+    stats: GenerationStats
+
+
+class _Rows:
+    """What each row has produced so far, and whether it is done (EOS or `limit` tokens)."""
+
+    def __init__(self, batch: int, limit: int, eos: set[int]):
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.done = [False] * batch
+        self.limit, self.eos = limit, eos
+
+    def add(self, row: int, new: Sequence[int]) -> None:
+        for token in new:
+            if self.done[row]:
+                return
+            self.tokens[row].append(token)
+            self.done[row] = token in self.eos or len(self.tokens[row]) >= self.limit
+
+    def remaining(self) -> list[int]:
+        return [0 if done else self.limit - len(tokens) for tokens, done in zip(self.tokens, self.done)]
+
+
+@torch.no_grad()
+def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                         drafter: Union[str, Drafter] = "marginal", max_new_tokens: int = 32,
+                         do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                         eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+                         generator: Optional[torch.Generator] = None) -> SpeculativeOutput:
+    """Generate up to `max_new_tokens` per row with drafts verified in one packed pass per step.
+
+    Greedy (do_sample=False) gives model.generate(do_sample=False)'s tokens; sampling draws from
+    the model's distribution at `temperature`, restricted to the top-p nucleus. Rows stop at
+    `eos_token_id` (default: the model's generation config) and are padded with `pad_token_id`
+    (default: the generation config's, else the first EOS id), as model.generate does. Padding
+    of the prompt may be on either side.
+    """
+    max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
+    drafter = resolve_drafter(drafter, model)
+    rule = TokenRule(do_sample, float(temperature), float(top_p), generator)
+    adapter = CausalLMAdapter(model)
+    attention_mask = check_inputs(adapter, input_ids, attention_mask, steps=1)
+    eos, pad = generation_ids(model, eos_token_id, pad_token_id)
+    longest = int(attention_mask.sum(1).max()) + max_new_tokens
+    if longest > adapter.context_length:
+        raise ValueError(f"a prompt of {longest - max_new_tokens} tokens plus {max_new_tokens} new ones exceeds "
+                         f"the model's context of {adapter.context_length}")
+
+    start = time.perf_counter()
+    with small_batch_linears(model):  # a tree of a few nodes is bound by reading the weights
+        decoder = SpeculativeDecoder(adapter, drafter, rule, input_ids, attention_mask)
+        rows = _Rows(input_ids.shape[0], max_new_tokens, eos)
+        for row, token in enumerate(decoder.previous.next_tokens.tolist()):
+            rows.add(row, [token])
+        while not all(rows.done):
+            for row, new in enumerate(decoder.step(rows.remaining())):
+                rows.add(row, new)
+    stats = GenerationStats([len(tokens) for tokens in rows.tokens], decoder.steps, decoder.accepted_drafts,
+                            decoder.drafted_nodes, decoder.row_steps, time.perf_counter() - start)
+    return SpeculativeOutput(assemble(input_ids, rows.tokens, pad), stats)
+
+
+class SpeculativeDecoder:
+    """The decoding state between steps: the KV cache, which of its slots each row sees
+    (`slot_mask` [B, K]) and the last pass. The prompt runs on construction; `step()` drafts,
+    verifies and returns each row's new tokens."""
+
+    def __init__(self, adapter: CausalLMAdapter, drafter: Drafter, rule: TokenRule, input_ids: Tensor,
+                 attention_mask: Tensor):
+        self.adapter, self.drafter, self.rule = adapter, drafter, rule
+        self.cache = adapter.new_cache()
+        self.slot_mask = attention_mask.bool()
+        self.previous = prefill(adapter, drafter, self.cache, input_ids, self.slot_mask, rule)
+        self.steps = self.accepted_drafts = self.drafted_nodes = self.row_steps = 0
+
+    def step(self, remaining: list[int]) -> list[list[int]]:
+        """One draft-and-verify step. `remaining` [B]: tokens each row may still emit (0: the
+        row is finished; it runs along and its tokens are not counted). Returns per row the
+        accepted drafts followed by the next root."""
+        forest = prune_to_budget(self.drafter.draft(self.previous), remaining, self.adapter.context_length,
+                                 self.slot_mask.sum(1))
+        self.previous, paths, lengths = verify(self.adapter, self.drafter, self.cache, self.slot_mask, forest,
+                                               self.rule)
+        kept = torch.arange(paths.shape[1], device=lengths.device)[None, :] < lengths[:, None]
+        self.slot_mask = torch.cat([self.slot_mask, kept], 1)
+        self.steps += 1
+        new_tokens = []
+        for row, (path, length) in enumerate(zip(paths.tolist(), lengths.tolist())):
+            if remaining[row] > 0:
+                self.row_steps += 1
+                self.accepted_drafts += length - 1
+                self.drafted_nodes += int(forest.counts[row]) - 1
+            drafted = forest.token_ids[row, path[1:length]].tolist()
+            new_tokens.append(drafted + [int(self.previous.next_tokens[row])])
+        return new_tokens
+
+
+def generation_ids(model, eos_token_id, pad_token_id) -> tuple[set[int], int]:
+    """EOS ids and the pad id, defaulting to the model's generation config as model.generate does."""
+    config = getattr(model, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    eos = set() if eos_token_id is None else {int(t) for t in ([eos_token_id] if isinstance(eos_token_id, int)
+                                                                  else eos_token_id)}
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = min(eos) if eos else 0
+    return eos, int(pad_token_id)
+
+
+def assemble(input_ids: Tensor, tokens: list[list[int]], pad: int) -> Tensor:
+    width = max(len(row) for row in tokens)
+    new = torch.full((len(tokens), width), pad, dtype=input_ids.dtype, device=input_ids.device)
+    for row, row_tokens in enumerate(tokens):
+        new[row, : len(row_tokens)] = torch.tensor(row_tokens, dtype=input_ids.dtype)
+    return torch.cat([input_ids, new], 1)
+
+
+def prefill(adapter: CausalLMAdapter, drafter: Drafter, cache, input_ids: Tensor, slot_mask: Tensor,
+            rule: TokenRule) -> VerifiedPass:
+    """The prompt's pass, as a VerifiedPass whose trees are each row's last real token."""
+    hidden = adapter.hidden_states(input_ids, slot_mask.long(), prefix_position_ids(slot_mask.long()), cache,
+                                   every_layer=drafter.every_layer)
+    last_real = last_real_positions(slot_mask)[:, None]
+    logits = adapter.logits(gather_nodes(final_hidden(hidden), last_real)[:, 0])
+    forest = DraftForest.roots(input_ids.gather(1, last_real)[:, 0])
+    return VerifiedPass(forest, hidden, last_real, torch.zeros_like(last_real[:, 0]), rule.choose(logits), adapter,
+                        stop_logits=logits)
+
+
+def verify(adapter: CausalLMAdapter, drafter: Drafter, cache, slot_mask: Tensor, forest: DraftForest,
+           rule: TokenRule) -> tuple[VerifiedPass, Tensor, Tensor]:
+    """One packed pass over the trees, the walk, and the cache kept to the accepted paths.
+
+    Returns the pass, the accepted node slots [B, L] (root first; padded with the last
+    accepted slot) and the path lengths [B]."""
+    length = cache.get_seq_length()
+    packed = pack_forest(adapter, forest, slot_mask)
+    hidden = adapter.hidden_states(packed.input_ids, packed.mask, packed.position_ids, cache,
+                                   every_layer=drafter.every_layer)
+    own_chooser = drafter.chooser(adapter, hidden, rule, forest)
+    paths, stop_state, next_tokens = walk(forest, own_chooser or logits_chooser(adapter, final_hidden(hidden), rule))
+    lengths = (paths != -1).sum(1)
+    paths = torch.where(paths == -1, paths.max(1, keepdim=True).values, paths)
+    adapter.keep_cache_slots(cache, length, paths)
+    node_positions = torch.arange(forest.size, device=paths.device).expand(paths.shape[0], -1)
+    stop_nodes = paths.gather(1, lengths[:, None] - 1)[:, 0]
+    stop_logits, drafter_state = (None, stop_state) if own_chooser else (stop_state.logits, None)
+    return (VerifiedPass(forest, hidden, node_positions, stop_nodes, next_tokens, adapter, stop_logits, drafter_state),
+            paths, lengths)
+
+
+def logits_chooser(adapter: CausalLMAdapter, hidden: Tensor, rule: TokenRule) -> Chooser:
+    """The walk's default Chooser: the model's float32 logits at each node [A, V] (hidden
+    [B, T, H] of the pass), and the rule's choice from them."""
+
+    def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, ModelLogits]:
+        logits = adapter.logits(hidden[rows, slots])
+        return rule.choose(logits), ModelLogits(logits)
+
+    return choose
+
+
+def walk(forest: DraftForest, choose: Chooser):
+    """From every root, descend while the token chosen at a node is a child's token.
+
+    Returns the accepted slots [B, D] (-1 after a row's last), the state `choose` computed at
+    each row's last accepted node (a NodeState of [B, ...] tensors) and the token chosen there
+    [B]."""
+    batch, device = forest.token_ids.shape[0], forest.token_ids.device
+    rows = torch.arange(batch, device=device)
+    current = torch.zeros(batch, dtype=torch.long, device=device)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    stop_state = None
+    chosen = torch.empty(batch, dtype=torch.long, device=device)
+    path = [current.clone()]
+    live = forest.live()
+    while bool(active.any()):
+        tokens, state = choose(rows[active], current[active])
+        if stop_state is None:
+            stop_state = state.empty_rows(batch)
+        stop_state.store(active, state)
+        chosen[active] = tokens
+        matches = live[active] & (forest.parents[active] == current[active, None]) & \
+            (forest.token_ids[active] == tokens[:, None])
+        descend = matches.any(1)
+        step = torch.full((batch,), -1, dtype=torch.long, device=device)
+        step[rows[active][descend]] = matches[descend].long().argmax(1)
+        active = step >= 0
+        current = torch.where(active, step, current)
+        path.append(step)
+    return torch.stack(path[:-1], 1), stop_state, chosen
+
+
+def prune_to_budget(forest: DraftForest, remaining: list[int], context_length: int, visible: Tensor) -> DraftForest:
+    """Cut each tree below the depth that can still be emitted (tokens left to generate, room
+    in the context); rows with nothing left keep their root only."""
+    depth = forest.depths()
+    allowed = torch.tensor(remaining, device=depth.device) - 1
+    allowed = torch.minimum(allowed, context_length - 1 - visible).clamp(min=0)
+    # Levels are stored in order, so the kept nodes are a prefix of each tree.
+    slots = torch.arange(forest.size, device=depth.device)[None, :]
+    counts = ((depth <= allowed[:, None]) & (slots < forest.counts[:, None])).sum(1)
+    return forest.with_counts(counts)

@@ -1,0 +1,386 @@
+"""The drafters, and the registry that names them (`drafter="marginal"`, `"heads:DIR"`,
+`"token-head:DIR"`; the CLI's `--drafter` reads the same registry).
+
+`MarginalDrafter` uses the step-2 marginal that the verification pass gives for free at the
+last accepted node, `HeadsDrafter` trained MTP heads, `TokenHeadDrafter` a trained head that
+also reads the next root (mtp_ext.heads.TokenHead). The protocol they follow: protocol.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mtp_ext._checks import check_top_p
+from mtp_ext.models.adapters import CausalLMAdapter
+from mtp_ext.ops import marginal_accumulate, multihead_unembed_topk, top_p_candidates
+from mtp_ext.speculative.protocol import (
+    Chooser,
+    Drafter,
+    HiddenStates,
+    ModelLogits,
+    NodeState,
+    TokenRule,
+    TreeShape,
+    VerifiedPass,
+    final_hidden,
+)
+from mtp_ext.tree import DraftForest
+
+__all__ = ["DrafterEntry", "HeadsDrafter", "MarginalDrafter", "TokenHeadDrafter", "drafter_help",
+           "register_drafter", "registered_drafters", "resolve_drafter"]
+
+Branching = Union[int, Sequence[int], None]
+
+
+def depth_one_shape(branching: Branching, max_nodes: Optional[int], name: str) -> TreeShape:
+    """The shape of a drafter that drafts only the root's children: one branching count, and no
+    max_nodes (the count is the budget)."""
+    shape = TreeShape.of(branching, max_nodes)
+    if shape.depth > 1 or shape.max_nodes is not None:
+        raise ValueError(f"the {name} drafter takes one branching count (candidates under the root) and no "
+                         f"other tree shape, got branching={branching}, max_nodes={max_nodes}")
+    return shape
+
+
+def root_children(shape: TreeShape, device: torch.device) -> int:
+    """Candidates under the root of a depth-1 draft tree: the shape's, by default 3 on a CPU
+    (where each node costs a share of a pass; bench/README.md, speculative decoding) and 8
+    elsewhere."""
+    if shape.branching is not None:
+        return shape.branching[0]
+    return 3 if device.type == "cpu" else 8
+
+
+# ----------------------------------------------------------------------------- marginal
+
+
+@dataclass
+class MarginalGuess(NodeState):
+    """The distribution of the token after the next root, at the node."""
+
+    guess: Tensor  # [A, V] float32
+
+
+class MarginalDrafter(Drafter):
+    """Drafts the root's children from the step-2 marginal of the last pass.
+
+    At the last accepted node n the pass also evaluated n's children c, so
+    sum_c p(c | n) p(x | n, c) (marginal_accumulate) predicts the token after the next root
+    without another forward; its top candidates (nucleus `top_p`, at most `branching`) become
+    the root's children. Where n has no evaluated children (after the prompt, or n a leaf) the
+    children are n's own runner-up tokens, so that the next pass has a marginal again.
+
+    That is all a marginal can draft, and it is weak: the next root is chosen at n because no
+    child of n held it, so the marginal mixes the continuations of the *other* candidates.
+    Nothing a pass evaluates is conditioned on the next root, since a node holding it would have
+    been accepted: the step-k marginal of a tree of depth k - 1 predicts the token that
+    verifying the same tree already gives exactly.
+
+    Args:
+        branching: candidates under the root (an int, or a list of one count); None: 3 on a
+            CPU, 8 elsewhere.
+        top_p: the marginal's nucleus from which they are taken.
+        max_nodes: must be None (the branching count is the budget); accepted so that every
+            drafter takes the same tree arguments.
+    """
+
+    def __init__(self, branching: Branching = None, top_p: float = 0.9, max_nodes: Optional[int] = None):
+        self.top_p = check_top_p(top_p)
+        self.shape = depth_one_shape(branching, max_nodes, "marginal")
+
+    def width(self, device: torch.device) -> int:
+        """Candidates under the root on `device`."""
+        return root_children(self.shape, device)
+
+    def chooser(self, adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule,
+                forest: DraftForest) -> Chooser:
+        """Every node's logits at once (every_node_chooser), and at each visited node the
+        marginal over its children, which the draft needs at the last one."""
+        live = forest.live()
+
+        def guess(rows: Tensor, slots: Tensor, at_node: Tensor, tokens: Tensor, every_node: Tensor) -> MarginalGuess:
+            is_child = live[rows] & (forest.parents[rows] == slots[:, None])
+            return MarginalGuess(step2_guess(at_node, tokens, forest.token_ids[rows], is_child, every_node[rows]))
+
+        return every_node_chooser(adapter, hidden, rule, forest, guess)
+
+    def draft(self, previous: VerifiedPass[MarginalGuess]) -> DraftForest:
+        if previous.drafter_state is not None:
+            guess = previous.drafter_state.guess
+        else:  # after the prompt: a single node, no children
+            guess = runner_ups(torch.softmax(previous.stop_logits, -1), previous.next_tokens)
+        width = self.width(guess.device)
+        ids, probs, _, _ = top_p_candidates(guess.clamp(min=1e-30).log(), self.top_p, width)
+        forest = DraftForest.roots(previous.next_tokens)
+        return forest.grow(torch.zeros_like(ids), ids.clamp(min=0), probs, max_nodes=1 + width)
+
+
+def every_node_chooser(adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule, forest: DraftForest,
+                       at_node: Optional[Callable[..., NodeState]] = None) -> Chooser:
+    """A Chooser that unembeds every node of the pass at once, for depth-1 trees of a few
+    nodes: the walk visits the root and perhaps a child, and one read of the unembedding for a
+    few rows costs little more than for one (bench/README.md, speculative decoding), so one
+    read beats one per visited node. `at_node(rows, slots, logits at the nodes, tokens chosen
+    there, every node's logits [B, N, V])` gives the drafter's state at the node; without it,
+    the state is the model's logits."""
+    every_node = adapter.logits(final_hidden(hidden)[:, : forest.size])  # [B, N, V]
+
+    def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, NodeState]:
+        logits = every_node[rows, slots]
+        tokens = rule.choose(logits)
+        return tokens, (at_node(rows, slots, logits, tokens, every_node) if at_node else ModelLogits(logits))
+
+    return choose
+
+
+def step2_guess(at_node: Tensor, next_tokens: Tensor, node_tokens: Tensor, is_child: Tensor,
+                node_logits: Tensor) -> Tensor:
+    """The distribution [A, V] of the token after `next_tokens` [A] (chosen from logits
+    `at_node` [A, V]): the marginal over the node's children (`is_child` [A, N] over the nodes
+    of the row, their tokens `node_tokens` [A, N] and logits `node_logits` [A, N, V]), or the
+    node's runner-up tokens where it has no children, so that the next pass has a marginal."""
+    probs = torch.softmax(at_node, -1)
+    weights = probs.gather(1, node_tokens) * is_child  # rows of weight 0 are never read
+    return torch.where(is_child.any(1, keepdim=True), marginal_accumulate(weights, node_logits),
+                       runner_ups(probs, next_tokens))
+
+
+def runner_ups(probs: Tensor, chosen: Tensor) -> Tensor:
+    """probs [A, V] without the chosen tokens [A]."""
+    return probs.scatter(1, chosen[:, None], 0.0)
+
+
+# ----------------------------------------------------------------------------- MTP heads
+
+
+@dataclass
+class HeadsTopk(NodeState):
+    """The drafting heads' top-k at the node."""
+
+    values: Tensor  # [A, D, k] float32 logits
+    ids: Tensor  # [A, D, k] int64
+    lse: Tensor  # [A, D] float32 log-sum-exp
+
+
+class HeadsDrafter(Drafter):
+    """Medusa-style drafts from trained MTP heads (mtp_ext.heads.MTPHeadsModel).
+
+    Head j predicts x_{t + heads.steps[j]} (steps 2, 3, ...) from position t, so at the last
+    accepted node (position t, whose next token x_{t+1} is the next root, chosen from the model's
+    own logits) the head of step d + 1 drafts the root's descendants at depth d: its top
+    `branching[d - 1]` tokens under every node of depth d - 1, the tree pruned to the `max_nodes`
+    paths of highest probability (the product of the heads' probabilities). The heads read the
+    hidden states of the whole verification pass, so "block" heads (a decoder layer over the
+    sequence) see the packed tree instead of the text: their drafts are worse, never wrong.
+
+    The default tree depends on the device of the heads: on a CPU every extra node costs a
+    sizeable share of a single-token pass, so the 3 best guesses for the token after next (4
+    nodes) do best there; on a GPU, where a pass over 16 nodes costs about one over a single
+    token, Medusa's wider tree (4, 3, 2, 2) of 16 (bench/README.md, speculative decoding).
+
+    Args:
+        heads: an MTPHeadsModel on the decoding model.
+        branching: children per node at each depth (an int: depth 1 only).
+        max_nodes: nodes per tree, the root included.
+    """
+
+    every_layer = True  # heads with weighted hidden states read every layer
+
+    def __init__(self, heads, branching: Branching = None, max_nodes: Optional[int] = None):
+        on_cpu = heads.unembed_weight.device.type == "cpu"
+        default = TreeShape((3,), 4) if on_cpu else TreeShape((4, 3, 2, 2), 16)
+        shape = TreeShape.of(branching, max_nodes).with_default(default)
+        self.heads = heads
+        self.head_of_depth = [heads.steps.index(depth + 1) for depth in range(1, shape.depth + 1)
+                              if depth + 1 in heads.steps]
+        if not self.head_of_depth:
+            raise ValueError(f"no head predicts x_(t+2) (heads' steps: {heads.steps}): nothing to draft")
+        self.shape = TreeShape(shape.branching[: len(self.head_of_depth)], shape.node_budget())
+
+    @property
+    def branching(self) -> tuple[int, ...]:
+        return self.shape.branching
+
+    @property
+    def max_nodes(self) -> int:
+        return self.shape.max_nodes
+
+    @classmethod
+    def load(cls, directory, model, branching: Branching = None, max_nodes: Optional[int] = None) -> "HeadsDrafter":
+        """Heads saved by MTPHeadsModel.save in `directory`, for `model` (a clear error if they
+        were trained for another model)."""
+        from mtp_ext.heads import MTPHeadsModel
+
+        return cls(MTPHeadsModel.load(directory, model), branching, max_nodes)
+
+    def chooser(self, adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule,
+                forest: DraftForest) -> Optional[Chooser]:
+        """Greedy float32 decoding: at every visited node, one pass over the unembedding gives
+        the model's argmax (its top-1, lower id on ties as argmax) and the heads' top-k, which
+        are the drafts when the node is the last accepted one. A separate pass for the heads
+        would read the whole unembedding again. Other dtypes round the model's logits (argmax
+        ties that float32 top-1 would break) and sampling needs the whole distribution: None."""
+        final = final_hidden(hidden)
+        if rule.do_sample or final.dtype != torch.float32:
+            return None
+        every_position = self.drafting_hidden(hidden)
+        weight, width = self.heads.unembed_weight, max(self.branching)
+
+        def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, HeadsTopk]:
+            at_nodes = torch.cat([final[rows, slots][None], every_position[:, rows, slots]])  # [1 + D, A, H]
+            values, ids, lse = multihead_unembed_topk(at_nodes, weight, width)
+            return ids[0, :, 0], HeadsTopk(values[1:].transpose(0, 1), ids[1:].transpose(0, 1), lse[1:].transpose(0, 1))
+
+        return choose
+
+    def drafting_hidden(self, hidden: HiddenStates) -> Tensor:
+        """[D, B, T, H]: the states of the heads that draft depths 1..D, at every position of
+        the pass with these hidden states."""
+        return self.heads.head_hidden(hidden, which=self.head_of_depth)
+
+    def heads_topk(self, previous: VerifiedPass[HeadsTopk]) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k values, ids [D, B, k] and log-sum-exp [D, B] at the stop nodes of the heads that
+        draft depths 1..D (the heads of other steps are not unembedded)."""
+        state = previous.drafter_state
+        if state is not None:
+            return state.values.transpose(0, 1), state.ids.transpose(0, 1), state.lse.transpose(0, 1)
+        # head_hidden takes the pass's own hidden states (it checks them against the backbone's
+        # latest pass), so every position goes through the heads and the stop nodes are picked after.
+        every_position = self.drafting_hidden(previous.hidden)
+        at_stop = previous.stop_positions()[None, :, None, None].expand(every_position.shape[0], -1, 1,
+                                                                        every_position.shape[-1])
+        head_hidden = every_position.gather(2, at_stop)[:, :, 0]  # [D, B, H]
+        weight = self.heads.unembed_weight
+        if head_hidden.dtype == torch.float64:  # the kernel takes 16/32-bit floats; guesses need no more
+            head_hidden, weight = head_hidden.float(), weight.float()
+        return multihead_unembed_topk(head_hidden, weight, max(self.branching))
+
+    def draft(self, previous: VerifiedPass[HeadsTopk]) -> DraftForest:
+        values, ids, lse = self.heads_topk(previous)
+        probs = torch.exp(values - lse[..., None])
+        forest = DraftForest.roots(previous.next_tokens)
+        for depth, width in enumerate(self.branching):
+            slots, real = forest.leaf_slots()
+            leaf_weights = forest.weights.gather(1, slots) * real
+            child_weights = leaf_weights[:, :, None] * probs[depth, :, None, :width]
+            forest = forest.grow(slots.repeat_interleave(width, 1), ids[depth, :, :width].repeat(1, slots.shape[1]),
+                                 child_weights.flatten(1), max_nodes=self.max_nodes)
+        return forest
+
+
+# ----------------------------------------------------------------------------- token head
+
+
+class TokenHeadDrafter(Drafter):
+    """Drafts the root's children with a TokenHead (mtp_ext.heads.TokenHead): at the last
+    accepted node (position t) the walk has chosen the next root x_{t+1}, and the head reads
+    both the node's final hidden state and that token, where MTP heads must guess x_{t+2}
+    without it.
+
+    Args:
+        head: a TokenHead for the decoding model.
+        branching: its top tokens that become the root's children; None: 3 on a CPU, 8 elsewhere.
+        max_nodes: must be None, as for MarginalDrafter.
+    """
+
+    def __init__(self, head, branching: Branching = None, max_nodes: Optional[int] = None):
+        self.head = head
+        self.shape = depth_one_shape(branching, max_nodes, "token head")
+
+    @classmethod
+    def load(cls, directory, model, branching: Branching = None, max_nodes: Optional[int] = None) -> "TokenHeadDrafter":
+        """The head saved in `directory` (TokenHead.save, `mtp-ext train-token-head`), for `model`."""
+        from mtp_ext.heads import TokenHead
+
+        return cls(TokenHead.load(directory, model), branching, max_nodes)
+
+    def chooser(self, adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule,
+                forest: DraftForest) -> Chooser:
+        return every_node_chooser(adapter, hidden, rule, forest)
+
+    def draft(self, previous: VerifiedPass) -> DraftForest:
+        logits = self.head(previous.stop_hidden(), previous.next_tokens)  # [B, K] over the draft vocabulary
+        width = min(root_children(self.shape, logits.device), logits.shape[-1])
+        probs, slots = torch.softmax(logits, -1).topk(width, -1)
+        forest = DraftForest.roots(previous.next_tokens)
+        return forest.grow(torch.zeros_like(slots), self.head.vocab_ids[slots], probs, max_nodes=1 + width)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class DrafterEntry:
+    """A drafter reachable by name.
+
+    Attributes:
+        name: "name" in `drafter="name"` or `"name:ARGUMENT"`.
+        build: (argument or None, model, TreeShape or None) -> Drafter.
+        help: one line for `mtp-ext generate --help`.
+        argument: what the text after "name:" is (e.g. "DIR"), or None if it takes none.
+    """
+
+    name: str
+    build: Callable[[Optional[str], object, Optional[TreeShape]], Drafter]
+    help: str
+    argument: Optional[str] = None
+
+    def usage(self) -> str:
+        return f"{self.name}:{self.argument}" if self.argument else self.name
+
+
+_REGISTRY: dict[str, DrafterEntry] = {}
+
+
+def register_drafter(name: str, build: Callable[[Optional[str], object, Optional[TreeShape]], Drafter],
+                     help: str, argument: Optional[str] = None) -> None:
+    """Makes `drafter=name` (or `name:ARGUMENT`) build a drafter, in speculative_generate and in
+    `mtp-ext generate --drafter`.
+
+    Args:
+        name: the drafter's name, without ":".
+        build: (argument, model, shape) -> Drafter; argument is the text after "name:" (None
+            without), shape the user's TreeShape (None: the drafter's default).
+        help: one line describing it.
+        argument: what the text after "name:" is, e.g. "DIR"; None if it takes none.
+    """
+    if not name or ":" in name:
+        raise ValueError(f"a drafter name must be non-empty and hold no ':', got {name!r}")
+    _REGISTRY[name] = DrafterEntry(name, build, help, argument)
+
+
+def registered_drafters() -> list[DrafterEntry]:
+    """Every drafter reachable by name, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def drafter_help() -> str:
+    """The registered drafters as one help text."""
+    return "; ".join(f"'{entry.usage()}': {entry.help}" for entry in registered_drafters())
+
+
+def resolve_drafter(drafter: Union[str, Drafter], model, branching: Branching = None,
+                    max_nodes: Optional[int] = None) -> Drafter:
+    """A Drafter from an instance or a registered name ("marginal", "heads:DIR",
+    "token-head:DIR", ...), built for `model` with the tree shape `branching` / `max_nodes`
+    (None: the drafter's default)."""
+    if isinstance(drafter, Drafter):
+        return drafter
+    name, _, argument = drafter.partition(":") if isinstance(drafter, str) else ("", "", "")
+    entry = _REGISTRY.get(name)
+    if entry is None or (entry.argument is not None) != bool(argument):
+        usages = ", ".join(f"'{entry.usage()}'" for entry in registered_drafters())
+        raise ValueError(f"unknown drafter {drafter!r}: use {usages} or a Drafter")
+    return entry.build(argument or None, model, TreeShape.of(branching, max_nodes))
+
+
+register_drafter("marginal", lambda _, model, shape: MarginalDrafter(**shape.as_arguments()),
+                 help="the step-2 marginal of the last pass (no training; weak)")
+register_drafter("heads", lambda directory, model, shape: HeadsDrafter.load(directory, model, **shape.as_arguments()),
+                 help="MTP heads saved in DIR (mtp-ext train-heads), a Medusa-style tree", argument="DIR")
+register_drafter("token-head", lambda directory, model, shape: TokenHeadDrafter.load(directory, model,
+                                                                                     **shape.as_arguments()),
+                 help="a TokenHead saved in DIR (mtp-ext train-token-head): drafts best", argument="DIR")

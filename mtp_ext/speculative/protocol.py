@@ -1,0 +1,231 @@
+"""What a drafter is: the protocol between the decoding engine (decoder.py) and the drafters
+(drafters.py), and the types both speak.
+
+Each step the engine hands the drafter the last verified pass (`VerifiedPass`); the drafter
+returns a draft forest (mtp_ext.tree.DraftForest) whose slot 0 of every row is the next root,
+already chosen by the model; one packed pass verifies it. A drafter may also supply the walk's
+`Chooser`, which makes the model's choice at each visited node and, in the same unembedding,
+computes what the drafter needs there (its `NodeState`), handed back in the next VerifiedPass.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Generic, Optional, Sequence, TypeVar, Union
+
+import torch
+from torch import Tensor
+
+from mtp_ext._checks import check_positive_int, check_positive_ints, check_temperature, check_top_p
+from mtp_ext.models.adapters import CausalLMAdapter
+from mtp_ext.ops import top_p_mask
+from mtp_ext.tree import DraftForest
+
+__all__ = ["Chooser", "Drafter", "HiddenStates", "ModelLogits", "NodeState", "TokenRule", "TreeShape",
+           "VerifiedPass", "final_hidden", "gather_nodes"]
+
+# The pass's final-norm hidden states [B, T, H], or the model's tuple of every layer's.
+HiddenStates = Union[Tensor, tuple[Tensor, ...]]
+
+
+@dataclass
+class TokenRule:
+    """How the model chooses a token from logits: argmax, or one draw from softmax(logits /
+    temperature) restricted to the top-p nucleus (top_p_mask)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generator: Optional[torch.Generator] = None
+
+    def __post_init__(self):
+        self.temperature = check_temperature(self.temperature)
+        self.top_p = check_top_p(self.top_p)
+
+    def choose(self, logits: Tensor) -> Tensor:
+        """One token per row.
+
+        Args:
+            logits: [R, V] float.
+
+        Returns:
+            [R] int64; one random draw per row when sampling.
+        """
+        if not self.do_sample:
+            return logits.argmax(-1)
+        scores = logits / self.temperature
+        if self.top_p < 1.0:
+            scores = top_p_mask(scores, self.top_p)
+        probs = torch.softmax(scores, -1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+
+@dataclass
+class NodeState:
+    """Tensors [A, ...] that a Chooser computed at A visited nodes (subclass it with your
+    fields). The walk keeps, per row, those of the row's last accepted node."""
+
+    def empty_rows(self, batch: int) -> "NodeState":
+        """A state of `batch` rows, shaped like this one's, to fill with store()."""
+        return type(self)(**{name: tensor.new_empty((batch,) + tensor.shape[1:])
+                             for name, tensor in self._tensors().items()})
+
+    def store(self, rows: Tensor, computed: "NodeState") -> None:
+        """Rows `rows` (bool [batch]) take `computed`'s values."""
+        for name, tensor in computed._tensors().items():
+            getattr(self, name)[rows] = tensor
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
+@dataclass
+class ModelLogits(NodeState):
+    """The walk's default state: the model's float32 logits at the node."""
+
+    logits: Tensor  # [A, V]
+
+
+StateT = TypeVar("StateT", bound=NodeState)
+
+# The walk's rule at the nodes it visits: (batch rows [A], node slots [A]) -> (the token chosen
+# at each node [A], the state computed there).
+Chooser = Callable[[Tensor, Tensor], tuple[Tensor, NodeState]]
+
+
+@dataclass
+class VerifiedPass(Generic[StateT]):
+    """One forward pass and its walk: what drafters learn from for the next tree.
+
+    Attributes:
+        forest: the nodes evaluated, one tree per row (slot 0: the root).
+        hidden: the pass's hidden states (HiddenStates).
+        node_positions: [B, N] int64, where each forest slot lies along hidden's T.
+        stop_nodes: [B] int64, the slot of each row's last accepted node.
+        next_tokens: [B] int64, the next roots, chosen at the stop nodes.
+        adapter: the model's adapter.
+        stop_logits: [B, V] float32 model logits at the stop nodes, where the walk used the
+            model's logits (no drafter chooser), else None.
+        drafter_state: what the drafter's own chooser computed at the stop nodes, else None.
+    """
+
+    forest: DraftForest
+    hidden: HiddenStates
+    node_positions: Tensor
+    stop_nodes: Tensor
+    next_tokens: Tensor
+    adapter: CausalLMAdapter
+    stop_logits: Optional[Tensor] = None
+    drafter_state: Optional[StateT] = None
+
+    def stop_positions(self) -> Tensor:
+        """[B] where each row's last accepted node lies along hidden's T."""
+        return self.node_positions.gather(1, self.stop_nodes[:, None])[:, 0]
+
+    def stop_hidden(self) -> Tensor:
+        """[B, H] the final hidden state at each row's last accepted node."""
+        return gather_nodes(final_hidden(self.hidden), self.stop_positions()[:, None])[:, 0]
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """The shape of a draft tree, one type for every drafter: `branching[d]` children under each
+    node of depth d (the root has depth 0) and at most `max_nodes` nodes per tree, the root
+    included. A field left None takes the drafter's default.
+
+    `TreeShape.of(3)` is a depth-1 tree of 3 guesses; `TreeShape.of((4, 3, 2, 2), 16)` Medusa's."""
+
+    branching: Optional[tuple[int, ...]] = None
+    max_nodes: Optional[int] = None
+
+    def __post_init__(self):
+        if self.branching is not None:
+            object.__setattr__(self, "branching", check_positive_ints(self.branching, "branching"))
+        if self.max_nodes is not None:
+            object.__setattr__(self, "max_nodes", check_positive_int(self.max_nodes, "max_nodes"))
+
+    @classmethod
+    def of(cls, branching: Union[int, Sequence[int], None] = None, max_nodes: Optional[int] = None) -> "TreeShape":
+        """A shape from a count (depth 1) or a list of counts per depth."""
+        if isinstance(branching, int) and not isinstance(branching, bool):
+            branching = (branching,)
+        return cls(None if branching is None else tuple(branching), max_nodes)
+
+    def with_default(self, default: "TreeShape") -> "TreeShape":
+        """This shape, its None fields taken from `default`."""
+        return TreeShape(self.branching if self.branching is not None else default.branching,
+                         self.max_nodes if self.max_nodes is not None else default.max_nodes)
+
+    @property
+    def depth(self) -> int:
+        return len(self.branching or ())
+
+    def node_budget(self) -> int:
+        """max_nodes, or the full tree's size where it is None."""
+        if self.max_nodes is not None:
+            return self.max_nodes
+        nodes, level = 1, 1
+        for count in self.branching or ():
+            level *= count
+            nodes += level
+        return nodes
+
+    def as_arguments(self) -> dict:
+        """The fields that are set, as keyword arguments of a drafter's constructor."""
+        return {name: value for name, value in (("branching", self.branching), ("max_nodes", self.max_nodes))
+                if value is not None}
+
+
+class Drafter:
+    """Proposes each step's draft tree: `draft(previous)` returns a DraftForest whose slot 0 of
+    every row is `previous.next_tokens` (parent -1) and whose other nodes descend from it, level
+    by level (as DraftForest.grow builds them). Drafts decide only which logits the verification
+    pass computes: whatever they are, the output is the model's own (greedy: model.generate's).
+
+    A complete drafter, which guesses that the root's token comes again:
+
+    >>> import torch
+    >>> from mtp_ext.speculative import Drafter, speculative_generate
+    >>> from mtp_ext.tree import DraftForest
+    >>> class RepeatDrafter(Drafter):
+    ...     def draft(self, previous):
+    ...         roots = previous.next_tokens                          # [B], chosen by the model
+    ...         forest = DraftForest.roots(roots)                     # slot 0: the root
+    ...         return forest.grow(torch.zeros_like(roots)[:, None],  # children of slot 0 ...
+    ...                            roots[:, None],                    # ... holding these tokens,
+    ...                            torch.ones(len(roots), 1),         # ... of these weights
+    ...                            max_nodes=2)
+    >>> out = speculative_generate(model, input_ids, drafter=RepeatDrafter(), max_new_tokens=8)
+    >>> out.sequences.shape[1] == input_ids.shape[1] + 8
+    True
+
+    To reach it by name (`drafter="repeat"`, `mtp-ext generate --drafter repeat`), register a
+    factory: `register_drafter("repeat", lambda argument, model, shape: RepeatDrafter(),
+    help="the root's token again")` (mtp_ext.speculative.drafters).
+
+    Optional: `every_layer = True` when draft() reads every layer's hidden states, and a
+    `chooser()` that computes the drafter's needs during the walk (see MarginalDrafter).
+    """
+
+    every_layer = False  # whether draft() reads every layer's hidden states
+
+    def draft(self, previous: VerifiedPass) -> DraftForest:
+        """The next step's draft forest, from the last verified pass."""
+        raise NotImplementedError
+
+    def chooser(self, adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule,
+                forest: DraftForest) -> Optional[Chooser]:
+        """Optionally, a Chooser for the walk over a pass over `forest` with these hidden states
+        that makes the model's choice and, in the same unembedding, what draft() needs at the
+        node (previous.drafter_state). None: the walk computes the model's logits (stop_logits)."""
+        return None
+
+
+def final_hidden(hidden: HiddenStates) -> Tensor:
+    """[B, T, H] the final-norm states of a pass (the last of the model's tuple)."""
+    return hidden[-1] if isinstance(hidden, tuple) else hidden
+
+
+def gather_nodes(hidden: Tensor, slots: Tensor) -> Tensor:
+    """hidden [B, N, H] at slots [B, M] -> [B, M, H]."""
+    return hidden.gather(1, slots[:, :, None].expand(-1, -1, hidden.shape[-1]))

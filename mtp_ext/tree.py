@@ -1,0 +1,133 @@
+"""Draft forests (one tree of candidate tokens per row) and packing them for one forward pass
+of a model over its KV cache. Shared by marginalisation (mtp_ext.marginal, mtp_ext.evaluate)
+and speculative decoding (mtp_ext.speculative)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from mtp_ext.models.adapters import CausalLMAdapter, PackedMask
+from mtp_ext.ops import TreePack, tree_pack
+
+__all__ = ["DraftForest", "PackedTokens", "pack_for_model", "pack_forest"]
+
+
+@dataclass
+class DraftForest:
+    """R draft trees, one per row (predict, decoding) or per (row, position) (evaluation).
+    Nodes are stored level by level, so a tree's deepest nodes are its last `leaf_counts` slots.
+
+    Attributes:
+        token_ids: [R, N] int64, each node's token.
+        parents: [R, N] int64, the parent's slot, -1 for depth 1.
+        weights: [R, N] float32, the path probability, 0 in unused slots.
+        counts: [R] int64, slots in use.
+        leaf_counts: [R] int64, nodes of the deepest level.
+    """
+
+    token_ids: Tensor
+    parents: Tensor
+    weights: Tensor
+    counts: Tensor
+    leaf_counts: Tensor
+
+    @classmethod
+    def from_candidates(cls, ids: Tensor, probs: Tensor, counts: Tensor) -> "DraftForest":
+        """Trees of depth 1 from padded candidates: ids [R, C] (-1 unused), probs [R, C],
+        counts [R]."""
+        counts = counts.long()
+        return cls(ids.clamp(min=0), torch.full_like(ids, -1), probs.clone(), counts, counts.clone())
+
+    @classmethod
+    def roots(cls, tokens: Tensor) -> "DraftForest":
+        """Trees of one node each, the tokens [R], of weight 1."""
+        ones = torch.ones(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        return cls.from_candidates(tokens[:, None], torch.ones(tokens.shape[0], 1, device=tokens.device), ones)
+
+    @property
+    def size(self) -> int:
+        return self.token_ids.shape[1]
+
+    def live(self) -> Tensor:
+        """[R, N] bool: the slots in use."""
+        return torch.arange(self.size, device=self.counts.device)[None, :] < self.counts[:, None]
+
+    def depths(self) -> Tensor:
+        """[R, N] int64: every node's depth, 0 for a node whose parent is -1."""
+        depth = torch.zeros_like(self.parents)
+        for slot in range(1, self.size):
+            parent = self.parents[:, slot]
+            depth[:, slot] = torch.where(parent >= 0, depth.gather(1, parent.clamp(min=0)[:, None])[:, 0] + 1, 0)
+        return depth
+
+    def with_counts(self, counts: Tensor) -> "DraftForest":
+        """The same trees cut to their first `counts` [R] slots (a prefix of whole levels)."""
+        return DraftForest(self.token_ids, self.parents, self.weights, counts, self.leaf_counts)
+
+    def leaf_slots(self) -> tuple[Tensor, Tensor]:
+        """Slots of each tree's deepest nodes [R, L] and which of them are real [R, L]."""
+        width = max(int(self.leaf_counts.max()), 1)
+        offsets = torch.arange(width, device=self.counts.device)
+        first_leaf = (self.counts - self.leaf_counts)[:, None]
+        real = offsets[None, :] < self.leaf_counts[:, None]
+        slots = (first_leaf + offsets[None, :]).clamp(max=self.size - 1)
+        return slots, real
+
+    def grow(self, parent_slots: Tensor, child_ids: Tensor, child_weights: Tensor, max_nodes: int) -> "DraftForest":
+        """A new level: candidate children [R, M] (ids, path weights, 0 for none) of the
+        nodes at parent_slots [R, M]; each tree keeps its heaviest children within max_nodes."""
+        room = (max_nodes - self.counts).clamp(min=0)
+        order = torch.argsort(child_weights, dim=1, descending=True, stable=True)
+        kept_per_tree = torch.minimum((child_weights > 0).sum(1), room)
+        width = max(int(kept_per_tree.max()), 0)
+        order = order[:, :width]
+        keep = torch.arange(width, device=order.device)[None, :] < kept_per_tree[:, None]
+        new_size = max(int((self.counts + kept_per_tree).max()), self.size)
+        pad = new_size - self.size
+        token_ids = torch.nn.functional.pad(self.token_ids, (0, pad))
+        parents = torch.nn.functional.pad(self.parents, (0, pad), value=-1)
+        weights = torch.nn.functional.pad(self.weights, (0, pad))
+        # Children go after each tree's nodes; slots past a tree's share point at a scratch
+        # column that is cut off below.
+        target = torch.where(keep, self.counts[:, None] + torch.arange(width, device=order.device)[None, :],
+                             new_size)
+        scratch = torch.zeros(token_ids.shape[0], 1, dtype=token_ids.dtype, device=token_ids.device)
+        token_ids = torch.cat([token_ids, scratch], 1).scatter_(1, target, child_ids.gather(1, order))
+        parents = torch.cat([parents, scratch - 1], 1).scatter_(1, target, parent_slots.gather(1, order))
+        weights = torch.cat([weights, scratch.float()], 1).scatter_(1, target, child_weights.gather(1, order))
+        return DraftForest(token_ids[:, :new_size], parents[:, :new_size], weights[:, :new_size],
+                           self.counts + kept_per_tree, kept_per_tree)
+
+
+@dataclass
+class PackedTokens:
+    """Tree tokens as a model takes them.
+
+    Attributes:
+        input_ids: [B, P] int64.
+        position_ids: [B, P] int64.
+        mask: the model's attention mask over (cache, tree tokens): a tensor, or one per layer type.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    mask: PackedMask
+
+
+def pack_for_model(adapter: CausalLMAdapter, pack: Callable[[int], TreePack]) -> PackedTokens:
+    """Tree tokens and the model's mask: `pack(sliding_window)` -> TreePack runs once per
+    window that the model's layers use (0: none)."""
+    allowed = {}
+    for window in adapter.mask_windows():
+        packed = pack(window)
+        allowed[window] = packed.attention_mask
+    return PackedTokens(packed.input_ids, packed.position_ids, adapter.packed_mask(allowed))
+
+
+def pack_forest(adapter: CausalLMAdapter, forest: DraftForest, prefix_mask: Tensor) -> PackedTokens:
+    """One tree per row after a prefix held in the cache (prefix_mask [B, T]), packed for the model."""
+    return pack_for_model(adapter, lambda window: tree_pack(
+        forest.token_ids, forest.parents, forest.counts, prefix_mask, sliding_window=window))
