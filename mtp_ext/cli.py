@@ -7,66 +7,135 @@
     mtp-ext train-heads --model smollm2-135m --data austen --heads 3 --whs --steps 200 --out runs/whs
     mtp-ext eval-heads --model smollm2-135m --data austen --heads-dir runs/frozen runs/whs --json heads.json
     mtp-ext train-token-head --model smollm2-135m --data austen --out runs/token-head
+
+Every user error (a bad argument, a missing or damaged file) ends the command with one line on
+stderr, `error: ...`, naming what is wrong, and exit status 2 (argparse's own errors: its usage
+line and error, also 2). Arguments and output paths are checked before a model is loaded.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+import tempfile
 from pathlib import Path
+
+from mtp_ext._io import UserError, atomic_write_text, read_json, required_keys
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = "austen"
+EXIT_USER_ERROR = 2
+EVAL_KEYS = ("model", "data", "task", "steps")
+EVAL_STEP_KEYS = ("step", "positions", "accuracy", "accuracy_lower", "accuracy_upper", "captured_mass")
+ANALYSIS_KEYS = ("model", "data", "summary")
+ANALYSIS_SUMMARY_KEYS = ("positions", "mean_entropy", "mean_nucleus_size")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _bounded_int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, lowest: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {lowest}, got {text!r}") from None
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {lowest}, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a float in (0, 1]."""
+    value = _float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+def open_share(text: str) -> float:
+    """argparse type: a float in (0, 1)."""
+    value = _float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    value = _float(text)
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+def _add_model_argument(parser: argparse.ArgumentParser, **kwargs) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, **kwargs)
+    parser.add_argument("--allow-download", action="store_true",
+                        help="let a --model that is neither built in nor a local directory be downloaded as a "
+                             "Hugging Face hub id (also: HF_HUB_OFFLINE=0 in the environment)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtp-ext", description="Multi-token prediction for next-token LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
     evaluate = commands.add_parser("eval", help="teacher-forced top-k accuracy of marginalisation MTP")
-    evaluate.add_argument("--model", default=DEFAULT_MODEL,
-                          help="built-in name (smollm2-135m, gemma3-270m), checkpoint directory or hub id")
+    _add_model_argument(evaluate, help="built-in name (smollm2-135m, gemma3-270m), checkpoint directory, or "
+                                       "a hub id with --allow-download")
     evaluate.add_argument("--data", default=DEFAULT_DATA,
                           help="built-in corpus (austen, shakespeare, bible-en-es) or a .txt / .jsonl file")
-    evaluate.add_argument("--steps", type=int, default=2, help="predict x_{t+1} .. x_{t+steps}")
-    evaluate.add_argument("--top-p", type=float, default=0.99, help="nucleus of every intermediate level")
-    evaluate.add_argument("--max-candidates", type=int, default=64, help="cap on each nucleus")
-    evaluate.add_argument("--max-nodes", type=int, default=256, help="cap on the nodes of a draft tree")
-    evaluate.add_argument("--tokens", type=int, default=4096, help="evaluated positions")
-    evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (open-ended text)")
-    evaluate.add_argument("--batch-size", type=int, default=4)
-    evaluate.add_argument("--top-k", type=int, nargs="+", default=[1, 5])
+    evaluate.add_argument("--steps", type=positive_int, default=2, help="predict x_{t+1} .. x_{t+steps}")
+    evaluate.add_argument("--top-p", type=probability, default=0.99, help="nucleus of every intermediate level")
+    evaluate.add_argument("--max-candidates", type=positive_int, default=64, help="cap on each nucleus")
+    evaluate.add_argument("--max-nodes", type=positive_int, default=256, help="cap on the nodes of a draft tree")
+    evaluate.add_argument("--tokens", type=positive_int, default=4096, help="evaluated positions")
+    evaluate.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence (open-ended text)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=4)
+    evaluate.add_argument("--top-k", type=positive_int, nargs="+", default=[1, 5])
     evaluate.add_argument("--json", type=Path, help="write the results as JSON here")
     evaluate.add_argument("--plot", type=Path, help="draw the accuracy per step (Fig. 1 style) here (PNG)")
-    evaluate.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    evaluate.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
 
     analysis = commands.add_parser("analyze", help="logit-lens KL, entropy and nucleus sizes (Figs. 2-4)")
-    analysis.add_argument("--model", default=DEFAULT_MODEL)
+    _add_model_argument(analysis)
     analysis.add_argument("--data", default=DEFAULT_DATA)
-    analysis.add_argument("--tokens", type=int, default=4096, help="positions to analyse")
-    analysis.add_argument("--seq-len", type=int, default=512)
-    analysis.add_argument("--top-p", type=float, nargs="+", default=[0.99, 0.9])
+    analysis.add_argument("--tokens", type=positive_int, default=4096, help="positions to analyse")
+    analysis.add_argument("--seq-len", type=positive_int, default=512)
+    analysis.add_argument("--top-p", type=probability, nargs="+", default=[0.99, 0.9])
     analysis.add_argument("--out", type=Path, required=True, help="directory for analysis.json and the plots")
-    analysis.add_argument("--threads", type=int, default=None)
+    analysis.add_argument("--threads", type=positive_int, default=None)
 
     generate = commands.add_parser("generate", help="self-speculative decoding with MTP drafts")
-    generate.add_argument("--model", default=DEFAULT_MODEL)
+    _add_model_argument(generate)
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--drafter", default="marginal",
                           help="marginal, heads:DIR for MTP heads saved in DIR, or token-head:DIR for a TokenHead")
-    generate.add_argument("--branching", type=int, nargs="+", default=None,
+    generate.add_argument("--branching", type=positive_int, nargs="+", default=None,
                           help="candidates per node at each depth (heads; default: 3 on a CPU, 4 3 2 2 on a GPU), or "
                                "under the root (marginal and token head, one count; default: 3 on a CPU, 8 on a GPU)")
-    generate.add_argument("--max-nodes", type=int, default=None,
+    generate.add_argument("--max-nodes", type=positive_int, default=None,
                           help="heads drafter: node budget of a draft tree (default: 4 on a CPU, 16 on a GPU)")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64)
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    generate.add_argument("--temperature", type=float, default=1.0)
-    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--temperature", type=positive_float, default=1.0)
+    generate.add_argument("--top-p", type=probability, default=1.0)
     generate.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     generate.add_argument("--compare", action="store_true",
                           help="also run model.generate with the same settings and print the speed-up")
-    generate.add_argument("--threads", type=int, default=None)
+    generate.add_argument("--threads", type=positive_int, default=None)
 
     report = commands.add_parser("report", help="one table and the Fig. 1 chart from eval / analyze results")
     report.add_argument("dirs", type=Path, nargs="+", help="directories holding eval.json and/or analysis.json")
@@ -82,62 +151,78 @@ def _add_heads_parsers(commands) -> None:
     train.add_argument("--head-type", choices=["resblock", "block"], default="resblock")
     train.add_argument("--whs", action="store_true", help="weighted hidden states: each head mixes every layer")
     train.add_argument("--joint", action="store_true", help="train the backbone too (loss adds the NTP loss)")
-    train.add_argument("--steps", type=int, required=True, help="train up to this step (resumes from --out)")
+    train.add_argument("--steps", type=non_negative_int, required=True,
+                       help="train up to this step (resumes from --out)")
     train.add_argument("--out", type=Path, required=True, help="checkpoint directory (resumed if it holds one)")
-    train.add_argument("--batch-size", type=int, default=2, help="windows of --seq-len tokens per step")
-    train.add_argument("--lr", type=float, default=1e-3, help="learning rate of the heads and WHS weights")
-    train.add_argument("--whs-lr", type=float, default=5e-2, help="learning rate of the WHS logits (--whs)")
-    train.add_argument("--backbone-lr", type=float, default=1e-5, help="learning rate of the backbone (--joint)")
+    train.add_argument("--batch-size", type=positive_int, default=2, help="windows of --seq-len tokens per step")
+    train.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of the heads and WHS weights")
+    train.add_argument("--whs-lr", type=positive_float, default=5e-2, help="learning rate of the WHS logits (--whs)")
+    train.add_argument("--backbone-lr", type=positive_float, default=1e-5,
+                       help="learning rate of the backbone (--joint)")
     train.add_argument("--ntp-weight", type=float, default=1.0, help="weight of the NTP loss (--joint)")
-    train.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    train.add_argument("--checkpoint-every", type=positive_int, default=25, help="steps between checkpoints")
     train.add_argument("--targets", choices=["text", "model"], default="text",
                        help="what the heads predict: the text, or the backbone's own greedy choices "
                             "(self-distillation, for drafting in speculative decoding)")
     train.add_argument("--init-from", type=Path, default=None,
                        help="start from the heads saved in this directory (fine-tuning); they must match "
                             "--heads, --head-type, --whs and --joint")
-    train.add_argument("--time-budget", type=float, default=None,
+    train.add_argument("--time-budget", type=positive_float, default=None,
                        help="stop (and checkpoint) after this many seconds of training; rerun to go on")
-    train.add_argument("--eval-tokens", type=int, default=1024, help="held-out positions scored after training")
+    train.add_argument("--eval-tokens", type=positive_int, default=1024,
+                       help="held-out positions scored after training")
 
     token_head = commands.add_parser("train-token-head",
                                      help="train a drafting head that reads the next token too (TokenHead)")
     _add_heads_data_arguments(token_head)
     token_head.add_argument("--out", type=Path, required=True, help="directory for the head")
-    token_head.add_argument("--tokens", type=int, default=200_000, help="training positions (one backbone pass)")
-    token_head.add_argument("--eval-tokens", type=int, default=8192, help="held-out positions scored")
-    token_head.add_argument("--epochs", type=int, default=6)
-    token_head.add_argument("--batch-size", type=int, default=512, help="positions per step")
-    token_head.add_argument("--lr", type=float, default=1e-3, help="AdamW, cosine decay to 0")
+    token_head.add_argument("--tokens", type=positive_int, default=200_000,
+                            help="training positions (one backbone pass)")
+    token_head.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out positions scored")
+    token_head.add_argument("--epochs", type=positive_int, default=6)
+    token_head.add_argument("--batch-size", type=positive_int, default=512, help="positions per step")
+    token_head.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW, cosine decay to 0")
     token_head.add_argument("--draft-vocab", type=int, default=8192,
                             help="tokens the head can guess: the model's most frequent choices")
 
     evaluate = commands.add_parser("eval-heads", help="held-out top-k accuracy of MTP heads beside marginalisation")
     _add_heads_data_arguments(evaluate)
     evaluate.add_argument("--heads-dir", type=Path, nargs="+", required=True, help="train-heads checkpoints")
-    evaluate.add_argument("--tokens", type=int, default=1024, help="held-out positions (of step 1)")
-    evaluate.add_argument("--marginal-steps", type=int, default=None,
+    evaluate.add_argument("--tokens", type=positive_int, default=1024, help="held-out positions (of step 1)")
+    evaluate.add_argument("--marginal-steps", type=positive_int, default=None,
                           help="marginalise up to this step (default: the heads' last step; 1: none)")
-    evaluate.add_argument("--top-p", type=float, default=0.99)
-    evaluate.add_argument("--max-candidates", type=int, default=16)
-    evaluate.add_argument("--max-nodes", type=int, default=64)
+    evaluate.add_argument("--top-p", type=probability, default=0.99)
+    evaluate.add_argument("--max-candidates", type=positive_int, default=16)
+    evaluate.add_argument("--max-nodes", type=positive_int, default=64)
     evaluate.add_argument("--json", type=Path, help="write the results as JSON here")
 
 
 def _add_heads_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    _add_model_argument(parser)
     parser.add_argument("--data", default=DEFAULT_DATA, help="documents; the last --held-out-share are held out")
-    parser.add_argument("--held-out-share", type=float, default=0.1)
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--held-out-share", type=open_share, default=0.1)
+    parser.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window")
+    parser.add_argument("--threads", type=positive_int, default=None)
 
 
-def sequences_for(data: str, tokenizer, tokens: int, seq_len: int):
-    """Token sequences of open-ended text, or (prompt, target) pairs for a parallel corpus."""
+def read_corpus(data: str) -> tuple[str, list]:
+    """("translation", the (source, target) pairs) of a parallel corpus, else ("open-ended", the
+    documents). Read before any model is loaded, so that a bad file fails at once."""
     from mtp_ext import data as corpora
 
-    if data in corpora.PAIR_CORPORA or _is_pairs_file(data):
-        pairs = corpora.load_pairs(data)
+    if data in corpora.PAIR_CORPORA or corpora.is_pairs_file(data):
+        return "translation", corpora.load_pairs(data)
+    return "open-ended", corpora.load_text(data)
+
+
+def sequences_for(data: str, tokenizer, tokens: int, seq_len: int, corpus: tuple[str, list] | None = None):
+    """Token sequences of open-ended text, or (prompt, target) pairs for a parallel corpus;
+    `corpus`: what read_corpus(data) gave, if it has been read already."""
+    from mtp_ext import data as corpora
+
+    task, records = corpus if corpus is not None else read_corpus(data)
+    if task == "translation":
+        pairs = records
         examples, scored = [], 0
         for example in corpora.translation_examples(tokenizer, pairs, max_examples=None):
             examples.append(example)
@@ -145,34 +230,25 @@ def sequences_for(data: str, tokenizer, tokens: int, seq_len: int):
             if scored >= tokens:
                 break
         return examples, "translation"
-    return corpora.token_sequences(tokenizer, corpora.load_text(data), seq_len, max_tokens=tokens), "open-ended"
-
-
-def _is_pairs_file(data: str) -> bool:
-    """A .jsonl file whose first record has a source and a target."""
-    path = Path(data)
-    if path.suffix.lower() != ".jsonl" or not path.is_file():
-        return False
-    with path.open() as handle:
-        first = json.loads(handle.readline() or "{}")
-    return "source" in first and "target" in first
+    return corpora.token_sequences(tokenizer, records, seq_len, max_tokens=tokens), "open-ended"
 
 
 def run_eval(args: argparse.Namespace) -> dict:
     import torch
 
     from mtp_ext.evaluate import evaluate_mtp
-    from mtp_ext.models import describe_weights, load_model
+    from mtp_ext.models import describe_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    for path in (args.json, args.plot):
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None:
-            _check_writable(path)
-    model, tokenizer = load_model(args.model)
-    sequences, task = sequences_for(args.data, tokenizer, args.tokens, args.seq_len)
+            check_output_file(path, flag)
+    corpus = read_corpus(args.data)
+    model, tokenizer = _load_model(args)
+    sequences, task = sequences_for(args.data, tokenizer, args.tokens, args.seq_len, corpus)
     if not sequences:
-        raise SystemExit(f"error: {args.data!r} holds too little text for one sequence of {args.seq_len} tokens")
+        raise UserError(f"{args.data!r} holds too little text for one sequence of {args.seq_len} tokens")
     result = evaluate_mtp(model, sequences, steps=args.steps, top_k=tuple(args.top_k), top_p=args.top_p,
                           max_candidates=args.max_candidates, max_nodes=args.max_nodes,
                           batch_size=args.batch_size)
@@ -181,7 +257,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     print(f"\nmodel {args.model} ({report['weights']}), data {args.data} ({task})\n")
     print(result.table(tuple(args.top_k)))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        atomic_write_text(args.json, json.dumps(report, indent=2))
         print(f"wrote {args.json}")
     if args.plot:
         plot_accuracy([report], args.plot)
@@ -193,21 +269,22 @@ def run_analyze(args: argparse.Namespace) -> dict:
     import torch
 
     from mtp_ext.analysis import analyze
-    from mtp_ext.models import describe_weights, load_model
+    from mtp_ext.models import describe_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
     out = _output_dir(args.out)
-    model, tokenizer = load_model(args.model)
-    examples, task = sequences_for(args.data, tokenizer, args.tokens, args.seq_len)
+    corpus = read_corpus(args.data)
+    model, tokenizer = _load_model(args)
+    examples, task = sequences_for(args.data, tokenizer, args.tokens, args.seq_len, corpus)
     sequences = [list(e[0]) + list(e[1]) if isinstance(e, tuple) else e for e in examples]
     available = sum(len(sequence) for sequence in sequences)
     if available < args.tokens:
-        raise ValueError(f"{args.data!r} gave {available} tokens but --tokens asks for {args.tokens}")
+        raise UserError(f"{args.data!r} gave {available} tokens but --tokens asks for {args.tokens}")
     result = analyze(model, sequences, top_ps=tuple(args.top_p))
     report = {"model": args.model, "weights": describe_weights(model), "data": args.data, "task": task,
               **result.to_dict()}
-    (out / "analysis.json").write_text(json.dumps(report))
+    atomic_write_text(out / "analysis.json", json.dumps(report))
     plot_analysis(report, out)
     summary = result.summary()
     print(f"\nmodel {args.model}, data {args.data}: {summary['positions']} positions, mean entropy "
@@ -223,13 +300,17 @@ def run_generate(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from mtp_ext.models import load_model
     from mtp_ext.speculative import resolve_drafter, speculative_generate
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
+    for kind in ("heads", "token-head"):
+        if args.drafter.startswith(f"{kind}:") and len(args.drafter) > len(kind) + 1:
+            _check_checkpoint_dir(Path(args.drafter[len(kind) + 1:]), kind, "--drafter")
+    model, tokenizer = _load_model(args)
     input_ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
+    if input_ids.shape[1] == 0:
+        raise UserError("--prompt gives no tokens: give some text to continue")
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                     top_p=args.top_p)
     tree = {name: value for name, value in (("branching", args.branching), ("max_nodes", args.max_nodes))
@@ -291,21 +372,42 @@ def run_report(args: argparse.Namespace) -> str:
     evaluations, analyses = [], {}
     for directory in args.dirs:
         if not directory.is_dir():
-            raise ValueError(f"{directory} is not a directory")
+            raise UserError(f"{directory} is not a directory")
         if (directory / "eval.json").is_file():
-            evaluations.append(json.loads((directory / "eval.json").read_text()))
+            evaluations.append(read_eval_json(directory / "eval.json"))
         if (directory / "analysis.json").is_file():
-            analysis = json.loads((directory / "analysis.json").read_text())
+            analysis = read_analysis_json(directory / "analysis.json")
             analyses[(analysis["model"], analysis["data"])] = analysis["summary"]
     if not evaluations and not analyses:
-        raise ValueError("none of the directories holds eval.json or analysis.json")
+        raise UserError("none of the directories holds eval.json or analysis.json")
     table = report_table(evaluations, analyses)
-    (out / "report.md").write_text(table + "\n")
+    atomic_write_text(out / "report.md", table + "\n")
     print(table)
     if evaluations:
         plot_accuracy(evaluations, out / "fig1.png")
     print(f"wrote {out}/report.md" + (", fig1.png" if evaluations else ""))
     return table
+
+
+def read_eval_json(path: Path) -> dict:
+    """An eval.json that `mtp-ext eval --json` wrote; a UserError naming the file and what it
+    lacks otherwise."""
+    remedy = "write it again with mtp-ext eval --json"
+    report = required_keys(read_json(path, "the evaluation", remedy), EVAL_KEYS, path, "the evaluation", remedy)
+    if not isinstance(report["steps"], list):
+        raise UserError(f"the evaluation {path}: 'steps' is not a list; {remedy}")
+    for index, step in enumerate(report["steps"]):
+        required_keys(step, EVAL_STEP_KEYS, path, f"step {index + 1} of the evaluation", remedy)
+    return report
+
+
+def read_analysis_json(path: Path) -> dict:
+    """An analysis.json that `mtp-ext analyze` wrote; a UserError naming the file and what it
+    lacks otherwise."""
+    remedy = "write it again with mtp-ext analyze"
+    analysis = required_keys(read_json(path, "the analysis", remedy), ANALYSIS_KEYS, path, "the analysis", remedy)
+    required_keys(analysis["summary"], ANALYSIS_SUMMARY_KEYS, path, "the summary of the analysis", remedy)
+    return analysis
 
 
 def report_table(evaluations: list[dict], analyses: dict) -> str:
@@ -353,13 +455,34 @@ def _save(plt, figure, path: Path) -> None:
 
 
 def _output_dir(path: Path) -> Path:
+    """`path`, created if need be, once a file could be created in it."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"cannot create the output directory {path}: {error}") from error
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"the output directory {path} is not writable")
+        raise UserError(f"cannot create the output directory {path}: {error.strerror or error}") from error
+    if not _can_create_files_in(path):
+        raise UserError(f"the output directory {path} is not writable")
     return path
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Raises a UserError unless the output file `path` (given as `flag`) can be written: checked
+    before the work, so that a typo does not cost the results."""
+    if path.is_dir():
+        raise UserError(f"cannot write {flag} {path}: it is a directory; give a file name")
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir() or not _can_create_files_in(directory):
+        raise UserError(f"cannot write {flag} {path}: {directory} is not a writable directory")
+
+
+def _can_create_files_in(directory: Path) -> bool:
+    # Tried, not read from the permission bits: root passes those even where nothing can be
+    # created (/proc), and the results are written through a temporary file beside the target.
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".mtp-ext-probe.", suffix=".tmp"):
+            return True
+    except OSError:
+        return False
 
 
 def plot_accuracy(reports: list[dict], path: Path, k: int = 5) -> None:
@@ -389,20 +512,20 @@ def plot_accuracy(reports: list[dict], path: Path, k: int = 5) -> None:
     _save(plt, figure, path)
 
 
-def _heads_data(args: argparse.Namespace, tokenizer, training_windows: int, held_out_tokens: int):
-    """(training windows, held-out sequences of up to `held_out_tokens` positions, the split)."""
+def _heads_data(args: argparse.Namespace, documents: list[str], tokenizer, training_windows: int,
+                held_out_tokens: int):
+    """(training windows, held-out sequences of up to `held_out_tokens` positions, the split) of
+    `documents` (corpora.load_text of --data)."""
     from mtp_ext import data as corpora
     from mtp_ext.heads_training import split_documents
 
-    if not 0.0 < args.held_out_share < 1.0:
-        raise ValueError(f"--held-out-share must lie in (0, 1), got {args.held_out_share}")
-    train_documents, held_out_documents, split = split_documents(corpora.load_text(args.data), args.held_out_share)
+    train_documents, held_out_documents, split = split_documents(documents, args.held_out_share)
     windows = corpora.token_sequences(tokenizer, train_documents, args.seq_len,
                                       max_tokens=training_windows * (args.seq_len - 1))
     held_out = corpora.token_sequences(tokenizer, held_out_documents, args.seq_len, max_tokens=held_out_tokens)
     if not windows or not held_out:
-        raise ValueError(f"{args.data!r} holds too little text for windows of {args.seq_len} tokens on both "
-                         "sides of the held-out split")
+        raise UserError(f"{args.data!r} holds too little text for windows of {args.seq_len} tokens on both "
+                        "sides of the held-out split")
     return windows, held_out, split
 
 
@@ -411,7 +534,7 @@ def run_train_heads(args: argparse.Namespace) -> dict:
 
     from mtp_ext.heads import MTPHeadsModel
     from mtp_ext.heads_training import TrainingSettings, evaluate_heads, train_heads
-    from mtp_ext.models import describe_weights, load_model
+    from mtp_ext.models import describe_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -419,9 +542,13 @@ def run_train_heads(args: argparse.Namespace) -> dict:
                                 backbone_lr=args.backbone_lr, ntp_weight=args.ntp_weight,
                                 checkpoint_every=args.checkpoint_every, targets=args.targets)
     settings.check()
+    if args.init_from is not None:
+        _check_checkpoint_dir(args.init_from, "heads", "--init-from")
+    documents = _read_documents(args.data)
     out = _output_dir(args.out)
-    backbone, tokenizer = load_model(args.model)
-    windows, held_out, split = _heads_data(args, tokenizer, max(1, args.steps * args.batch_size), args.eval_tokens)
+    backbone, tokenizer = _load_model(args)
+    windows, held_out, split = _heads_data(args, documents, tokenizer, max(1, args.steps * args.batch_size),
+                                           args.eval_tokens)
     if args.init_from is not None:
         heads = _initial_heads(args, backbone)
     else:
@@ -432,7 +559,7 @@ def run_train_heads(args: argparse.Namespace) -> dict:
               "settings": vars(settings), "init_from": str(args.init_from) if args.init_from else None,
               "heads": heads.config_dict(), "training": record,
               "held_out": [vars(accuracy) for accuracy in accuracies]}
-    (out / "train.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "train.json", json.dumps(report, indent=2))
     print(f"\ntrained to step {record['step']} ({record['tokens_seen']} tokens, {record['seconds']:.0f} s); "
           f"held-out ({split['by']} split):")
     print(heads_table({"heads": accuracies}))
@@ -443,7 +570,7 @@ def run_train_heads(args: argparse.Namespace) -> dict:
 def run_train_token_head(args: argparse.Namespace) -> dict:
     import torch
 
-    from mtp_ext.models import describe_weights, load_model
+    from mtp_ext.models import describe_weights
     from mtp_ext.token_head import (TokenHeadSettings, evaluate_token_head, token_head_features,
                                     train_token_head)
 
@@ -451,12 +578,11 @@ def run_train_token_head(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     settings = TokenHeadSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                  draft_vocab=args.draft_vocab)
-    if args.tokens < 1 or args.eval_tokens < 1:
-        raise ValueError("--tokens and --eval-tokens must be >= 1")
+    documents = _read_documents(args.data)
     out = _output_dir(args.out)
-    backbone, tokenizer = load_model(args.model)
+    backbone, tokenizer = _load_model(args)
     settings.check(backbone.get_output_embeddings().weight.shape[0])
-    windows, held_out, split = _heads_data(args, tokenizer, max(1, args.tokens // (args.seq_len - 1)),
+    windows, held_out, split = _heads_data(args, documents, tokenizer, max(1, args.tokens // (args.seq_len - 1)),
                                            args.eval_tokens)
     head, record = train_token_head(backbone, token_head_features(backbone, windows), settings)
     accuracy = evaluate_token_head(head, token_head_features(backbone, held_out))
@@ -493,18 +619,21 @@ def run_eval_heads(args: argparse.Namespace) -> dict:
     from mtp_ext.evaluate import evaluate_mtp
     from mtp_ext.heads import load_heads
     from mtp_ext.heads_training import evaluate_heads
-    from mtp_ext.models import describe_weights, load_model
+    from mtp_ext.models import describe_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.json is not None:
-        _check_writable(args.json)
-    backbone, tokenizer = load_model(args.model)
-    _, held_out, split = _heads_data(args, tokenizer, 1, args.tokens)
+        check_output_file(args.json, "--json")
+    for directory in args.heads_dir:
+        _check_checkpoint_dir(directory, "heads", "--heads-dir")
+    documents = _read_documents(args.data)
+    backbone, tokenizer = _load_model(args)
+    _, held_out, split = _heads_data(args, documents, tokenizer, 1, args.tokens)
     results, configs = {}, {}
     for directory in args.heads_dir:
         # A joint checkpoint overwrites the backbone's weights: each gets a fresh copy.
-        heads = load_heads(directory, load_model(args.model)[0])
+        heads = load_heads(directory, _load_model(args)[0])
         results[str(directory)] = evaluate_heads(heads, held_out, batch_size=1)
         configs[str(directory)] = heads.config_dict()
     marginal_steps = args.marginal_steps or max(len(accuracies) for accuracies in results.values())
@@ -528,7 +657,7 @@ def run_eval_heads(args: argparse.Namespace) -> dict:
           "(step 1: the backbone's own next-token prediction)\n")
     print(table)
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
+        atomic_write_text(args.json, json.dumps(report, indent=2))
         print(f"wrote {args.json}")
     return report
 
@@ -555,10 +684,32 @@ def heads_table(results: dict, marginal_steps: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _check_writable(path: Path) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir() or not os.access(directory, os.W_OK):
-        raise SystemExit(f"error: cannot write {path}: {directory} is not a writable directory")
+def _load_model(args: argparse.Namespace):
+    """(model, tokenizer) of --model; hub ids only with --allow-download (or HF_HUB_OFFLINE=0)."""
+    from mtp_ext.models import load_model
+
+    return load_model(args.model, allow_download=True if args.allow_download else None)
+
+
+def _read_documents(data: str) -> list[str]:
+    """The documents of --data, read before any model is loaded, so that a bad file fails at once."""
+    from mtp_ext import data as corpora
+
+    return corpora.load_text(data)
+
+
+def _check_checkpoint_dir(directory: Path, kind: str, flag: str) -> None:
+    """A UserError, before any model is loaded, unless `directory` holds the config of a `kind`
+    ("heads" or "token-head") checkpoint."""
+    from mtp_ext.heads import CONFIG_FILE as HEADS_CONFIG
+    from mtp_ext.token_head import CONFIG_FILE as TOKEN_HEAD_CONFIG
+
+    config = HEADS_CONFIG if kind == "heads" else TOKEN_HEAD_CONFIG
+    what = "MTP heads checkpoint (mtp-ext train-heads)" if kind == "heads" else "token head (mtp-ext train-token-head)"
+    if not directory.is_dir():
+        raise UserError(f"{flag} {directory} holds no {what}: no such directory")
+    if not (directory / config).is_file():
+        raise UserError(f"{flag} {directory} holds no {what}: {config} is missing")
 
 
 COMMANDS = {
@@ -573,17 +724,28 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs one `mtp-ext` command; returns the exit status (2: a user error, said in one line)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse has printed its usage and error (or the help)
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USER_ERROR
     try:
         COMMANDS[args.command](args)
-    except (ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (UserError, ValueError, RuntimeError) as error:
+        # The project's errors (UserError, and the ValueError / RuntimeError of bad arguments to
+        # its functions and ops) name what is wrong; other exceptions are bugs and keep their traceback.
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:  # train-heads has checkpointed by now: rerunning resumes
         print("\ninterrupted" + (f"; the checkpoint in {args.out} resumes on a rerun" if args.command == "train-heads"
                                   else ""), file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) or type(error).__name__
 
 
 if __name__ == "__main__":

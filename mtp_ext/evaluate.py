@@ -126,6 +126,10 @@ def evaluate_mtp(
     """
     adapter = CausalLMAdapter(model)
     _check_request(adapter, sequences, steps, top_k, top_p)
+    for name, value in (("max_candidates", max_candidates), ("max_nodes", max_nodes), ("batch_size", batch_size),
+                        ("tokens_per_pass", tokens_per_pass)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     device = adapter.device
     accuracies = [StepAccuracy(step) for step in range(1, steps + 1)]
     nucleus_sizes, nucleus_masses = [], []

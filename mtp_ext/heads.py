@@ -16,12 +16,13 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from mtp_ext._io import atomic_write, atomic_write_text
+from mtp_ext._io import (MissingFileError, UserError, atomic_write, atomic_write_text, read_json, required_keys,
+                         unreadable)
 from mtp_ext.analysis import final_norm
 from mtp_ext.models.adapters import check_supported
 
@@ -29,9 +30,11 @@ HEAD_TYPES = ("resblock", "block")
 CONFIG_FILE = "heads_config.json"
 HEADS_FILE = "heads.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
+CONFIG_KEYS = ("num_heads", "head_type", "weighted_hidden_states", "freeze_backbone", "model")
 # Share of the initial WHS mix on the last layer: heads start near the NTP state yet every
 # layer gets a gradient.
 WHS_INITIAL_LAST_LAYER_SHARE = 0.9
+Loaded = TypeVar("Loaded")
 
 
 class ResBlockHead(nn.Module):
@@ -133,6 +136,7 @@ class MTPHeadsModel(nn.Module):
         self.head_type = head_type
         self.weighted_hidden_states = weighted_hidden_states
         self.freeze_backbone = freeze_backbone
+        self.source: str | None = None  # the checkpoint directory the heads were loaded from, for messages
         hidden_size = self.unembed_weight.shape[1]
         self.heads = nn.ModuleList(
             ResBlockHead(hidden_size) if head_type == "resblock" else DecoderBlockHead(backbone)
@@ -243,32 +247,65 @@ class MTPHeadsModel(nn.Module):
 
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
-            raise ValueError(f"{directory} holds no MTP heads checkpoint ({CONFIG_FILE} is missing)")
-        config = json.loads((directory / CONFIG_FILE).read_text())
+            raise MissingFileError(f"{directory} holds no MTP heads checkpoint ({CONFIG_FILE} is missing)")
+        remedy = "the checkpoint is damaged: train it again (or delete it)"
+        config = required_keys(read_json(directory / CONFIG_FILE, "the heads config", remedy), CONFIG_KEYS,
+                               directory / CONFIG_FILE, "the heads config", remedy)
         check_fingerprint(config["model"], backbone)
         model = cls(backbone, config["num_heads"], config["head_type"], config["weighted_hidden_states"],
                     config["freeze_backbone"])
+        model.source = str(directory)
+        device = str(model.unembed_weight.device)
         if not model.freeze_backbone:
-            load_model(backbone, str(directory / BACKBONE_FILE), device=str(model.unembed_weight.device))
-        tensors = load_file(str(directory / HEADS_FILE), device=str(model.unembed_weight.device))
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+            read_safetensors(directory / BACKBONE_FILE, "the jointly trained backbone",
+                             lambda path: load_model(backbone, path, device=device))
+        tensors = read_safetensors(directory / HEADS_FILE, "the heads' weights",
+                                   lambda path: load_file(path, device=device))
+        try:
+            missing, unexpected = model.load_state_dict(tensors, strict=False)
+        except RuntimeError as error:  # tensors of the wrong shape
+            raise unreadable(directory / HEADS_FILE, "the heads' weights", error, remedy) from error
         missing = [name for name in missing if not name.startswith("backbone.")]
         if missing or unexpected:
-            raise ValueError(f"{directory / HEADS_FILE} does not match its config: missing {missing}, "
-                             f"unexpected {unexpected}")
+            raise UserError(f"{directory / HEADS_FILE} does not match its config: missing {missing}, "
+                            f"unexpected {unexpected}")
         return model
+
+
+def read_safetensors(path: Path, what: str, read: Callable[[str], Loaded]) -> Loaded:
+    """`read(str(path))` for a safetensors file of a checkpoint; a UserError naming the file when
+    it is missing, truncated or not safetensors."""
+    from safetensors import SafetensorError
+
+    if not path.is_file():
+        raise MissingFileError(f"{what} {path} is missing: the checkpoint is incomplete; train it again")
+    try:
+        return read(str(path))
+    except (SafetensorError, OSError, ValueError, EOFError) as error:
+        raise unreadable(path, what, error, "the checkpoint is damaged: train it again (or delete it)") from error
+
+
+def check_finite_lse(lse: Tensor, source: str | None) -> None:
+    """Raises when a log-sum-exp of the heads (or the backbone) is NaN or infinite: every
+    probability computed from it would be NaN, silently. `source`: the checkpoint directory."""
+    if not bool(torch.isfinite(lse).all()):
+        where = f"the checkpoint {source}" if source else "the heads"
+        raise UserError(f"the heads produce NaN logits: {where} or the model holds NaN/inf weights")
 
 
 def check_fingerprint(saved: dict, backbone: nn.Module) -> None:
     """Raises when a checkpoint of backbone `saved` is put on another model. The name counts
     only when both are known (a copy of a model in another directory is the same model)."""
+    if not isinstance(saved, dict):
+        raise UserError(f"the checkpoint's \"model\" entry is not a JSON object but {saved!r}: the checkpoint "
+                        "is damaged; train it again")
     current = model_fingerprint(backbone)
     differences = [f"{key} {saved.get(key)!r} (checkpoint) vs {current[key]!r} (model)"
                    for key in ("model_type", "hidden_size", "vocab_size", "num_layers") if saved.get(key) != current[key]]
     if saved.get("name") and current["name"] and saved["name"] != current["name"] and not differences:
         differences.append(f"name {saved['name']!r} (checkpoint) vs {current['name']!r} (model)")
     if differences:
-        raise ValueError("the MTP heads checkpoint belongs to another model: " + "; ".join(differences))
+        raise UserError("the MTP heads checkpoint belongs to another model: " + "; ".join(differences))
 
 
 def load_heads(directory: str | os.PathLike[str], backbone: nn.Module) -> MTPHeadsModel:

@@ -6,9 +6,18 @@ so that the data position is a function of the step and a resumed run sees exact
 an uninterrupted one would. Checkpoints are written atomically every `checkpoint_every` steps, at
 the end and on Ctrl-C: the heads as safetensors (`MTPHeadsModel.save`) and `training_state.pt`
 (weights, optimizer, step, RNG, loss history) from which training resumes.
+
+A checkpoint only ever holds whole optimizer steps: SIGINT and SIGTERM are held while a step
+runs (the loop stops at the next step boundary, checkpoints, then lets the signal act), and a
+step that an exception cuts short inside `optimizer.step()` (a second Ctrl-C) writes nothing, so
+the last checkpoint stays the one to resume from.
 """
 from __future__ import annotations
 
+import pickle
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,13 +27,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mtp_ext._io import atomic_write
-from mtp_ext.heads import MTPHeadsModel
+from mtp_ext._io import UserError, atomic_write, unreadable
+from mtp_ext.heads import MTPHeadsModel, check_finite_lse
 from mtp_ext.ops import multihead_cross_entropy, multihead_unembed_topk
 
 IGNORE_INDEX = -100
 TARGETS = ("text", "model")
 STATE_FILE = "training_state.pt"
+STATE_KEYS = ("record", "settings", "config", "model", "optimizer", "rng")
 
 
 @dataclass
@@ -89,7 +99,8 @@ def greedy_sequence(model: MTPHeadsModel, final: Tensor, input_ids: Tensor) -> T
     prediction of it from the real tokens before it (teacher forcing): x_{t+s} of this sequence
     is the model's choice for x_{t+s} given x_{<=t+s-1}."""
     with torch.no_grad():
-        _, predicted, _ = multihead_unembed_topk(final.detach()[None, :, :-1].flatten(1, 2), model.unembed_weight, 1)
+        _, predicted, lse = multihead_unembed_topk(final.detach()[None, :, :-1].flatten(1, 2), model.unembed_weight, 1)
+    check_finite_lse(lse, model.source)
     return torch.cat([input_ids[:, :1], predicted.view(input_ids.shape[0], -1)], 1)
 
 
@@ -151,9 +162,12 @@ def train_heads(model: MTPHeadsModel, windows: Sequence[Sequence[int]], settings
     device = model.unembed_weight.device
     started = time.perf_counter()
     step = first_step = record["step"]
-    with tqdm(total=settings.steps, initial=step, desc="train heads", unit="step", disable=not progress) as bar:
+    update = _UpdateWatch(optimizer)
+    with tqdm(total=settings.steps, initial=step, desc="train heads", unit="step", disable=not progress) as bar, \
+            _HeldSignals() as held:
         try:
-            while step < settings.steps and not (time_budget_s and time.perf_counter() - started > time_budget_s):
+            while (step < settings.steps and held.received is None
+                   and not (time_budget_s and time.perf_counter() - started > time_budget_s)):
                 batch = _batch_for_step(windows, step, settings.batch_size, device)
                 record["losses"].append(_training_step(model, optimizer, batch, settings))
                 step += 1
@@ -161,10 +175,67 @@ def train_heads(model: MTPHeadsModel, windows: Sequence[Sequence[int]], settings
                 bar.set_postfix(loss=f"{record['losses'][-1]:.3f}")
                 if step % settings.checkpoint_every == 0 and step < settings.steps:
                     _save_checkpoint(model, optimizer, settings, out, record, step, started)
-        finally:  # also on Ctrl-C: no finished step is lost
-            if step > first_step or not (out / STATE_FILE).is_file():
+        finally:  # also on Ctrl-C: no finished step is lost, and no half-applied one is saved
+            update.remove()
+            if not update.torn and (step > first_step or not (out / STATE_FILE).is_file()):
                 _save_checkpoint(model, optimizer, settings, out, record, step, started)
+    held.deliver()
     return record
+
+
+class _UpdateWatch:
+    """Whether an optimizer.step() began and did not finish (`torn`): its update may be partly
+    applied, with the step count not yet advanced, so the weights belong to no step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.torn = False
+        self._handles = [optimizer.register_step_pre_hook(lambda *_: self._mark(True)),
+                         optimizer.register_step_post_hook(lambda *_: self._mark(False))]
+
+    def _mark(self, torn: bool) -> None:
+        self.torn = torn
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class _HeldSignals:
+    """Holds SIGINT and SIGTERM inside the block: a signal is recorded (`received`) for the loop
+    to stop at the next step boundary, and `deliver()` lets it act once the handlers are back. A
+    second SIGINT interrupts at once. Signals can only be caught in the main thread; elsewhere,
+    and for a signal the process ignores, nothing changes."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_HeldSignals":
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                if signal.getsignal(number) is not signal.SIG_IGN:
+                    self._previous[number] = signal.signal(number, self._hold)
+        return self
+
+    def _hold(self, number: int, frame) -> None:
+        if self.received is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = number
+        print("\nstopping after this training step, with a checkpoint (Ctrl-C again: stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exception) -> None:
+        for number, handler in self._previous.items():
+            # None: a handler installed outside Python; the default is the closest to it
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def deliver(self) -> None:
+        """Sends the held signal again, to the restored handler (SIGINT: KeyboardInterrupt)."""
+        if self.received is not None:
+            number, self.received = self.received, None
+            signal.raise_signal(number)
 
 
 def _save_checkpoint(model, optimizer, settings, out: Path, record: dict, step: int, started: float) -> None:
@@ -183,7 +254,13 @@ def _resume(model: MTPHeadsModel, optimizer, settings: TrainingSettings, out: Pa
     path = out / STATE_FILE
     if not path.is_file():
         return {"step": 0, "losses": [], "seconds_before": 0.0}
-    state = torch.load(path, weights_only=True)
+    remedy = f"delete it to start over (or use another --out): rm {path}"
+    try:
+        state = torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # truncated, empty or not a checkpoint
+        raise unreadable(path, "the training state", error, remedy) from error
+    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
+        raise UserError(f"the training state {path} is incomplete (not a train-heads checkpoint); {remedy}")
     saved, current = state["config"], model.config_dict()
     if saved != current:
         raise ValueError(f"{out} holds a checkpoint of other heads or another model: {saved} (checkpoint) "
@@ -230,6 +307,7 @@ def evaluate_heads(model: MTPHeadsModel, sequences: Sequence[Sequence[int]], top
         hidden = torch.cat([final[None], heads]).flatten(1, 2)  # [S, B * T, H]
         targets = head_targets(input_ids, steps).flatten(1)
         _, ids, lse = multihead_unembed_topk(hidden, model.unembed_weight, max(top_k))
+        check_finite_lse(lse, model.source)
         scored = targets != IGNORE_INDEX
         found = ids == targets[..., None]  # [S, M, k]
         for index, k in enumerate(top_k):

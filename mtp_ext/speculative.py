@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from mtp_ext.heads import check_finite_lse
 from mtp_ext.marginal import DraftForest, check_inputs, pack_for_model
 from mtp_ext.models.adapters import CausalLMAdapter, prefix_position_ids, small_batch_linears
 from mtp_ext.ops import marginal_accumulate, multihead_unembed_topk, top_p_candidates, top_p_mask, tree_pack
@@ -238,6 +239,7 @@ class HeadsDrafter(Drafter):
         def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
             at_nodes = torch.cat([final[rows, slots][None], every_position[:, rows, slots]])  # [1 + D, A, H]
             values, ids, lse = multihead_unembed_topk(at_nodes, weight, width)
+            check_finite_lse(lse, getattr(self.heads, "source", None))
             return ids[0, :, 0], (values[1:].transpose(0, 1), ids[1:].transpose(0, 1), lse[1:].transpose(0, 1))
 
         return choose
@@ -261,7 +263,9 @@ class HeadsDrafter(Drafter):
         weight = self.heads.unembed_weight
         if head_hidden.dtype == torch.float64:  # the kernel takes 16/32-bit floats; guesses need no more
             head_hidden, weight = head_hidden.float(), weight.float()
-        return multihead_unembed_topk(head_hidden, weight, max(self.branching))
+        values, ids, lse = multihead_unembed_topk(head_hidden, weight, max(self.branching))
+        check_finite_lse(lse, getattr(self.heads, "source", None))
+        return values, ids, lse
 
     def draft(self, previous: VerifiedPass) -> DraftForest:
         values, ids, lse = self.heads_topk(previous)

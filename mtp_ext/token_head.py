@@ -33,9 +33,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mtp_ext._io import atomic_write, atomic_write_text
+from mtp_ext._io import MissingFileError, atomic_write, atomic_write_text, read_json, required_keys, unreadable
 from mtp_ext.analysis import final_norm
-from mtp_ext.heads import check_fingerprint, model_fingerprint
+from mtp_ext.heads import check_fingerprint, model_fingerprint, read_safetensors
 from mtp_ext.models.adapters import check_supported, few_rows_linear
 
 CONFIG_FILE = "token_head.json"
@@ -111,12 +111,19 @@ class TokenHead(nn.Module):
 
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
-            raise ValueError(f"{directory} holds no token head ({CONFIG_FILE} is missing)")
-        check_fingerprint(json.loads((directory / CONFIG_FILE).read_text())["model"], backbone)
+            raise MissingFileError(f"{directory} holds no token head ({CONFIG_FILE} is missing)")
+        remedy = "the token head is damaged: train it again (or delete it)"
+        config = required_keys(read_json(directory / CONFIG_FILE, "the token head config", remedy), ("model",),
+                               directory / CONFIG_FILE, "the token head config", remedy)
+        check_fingerprint(config["model"], backbone)
         device = str(backbone.get_output_embeddings().weight.device)
-        tensors = load_file(str(directory / WEIGHTS_FILE), device=device)
-        head = cls(backbone, tensors["vocab_ids"])
-        head.load_state_dict(tensors)
+        tensors = read_safetensors(directory / WEIGHTS_FILE, "the token head's weights",
+                                   lambda path: load_file(path, device=device))
+        try:
+            head = cls(backbone, tensors["vocab_ids"])
+            head.load_state_dict(tensors)
+        except (KeyError, RuntimeError) as error:  # a tensor missing or of the wrong shape
+            raise unreadable(directory / WEIGHTS_FILE, "the token head's weights", error, remedy) from error
         return head
 
 

@@ -229,6 +229,52 @@ def test_translation_examples() -> None:
     assert tok.convert_ids_to_tokens(custom[0][0]) == ["hello", "world", "Spanish:"]
 
 
+def test_atomic_write_removes_temporaries_of_dead_writers(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from mtp_ext import _io
+
+    target = tmp_path / "train.json"
+    # A writer killed by SIGKILL in the middle of its write leaves its temporary file behind.
+    # _io needs only the standard library: loaded from its file, the writer starts at once.
+    writer_script = ("import importlib.util, pathlib, sys, time\n"
+                     "spec = importlib.util.spec_from_file_location('io_', sys.argv[1])\n"
+                     "io_ = importlib.util.module_from_spec(spec); spec.loader.exec_module(io_)\n"
+                     "io_.atomic_write(pathlib.Path(sys.argv[2]),\n"
+                     "                 lambda path: (print(path, flush=True), time.sleep(60)))")
+    writer = subprocess.Popen([sys.executable, "-c", writer_script, _io.__file__, str(target)],
+                              stdout=subprocess.PIPE, text=True)
+    killed = Path(writer.stdout.readline().strip())
+    writer.kill()
+    writer.wait()
+    writer.stdout.close()
+    assert killed.is_file() and killed.name.startswith(f".train.json.{writer.pid}.")
+    live = tmp_path / f".train.json.{os.getpid()}.abc123.tmp"  # a writer at work (this process)
+    legacy = tmp_path / ".train.json.abc123.tmp"  # no pid in the name, older than this process
+    other = tmp_path / f".other.json.{writer.pid}.abc123.tmp"  # another file's
+    for path in (live, legacy, other):
+        path.write_text("")
+    os.utime(legacy, (0, 0))
+    _io.atomic_write_text(target, "{}")
+    assert target.read_text() == "{}"
+    assert not killed.exists() and not legacy.exists() and live.exists() and other.exists()
+
+
+def test_hub_downloads_need_an_explicit_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HF_HUB_OFFLINE", "MTP_EXT_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not mmodels._hub_allowed()  # unset: offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert mmodels._hub_allowed()
+    monkeypatch.setenv("MTP_EXT_OFFLINE", "1")
+    assert not mmodels._hub_allowed()
+    monkeypatch.delenv("MTP_EXT_OFFLINE")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not mmodels._hub_allowed()
+
+
 # ---------------------------------------------------------------------------------------------
 # Models without real weights
 

@@ -21,14 +21,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .._io import MissingFileError, UserError, unreadable
 from ._common import MissingDependencyError, cache_root
-from ._corpora import BUILDERS, prepare_corpus, read_jsonl
+from ._corpora import BUILDERS, numbered_jsonl, prepare_corpus, read_jsonl
 from ._tokens import token_sequences, translation_examples
 
 __all__ = [
     "BUILTIN_CORPORA",
     "MissingDependencyError",
     "data_dir",
+    "is_pairs_file",
     "load_pairs",
     "load_text",
     "prepare",
@@ -61,16 +63,30 @@ def _local_file(name: str) -> Path | None:
     path = Path(name).expanduser()
     if path.suffix.lower() not in (".txt", ".jsonl"):
         return None
+    if path.is_dir():
+        raise UserError(f"corpus file {path} is a directory: give a .txt or .jsonl file")
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file {path} does not exist")
+        raise MissingFileError(f"corpus file {path} does not exist")
     return path
 
 
 def _unknown(name: str) -> ValueError:
-    return ValueError(
+    if Path(name).expanduser().is_dir():
+        return UserError(f"corpus {name} is a directory: give a .txt or .jsonl file, or a built-in corpus "
+                         f"({', '.join(BUILTIN_CORPORA)})")
+    return UserError(
         f"unknown corpus {name!r}: not a built-in corpus ({', '.join(BUILTIN_CORPORA)}) "
         "and not a path to a .txt or .jsonl file"
     )
+
+
+def is_pairs_file(name: str) -> bool:
+    """Whether `name` is a local .jsonl file whose first record has a source and a target."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() != ".jsonl" or not path.is_file():
+        return False
+    records = numbered_jsonl(path)
+    return bool(records) and "source" in records[0][1] and "target" in records[0][1]
 
 
 def load_text(name: str, cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
@@ -78,12 +94,12 @@ def load_text(name: str, cache_dir: str | os.PathLike[str] | None = None) -> lis
     path = _local_file(name)
     if path is not None:
         if path.suffix.lower() == ".txt":
-            return [path.read_text(encoding="utf-8")]
+            return [_read_text_file(path)]
         docs = []
-        for i, rec in enumerate(read_jsonl(path)):
+        for i, (line, rec) in enumerate(numbered_jsonl(path)):
             text = rec.get("text", rec.get("source"))
             if not isinstance(text, str):
-                raise ValueError(f"{path}: record {i + 1} has neither a 'text' nor a 'source' string")
+                raise UserError(f"{path} line {line}: record {i + 1} has neither a 'text' nor a 'source' string")
             docs.append(text)
         return docs
     if name not in BUILDERS:
@@ -92,6 +108,13 @@ def load_text(name: str, cache_dir: str | os.PathLike[str] | None = None) -> lis
     if name in PAIR_CORPORA:
         return _source_documents(records)
     return [r["text"] for r in records]
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise unreadable(path, "the corpus file", error, "give a UTF-8 text file") from error
 
 
 def _source_documents(records: list[dict[str, str]]) -> list[str]:
@@ -108,18 +131,18 @@ def load_pairs(name: str, cache_dir: str | os.PathLike[str] | None = None) -> li
     path = _local_file(name)
     if path is not None:
         if path.suffix.lower() != ".jsonl":
-            raise ValueError(f"{path}: pairs need a .jsonl file of {{'source': ..., 'target': ...}} records")
-        records = read_jsonl(path)
+            raise UserError(f"{path}: pairs need a .jsonl file of {{'source': ..., 'target': ...}} records")
+        records = numbered_jsonl(path)
     elif name in PAIR_CORPORA:
-        records = read_jsonl(prepare(name, cache_dir))
+        records = numbered_jsonl(prepare(name, cache_dir))
     elif name in BUILDERS:
-        raise ValueError(f"corpus {name!r} has no pairs; parallel corpora are {', '.join(PAIR_CORPORA)}")
+        raise UserError(f"corpus {name!r} has no pairs; parallel corpora are {', '.join(PAIR_CORPORA)}")
     else:
         raise _unknown(name)
     pairs = []
-    for i, rec in enumerate(records):
+    for i, (line, rec) in enumerate(records):
         src, tgt = rec.get("source"), rec.get("target")
         if not isinstance(src, str) or not isinstance(tgt, str):
-            raise ValueError(f"{name}: record {i + 1} lacks 'source'/'target' strings")
+            raise UserError(f"{name} line {line}: record {i + 1} lacks 'source'/'target' strings")
         pairs.append((src, tgt))
     return pairs

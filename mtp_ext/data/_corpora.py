@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text
+from .._io import UserError, atomic_write_text, unreadable
 from ._common import MissingDependencyError, require_modules
 from ._debs import DebFetchError, fetch_debs
 
@@ -256,5 +256,26 @@ def prepare_corpus(name: str, data_dir: Path, force: bool = False) -> Path:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All records of a JSONL file (blank lines ignored)."""
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [record for _, record in numbered_jsonl(path)]
+
+
+def numbered_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based line number, record) of every record of a JSONL file (blank lines ignored); a
+    UserError naming the file and the line for a line that is not a JSON object."""
+    records = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{path} line {number}: not valid JSON ({error.msg})") from error
+                if not isinstance(record, dict):
+                    raise UserError(f"{path} line {number}: a record must be a JSON object, got "
+                                    f"{type(record).__name__}")
+                records.append((number, record))
+    except (OSError, UnicodeDecodeError) as error:
+        raise unreadable(path, "the JSONL file", error) from error
+    return records

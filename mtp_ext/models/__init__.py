@@ -13,7 +13,8 @@ fp32 safetensors checkpoint in the model cache (`cache_dir` if given, else $MTP_
 else ~/.cache/mtp_ext/models; one subdirectory per model) and later loads read that (a few seconds).
 `bash scripts/prepare_offline.sh` installs every package needed.
 
-Any other name is a local checkpoint directory (with a config.json) or a Hugging Face hub id.
+Any other name is a local checkpoint directory (with a config.json) or, only when downloads are
+allowed (load_model's `allow_download`, or HF_HUB_OFFLINE=0 set explicitly), a Hugging Face hub id.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .._io import UserError, unreadable
 from ..data._common import MissingDependencyError, cache_root, require_modules
 
 __all__ = [
@@ -170,7 +172,19 @@ def _load_checkpoint(path: str, dtype: torch.dtype, **kwargs: Any) -> tuple[Any,
 
 
 def _hub_allowed() -> bool:
-    return not any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "MTP_EXT_OFFLINE"))
+    """Whether the environment opts in to hub downloads: HF_HUB_OFFLINE set to 0 explicitly, and
+    MTP_EXT_OFFLINE not set. Unset means offline: a typo must not wait on the network."""
+    opted_in = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("0", "false", "no", "off")
+    offline = os.environ.get("MTP_EXT_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return opted_in and not offline
+
+
+def _checkpoint_errors() -> tuple[type[BaseException], ...]:
+    """What transformers and safetensors raise for a checkpoint directory with a corrupt config,
+    tokenizer or weights file."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, KeyError, EOFError, SafetensorError
 
 
 def load_model(
@@ -182,9 +196,10 @@ def load_model(
     """Load (model, tokenizer) by name, in eval mode.
 
     `name` is a built-in name (see BUILTIN_MODELS; converted into the cache on first use), a local
-    checkpoint directory with a config.json, or a Hugging Face hub id. The hub is only tried when
-    `allow_download` is true, or when it is None and neither HF_HUB_OFFLINE nor MTP_EXT_OFFLINE is
-    set; the local Hugging Face cache is always tried first.
+    checkpoint directory with a config.json, or a Hugging Face hub id. A hub id is looked up in
+    the local Hugging Face cache, and downloaded only when `allow_download` is true, or when it is
+    None and the environment sets HF_HUB_OFFLINE=0 (and not MTP_EXT_OFFLINE): any other name fails
+    at once, without touching the network.
 
     The model carries `mtp_ext_weights_note` (see describe_weights) saying where its weights are from.
     """
@@ -192,13 +207,12 @@ def load_model(
         path = prepare_model(name, cache_dir)
         try:
             model, tokenizer = _load_checkpoint(str(path), dtype)
-        except OSError as err:
-            raise RuntimeError(
-                f"the cached checkpoint of {name!r} in {path} is unreadable ({err}); delete that directory "
-                f"or call mtp_ext.models.prepare_model({name!r}, force=True) to convert it again"
-            ) from err
-    elif Path(name).expanduser().is_dir() and (Path(name).expanduser() / "config.json").is_file():
-        model, tokenizer = _load_checkpoint(str(Path(name).expanduser()), dtype)
+        except _checkpoint_errors() as err:
+            raise unreadable(path, f"the cached checkpoint of {name!r}", err,
+                             f"delete that directory or call mtp_ext.models.prepare_model({name!r}, force=True) "
+                             "to convert it again") from err
+    elif Path(name).expanduser().is_dir():
+        model, tokenizer = _load_local(Path(name).expanduser(), dtype)
         setattr(model, NOTE_ATTR, getattr(model.config, NOTE_ATTR, None) or f"checkpoint from {name}")
     else:
         model, tokenizer = _load_hub(name, dtype, _hub_allowed() if allow_download is None else allow_download)
@@ -207,22 +221,59 @@ def load_model(
     return model, tokenizer
 
 
+def _load_local(directory: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A local checkpoint directory; a UserError naming it when it holds no config.json or a
+    corrupt file."""
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory} is not a model checkpoint directory: it holds no config.json (give a "
+                        f"directory written by save_pretrained, or a built-in model: {', '.join(BUILTIN_MODELS)})")
+    try:
+        return _load_checkpoint(str(directory), dtype)
+    except _checkpoint_errors() as err:
+        raise unreadable(directory, "the model checkpoint", err,
+                         "its config.json, tokenizer or weights are corrupt: save the checkpoint again") from err
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """`org/name` or `name`: what the hub accepts, as opposed to a path."""
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~")) and \
+        all(char.isalnum() or char in "-_." for part in parts for char in part)
+
+
 def _load_hub(name: str, dtype: torch.dtype, allow_download: bool) -> tuple[Any, Any]:
-    errors = []
-    for local_only in (True, False) if allow_download else (True,):
+    unknown = (f"unknown model {name!r}: not a built-in model ({', '.join(BUILTIN_MODELS)}) and not a local "
+               "checkpoint directory (give the path of a directory holding config.json, e.g. --model ./my-model)")
+    if not _looks_like_hub_id(name):
+        raise UserError(unknown)
+    snapshot = _cached_hub_snapshot(name)
+    if snapshot is not None:
+        model, tokenizer = _load_local(snapshot, dtype)
+    elif not allow_download:
+        raise UserError(f"{unknown}; it is not in the local Hugging Face cache either, and hub downloads are off: "
+                        "to download a hub id pass --allow-download (load_model(..., allow_download=True)) "
+                        "or set HF_HUB_OFFLINE=0")
+    else:
         try:
-            model, tokenizer = _load_checkpoint(name, dtype, local_files_only=local_only)
+            model, tokenizer = _load_checkpoint(name, dtype)
         except (OSError, ValueError) as err:  # transformers reports a missing repo/file as either
-            errors.append(f"{'local Hugging Face cache' if local_only else 'hub'}: {err}")
-            continue
-        setattr(model, NOTE_ATTR, f"hub checkpoint {name}")
-        return model, tokenizer
-    hint = "" if allow_download else " (hub downloads disabled: HF_HUB_OFFLINE/MTP_EXT_OFFLINE or allow_download=False)"
-    raise ValueError(
-        f"unknown model {name!r}: not a built-in model ({', '.join(BUILTIN_MODELS)}), not a local "
-        f"checkpoint directory with a config.json, and not loadable as a Hugging Face hub id{hint}.\n"
-        + "\n".join(e.splitlines()[0] for e in errors)
-    )
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"{unknown}, and not loadable as a Hugging Face hub id: {reason}") from err
+    setattr(model, NOTE_ATTR, f"hub checkpoint {name}")
+    return model, tokenizer
+
+
+def _cached_hub_snapshot(name: str) -> Path | None:
+    """The directory of hub id `name` in the local Hugging Face cache, if it holds a config.json.
+    Looked up on disk only: transformers' own lookup, even with local_files_only, may reach the
+    network (huggingface_hub fetches what it puts in its request headers)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def describe_weights(model: Any) -> str:
