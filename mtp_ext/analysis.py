@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mtp_ext._checks import check_top_p
 from mtp_ext.models.adapters import CausalLMAdapter
+from mtp_ext.models.introspection import final_norm
 from mtp_ext.ops import top_p_mask
 
 # Largest number of float32 logits held at once (64 MiB).
@@ -48,23 +50,13 @@ class AnalysisResult:
         return {**asdict(self), "summary": self.summary()}
 
 
-def final_norm(model) -> torch.nn.Module:
-    """The norm every architecture applies before the unembedding."""
-    base = model.base_model
-    for name in ("norm", "ln_f", "final_layer_norm"):
-        if hasattr(base, name):
-            return getattr(base, name)
-    raise ValueError(f"cannot find the final norm of {type(model).__name__}")
-
-
 @torch.no_grad()
 def analyze(model, sequences: Sequence[Sequence[int]], top_ps: Sequence[float] = (0.99, 0.9),
             progress: bool = True) -> AnalysisResult:
     """Logit-lens KL per layer, entropy and nucleus sizes per position over `sequences`."""
     if not sequences or any(len(sequence) < 1 for sequence in sequences):
         raise ValueError("analyze needs at least one non-empty sequence")
-    if any(not (0.0 < p <= 1.0) for p in top_ps):
-        raise ValueError(f"every top_p must lie in (0, 1], got {list(top_ps)}")
+    top_ps = [check_top_p(p) for p in top_ps]
     adapter = CausalLMAdapter(model)
     norm = final_norm(model)
     kl_sums, positions = None, 0

@@ -517,7 +517,7 @@ def _heads_data(args: argparse.Namespace, documents: list[str], tokenizer, train
     """(training windows, held-out sequences of up to `held_out_tokens` positions, the split) of
     `documents` (corpora.load_text of --data)."""
     from mtp_ext import data as corpora
-    from mtp_ext.heads_training import split_documents
+    from mtp_ext.heads.training import split_documents
 
     train_documents, held_out_documents, split = split_documents(documents, args.held_out_share)
     windows = corpora.token_sequences(tokenizer, train_documents, args.seq_len,
@@ -533,7 +533,7 @@ def run_train_heads(args: argparse.Namespace) -> dict:
     import torch
 
     from mtp_ext.heads import MTPHeadsModel
-    from mtp_ext.heads_training import TrainingSettings, evaluate_heads, train_heads
+    from mtp_ext.heads.training import TrainingSettings, evaluate_heads, train_heads
     from mtp_ext.models import describe_weights
 
     if args.threads:
@@ -571,7 +571,7 @@ def run_train_token_head(args: argparse.Namespace) -> dict:
     import torch
 
     from mtp_ext.models import describe_weights
-    from mtp_ext.token_head import (TokenHeadSettings, evaluate_token_head, token_head_features,
+    from mtp_ext.heads.token_head import (TokenHeadSettings, evaluate_token_head, token_head_features,
                                     train_token_head)
 
     if args.threads:
@@ -618,7 +618,7 @@ def run_eval_heads(args: argparse.Namespace) -> dict:
 
     from mtp_ext.evaluate import evaluate_mtp
     from mtp_ext.heads import load_heads
-    from mtp_ext.heads_training import evaluate_heads
+    from mtp_ext.heads.training import evaluate_heads
     from mtp_ext.models import describe_weights
 
     if args.threads:
@@ -701,8 +701,8 @@ def _read_documents(data: str) -> list[str]:
 def _check_checkpoint_dir(directory: Path, kind: str, flag: str) -> None:
     """A UserError, before any model is loaded, unless `directory` holds the config of a `kind`
     ("heads" or "token-head") checkpoint."""
-    from mtp_ext.heads import CONFIG_FILE as HEADS_CONFIG
-    from mtp_ext.token_head import CONFIG_FILE as TOKEN_HEAD_CONFIG
+    from mtp_ext.heads.model import CONFIG_FILE as HEADS_CONFIG
+    from mtp_ext.heads.token_head import CONFIG_FILE as TOKEN_HEAD_CONFIG
 
     config = HEADS_CONFIG if kind == "heads" else TOKEN_HEAD_CONFIG
     what = "MTP heads checkpoint (mtp-ext train-heads)" if kind == "heads" else "token head (mtp-ext train-token-head)"

@@ -20,9 +20,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mtp_ext.marginal import DraftForest, pack_for_model, score_leaves
+from mtp_ext._checks import check_positive_int, check_positive_ints, check_top_p
+from mtp_ext.marginal import score_leaves
 from mtp_ext.models.adapters import CausalLMAdapter
 from mtp_ext.ops import top_p_candidates, tree_pack_teacher
+from mtp_ext.tree import DraftForest, pack_for_model
 
 # A sequence of token ids, or a (prompt, target) pair whose target tokens alone are scored.
 Example = Union[Sequence[int], tuple[Sequence[int], Sequence[int]]]
@@ -128,8 +130,7 @@ def evaluate_mtp(
     _check_request(adapter, sequences, steps, top_k, top_p)
     for name, value in (("max_candidates", max_candidates), ("max_nodes", max_nodes), ("batch_size", batch_size),
                         ("tokens_per_pass", tokens_per_pass)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+        check_positive_int(value, name)
     device = adapter.device
     accuracies = [StepAccuracy(step) for step in range(1, steps + 1)]
     nucleus_sizes, nucleus_masses = [], []
@@ -227,12 +228,9 @@ def _scored_count(batch: Sequence[Example]) -> int:
 
 
 def _check_request(adapter: CausalLMAdapter, sequences, steps, top_k, top_p) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps}")
-    if not (0.0 < float(top_p) <= 1.0):
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    if not top_k or min(top_k) < 1:
-        raise ValueError(f"top_k must hold integers >= 1, got {top_k}")
+    check_positive_int(steps, "steps")
+    check_top_p(top_p)
+    check_positive_ints(top_k, "top_k")
     if len(sequences) == 0:
         raise ValueError("no sequences to evaluate")
     for index, example in enumerate(sequences):

@@ -40,7 +40,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
     from mtp_ext.heads import MTPHeadsModel
     from mtp_ext.models import load_model
-    from mtp_ext.token_head import TokenHead
+    from mtp_ext.heads.token_head import TokenHead
 
     root = tmp_path_factory.mktemp("cli-errors")
     save_tiny_checkpoint(root / "model")
@@ -310,7 +310,7 @@ NAN_HEADS = """
 import sys, torch
 from mtp_ext.cli import main
 from mtp_ext.heads import MTPHeadsModel
-from mtp_ext.heads_training import greedy_sequence
+from mtp_ext.heads.training import greedy_sequence
 from mtp_ext.models import load_model
 model, heads_dir, text = sys.argv[1:]
 backbone = load_model(model)[0]

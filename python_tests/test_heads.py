@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import mtp_ext
-from mtp_ext import heads_training, reference
+from mtp_ext import reference
+from mtp_ext.heads import training as heads_training
 from mtp_ext.cli import main
 from mtp_ext.heads import MTPHeadsModel, load_heads
 from mtp_ext.models import load_model
-from mtp_ext.heads_training import (
+from mtp_ext.heads.training import (
     IGNORE_INDEX,
     TrainingSettings,
     evaluate_heads,

@@ -23,7 +23,7 @@ from transformers import TopPLogitsWarper as HFTopPLogitsWarper
 
 import mtp_ext
 from mtp_ext import reference
-from mtp_ext.sampling import hf_top_p_keep
+from mtp_ext.integrations.hf import hf_top_p_keep
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

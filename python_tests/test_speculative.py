@@ -319,12 +319,12 @@ def test_heads_chooser_matches_the_separate_passes(architecture, whs):
     for _ in range(4):
         decoder.step([16] * len(PROMPTS))
         previous = decoder.previous
-        assert previous.stop_logits is None and previous.stop_drafts is not None
+        assert previous.stop_logits is None and previous.drafter_state is not None
         final = previous.hidden[-1]
         at_stop = final[torch.arange(len(PROMPTS)), previous.stop_positions()]
         assert torch.equal(previous.next_tokens, adapter.logits(at_stop).argmax(-1))
         fused = decoder.drafter.heads_topk(previous)
-        separate = decoder.drafter.heads_topk(dataclasses.replace(previous, stop_drafts=None))
+        separate = decoder.drafter.heads_topk(dataclasses.replace(previous, drafter_state=None))
         torch.testing.assert_close(fused[0], separate[0])
         assert torch.equal(fused[1], separate[1])
         torch.testing.assert_close(fused[2], separate[2])
@@ -346,7 +346,7 @@ def test_marginal_chooser_drafts_the_marginal_of_the_stop_nodes_children():
     for _ in range(6):
         decoder.step([16] * len(PROMPTS))
         previous = decoder.previous
-        forest, (guess,) = previous.forest, previous.stop_drafts
+        forest, guess = previous.forest, previous.drafter_state.guess
         for row, stop in enumerate(previous.stop_nodes.tolist()):
             def logits_at(slot):
                 return adapter.logits(previous.hidden[row, slot])
@@ -474,7 +474,7 @@ def test_drafter_docstring_holds_a_complete_drafter():
     [example] = [test for test in doctest.DocTestFinder().find(Drafter, "Drafter", globs=globs)
                  if test.name == "Drafter"]
     runner = doctest.DocTestRunner()
-    runner.run(example)
+    runner.run(example, clear_globs=False)
     assert runner.summarize(verbose=False) == doctest.TestResults(failed=0, attempted=len(example.examples))
     drafter = example.globs["RepeatDrafter"]()
     got = speculative_generate(model, globs["input_ids"], drafter=drafter, max_new_tokens=8, pad_token_id=0)

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from mtp_ext.analysis import final_norm
+from mtp_ext.models.introspection import final_norm
 from mtp_ext.cli import main
-from mtp_ext.token_head import (
+from mtp_ext.heads.token_head import (
     Features,
     TokenHead,
     TokenHeadSettings,
@@ -147,4 +147,4 @@ def test_cli_trains_and_the_generate_command_drafts_with_it(tmp_path, tiny_check
                  "--max-nodes", "3"]) == 2
     assert "the token head drafter takes one branching count" in capsys.readouterr().err
     assert main(["train-token-head", *common, "--out", str(tmp_path / "x"), "--draft-vocab", "0"]) == 2
-    assert "draft_vocab must be >= 1" in capsys.readouterr().err
+    assert "draft_vocab must be an integer >= 1" in capsys.readouterr().err

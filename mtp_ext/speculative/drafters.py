@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from mtp_ext._checks import check_top_p
+from mtp_ext.heads import check_finite_lse
 from mtp_ext.models.adapters import CausalLMAdapter
 from mtp_ext.ops import marginal_accumulate, multihead_unembed_topk, top_p_candidates
 from mtp_ext.speculative.protocol import (
@@ -29,7 +30,7 @@ from mtp_ext.speculative.protocol import (
 )
 from mtp_ext.tree import DraftForest
 
-__all__ = ["DrafterEntry", "HeadsDrafter", "MarginalDrafter", "TokenHeadDrafter", "drafter_help",
+__all__ = ["DrafterEntry", "HeadsDrafter", "MarginalDrafter", "TokenHeadDrafter", "check_drafter", "drafter_help",
            "register_drafter", "registered_drafters", "resolve_drafter"]
 
 Branching = Union[int, Sequence[int], None]
@@ -232,6 +233,7 @@ class HeadsDrafter(Drafter):
         def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, HeadsTopk]:
             at_nodes = torch.cat([final[rows, slots][None], every_position[:, rows, slots]])  # [1 + D, A, H]
             values, ids, lse = multihead_unembed_topk(at_nodes, weight, width)
+            check_finite_lse(lse, getattr(self.heads, "source", None))
             return ids[0, :, 0], HeadsTopk(values[1:].transpose(0, 1), ids[1:].transpose(0, 1), lse[1:].transpose(0, 1))
 
         return choose
@@ -256,7 +258,9 @@ class HeadsDrafter(Drafter):
         weight = self.heads.unembed_weight
         if head_hidden.dtype == torch.float64:  # the kernel takes 16/32-bit floats; guesses need no more
             head_hidden, weight = head_hidden.float(), weight.float()
-        return multihead_unembed_topk(head_hidden, weight, max(self.branching))
+        values, ids, lse = multihead_unembed_topk(head_hidden, weight, max(self.branching))
+        check_finite_lse(lse, getattr(self.heads, "source", None))
+        return values, ids, lse
 
     def draft(self, previous: VerifiedPass[HeadsTopk]) -> DraftForest:
         values, ids, lse = self.heads_topk(previous)
@@ -318,15 +322,18 @@ class DrafterEntry:
 
     Attributes:
         name: "name" in `drafter="name"` or `"name:ARGUMENT"`.
-        build: (argument or None, model, TreeShape or None) -> Drafter.
+        build: (argument or None, model, TreeShape) -> Drafter.
         help: one line for `mtp-ext generate --help`.
         argument: what the text after "name:" is (e.g. "DIR"), or None if it takes none.
+        check: (argument, label) -> None, raising a clear error for an argument that cannot
+            work; cheap, so that the CLI runs it before loading any model.
     """
 
     name: str
-    build: Callable[[Optional[str], object, Optional[TreeShape]], Drafter]
+    build: Callable[[Optional[str], object, TreeShape], Drafter]
     help: str
     argument: Optional[str] = None
+    check: Optional[Callable[[str, str], None]] = None
 
     def usage(self) -> str:
         return f"{self.name}:{self.argument}" if self.argument else self.name
@@ -335,21 +342,22 @@ class DrafterEntry:
 _REGISTRY: dict[str, DrafterEntry] = {}
 
 
-def register_drafter(name: str, build: Callable[[Optional[str], object, Optional[TreeShape]], Drafter],
-                     help: str, argument: Optional[str] = None) -> None:
+def register_drafter(name: str, build: Callable[[Optional[str], object, TreeShape], Drafter], help: str,
+                     argument: Optional[str] = None, check: Optional[Callable[[str, str], None]] = None) -> None:
     """Makes `drafter=name` (or `name:ARGUMENT`) build a drafter, in speculative_generate and in
     `mtp-ext generate --drafter`.
 
     Args:
         name: the drafter's name, without ":".
         build: (argument, model, shape) -> Drafter; argument is the text after "name:" (None
-            without), shape the user's TreeShape (None: the drafter's default).
+            without), shape the user's TreeShape (fields None: the drafter's defaults).
         help: one line describing it.
         argument: what the text after "name:" is, e.g. "DIR"; None if it takes none.
+        check: optionally, (argument, label) -> None raising for an argument that cannot work.
     """
     if not name or ":" in name:
         raise ValueError(f"a drafter name must be non-empty and hold no ':', got {name!r}")
-    _REGISTRY[name] = DrafterEntry(name, build, help, argument)
+    _REGISTRY[name] = DrafterEntry(name, build, help, argument, check)
 
 
 def registered_drafters() -> list[DrafterEntry]:
@@ -362,6 +370,19 @@ def drafter_help() -> str:
     return "; ".join(f"'{entry.usage()}': {entry.help}" for entry in registered_drafters())
 
 
+def check_drafter(drafter: str, label: str = "drafter") -> tuple[DrafterEntry, Optional[str]]:
+    """The registry entry and argument of a drafter name (`label` names it in messages), after
+    the entry's own check of the argument; a ValueError listing the names for an unknown one."""
+    name, _, argument = drafter.partition(":") if isinstance(drafter, str) else ("", "", "")
+    entry = _REGISTRY.get(name)
+    if entry is None or (entry.argument is not None) != bool(argument):
+        usages = ", ".join(f"'{entry.usage()}'" for entry in registered_drafters())
+        raise ValueError(f"unknown drafter {drafter!r}: use {usages} or a Drafter")
+    if entry.check is not None:
+        entry.check(argument, f"{label} {name}:")
+    return entry, argument or None
+
+
 def resolve_drafter(drafter: Union[str, Drafter], model, branching: Branching = None,
                     max_nodes: Optional[int] = None) -> Drafter:
     """A Drafter from an instance or a registered name ("marginal", "heads:DIR",
@@ -369,18 +390,28 @@ def resolve_drafter(drafter: Union[str, Drafter], model, branching: Branching = 
     (None: the drafter's default)."""
     if isinstance(drafter, Drafter):
         return drafter
-    name, _, argument = drafter.partition(":") if isinstance(drafter, str) else ("", "", "")
-    entry = _REGISTRY.get(name)
-    if entry is None or (entry.argument is not None) != bool(argument):
-        usages = ", ".join(f"'{entry.usage()}'" for entry in registered_drafters())
-        raise ValueError(f"unknown drafter {drafter!r}: use {usages} or a Drafter")
-    return entry.build(argument or None, model, TreeShape.of(branching, max_nodes))
+    entry, argument = check_drafter(drafter)
+    return entry.build(argument, model, TreeShape.of(branching, max_nodes))
+
+
+def _check_heads(directory: str, label: str) -> None:
+    from mtp_ext.heads.model import check_heads_dir
+
+    check_heads_dir(directory, label)
+
+
+def _check_token_head(directory: str, label: str) -> None:
+    from mtp_ext.heads.token_head import check_token_head_dir
+
+    check_token_head_dir(directory, label)
 
 
 register_drafter("marginal", lambda _, model, shape: MarginalDrafter(**shape.as_arguments()),
                  help="the step-2 marginal of the last pass (no training; weak)")
 register_drafter("heads", lambda directory, model, shape: HeadsDrafter.load(directory, model, **shape.as_arguments()),
-                 help="MTP heads saved in DIR (mtp-ext train-heads), a Medusa-style tree", argument="DIR")
+                 help="MTP heads saved in DIR (mtp-ext train-heads), a Medusa-style tree", argument="DIR",
+                 check=_check_heads)
 register_drafter("token-head", lambda directory, model, shape: TokenHeadDrafter.load(directory, model,
                                                                                      **shape.as_arguments()),
-                 help="a TokenHead saved in DIR (mtp-ext train-token-head): drafts best", argument="DIR")
+                 help="a TokenHead saved in DIR (mtp-ext train-token-head): drafts best", argument="DIR",
+                 check=_check_token_head)

@@ -13,28 +13,29 @@ backbone's latest forward pass; `head_hidden` checks that the tuple it gets belo
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from mtp_ext._io import (MissingFileError, UserError, atomic_write, atomic_write_text, read_json, required_keys,
-                         unreadable)
-from mtp_ext.analysis import final_norm
-from mtp_ext.models.adapters import check_supported
+from mtp_ext._checks import check_positive_int
+from mtp_ext._io import UserError, unreadable
+from mtp_ext.heads.checkpoint import DAMAGED, check_checkpoint_dir, read_config, read_safetensors, write_config, write_module, write_tensors
+from mtp_ext.models.adapters import additive_mask, check_supported
+from mtp_ext.models.introspection import decoder_layers, final_norm, model_fingerprint
+
+__all__ = ["HEAD_TYPES", "MTPHeadsModel", "check_finite_lse", "check_heads_dir", "load_heads"]
 
 HEAD_TYPES = ("resblock", "block")
 CONFIG_FILE = "heads_config.json"
 HEADS_FILE = "heads.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
-CONFIG_KEYS = ("num_heads", "head_type", "weighted_hidden_states", "freeze_backbone", "model")
+CONFIG_KEYS = ("num_heads", "head_type", "weighted_hidden_states", "freeze_backbone")
 # Share of the initial WHS mix on the last layer: heads start near the NTP state yet every
 # layer gets a gradient.
 WHS_INITIAL_LAST_LAYER_SHARE = 0.9
-Loaded = TypeVar("Loaded")
 
 
 class ResBlockHead(nn.Module):
@@ -58,7 +59,7 @@ class DecoderBlockHead(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         base = backbone.base_model
-        self.layer = copy.deepcopy(_decoder_layers(base)[-1])
+        self.layer = copy.deepcopy(decoder_layers(backbone)[-1])
         config = backbone.config
         layer_types = getattr(config, "layer_types", None)
         self.layer_type = layer_types[-1] if layer_types else None
@@ -79,13 +80,6 @@ class DecoderBlockHead(nn.Module):
         return output[0] if isinstance(output, tuple) else output
 
 
-def _decoder_layers(base: nn.Module) -> nn.ModuleList:
-    for name in ("layers", "h"):
-        if isinstance(getattr(base, name, None), nn.ModuleList):
-            return getattr(base, name)
-    raise ValueError(f"cannot find the decoder layers of {type(base).__name__}")
-
-
 def _causal_mask(length: int, sliding_window: int, like: Tensor) -> Tensor:
     """Additive [1, 1, T, T] mask: each position sees itself and the earlier ones (within the
     window, if any)."""
@@ -94,21 +88,7 @@ def _causal_mask(length: int, sliding_window: int, like: Tensor) -> Tensor:
     allowed = key <= query
     if sliding_window:
         allowed &= query - key < sliding_window
-    mask = torch.zeros((1, 1, length, length), dtype=like.dtype, device=like.device)
-    return mask.masked_fill_(~allowed, torch.finfo(like.dtype).min)
-
-
-def model_fingerprint(backbone: nn.Module) -> dict:
-    """What identifies the backbone a checkpoint belongs to."""
-    config = backbone.config
-    name = getattr(config, "mtp_ext_model_name", None) or getattr(config, "_name_or_path", "") or None
-    return {
-        "model_type": config.model_type,
-        "hidden_size": int(backbone.get_output_embeddings().weight.shape[1]),
-        "vocab_size": int(backbone.get_output_embeddings().weight.shape[0]),
-        "num_layers": int(config.num_hidden_layers),
-        "name": name,
-    }
+    return additive_mask(allowed[None, None], like.dtype)
 
 
 class MTPHeadsModel(nn.Module):
@@ -125,8 +105,7 @@ class MTPHeadsModel(nn.Module):
                  weighted_hidden_states: bool = False, freeze_backbone: bool = True):
         super().__init__()
         check_supported(backbone)
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
+        num_heads = check_positive_int(num_heads, "num_heads")
         if head_type not in HEAD_TYPES:
             raise ValueError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {head_type!r}")
         if getattr(backbone.config, "final_logit_softcapping", None):
@@ -229,15 +208,11 @@ class MTPHeadsModel(nn.Module):
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Writes the heads (and WHS weights; and the backbone too when it is trained jointly)
         as safetensors, with a config naming the backbone. Each file is replaced atomically."""
-        from safetensors.torch import save_file, save_model
-
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: value.detach().contiguous() for name, value in self.trainable_state().items()}
-        atomic_write(directory / HEADS_FILE, lambda path: save_file(tensors, path))
+        write_tensors(directory / HEADS_FILE, self.trainable_state())
         if not self.freeze_backbone:
-            atomic_write(directory / BACKBONE_FILE, lambda path: save_model(self.backbone, path))
-        atomic_write_text(directory / CONFIG_FILE, json.dumps(self.config_dict(), indent=2))
+            write_module(directory / BACKBONE_FILE, self.backbone)
+        write_config(directory / CONFIG_FILE, self.config_dict())
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], backbone: nn.Module) -> "MTPHeadsModel":
@@ -246,12 +221,7 @@ class MTPHeadsModel(nn.Module):
         from safetensors.torch import load_file, load_model
 
         directory = Path(directory)
-        if not (directory / CONFIG_FILE).is_file():
-            raise MissingFileError(f"{directory} holds no MTP heads checkpoint ({CONFIG_FILE} is missing)")
-        remedy = "the checkpoint is damaged: train it again (or delete it)"
-        config = required_keys(read_json(directory / CONFIG_FILE, "the heads config", remedy), CONFIG_KEYS,
-                               directory / CONFIG_FILE, "the heads config", remedy)
-        check_fingerprint(config["model"], backbone)
+        config = read_config(directory / CONFIG_FILE, "MTP heads checkpoint", CONFIG_KEYS, backbone)
         model = cls(backbone, config["num_heads"], config["head_type"], config["weighted_hidden_states"],
                     config["freeze_backbone"])
         model.source = str(directory)
@@ -264,25 +234,12 @@ class MTPHeadsModel(nn.Module):
         try:
             missing, unexpected = model.load_state_dict(tensors, strict=False)
         except RuntimeError as error:  # tensors of the wrong shape
-            raise unreadable(directory / HEADS_FILE, "the heads' weights", error, remedy) from error
+            raise unreadable(directory / HEADS_FILE, "the heads' weights", error, DAMAGED) from error
         missing = [name for name in missing if not name.startswith("backbone.")]
         if missing or unexpected:
             raise UserError(f"{directory / HEADS_FILE} does not match its config: missing {missing}, "
                             f"unexpected {unexpected}")
         return model
-
-
-def read_safetensors(path: Path, what: str, read: Callable[[str], Loaded]) -> Loaded:
-    """`read(str(path))` for a safetensors file of a checkpoint; a UserError naming the file when
-    it is missing, truncated or not safetensors."""
-    from safetensors import SafetensorError
-
-    if not path.is_file():
-        raise MissingFileError(f"{what} {path} is missing: the checkpoint is incomplete; train it again")
-    try:
-        return read(str(path))
-    except (SafetensorError, OSError, ValueError, EOFError) as error:
-        raise unreadable(path, what, error, "the checkpoint is damaged: train it again (or delete it)") from error
 
 
 def check_finite_lse(lse: Tensor, source: str | None) -> None:
@@ -293,19 +250,9 @@ def check_finite_lse(lse: Tensor, source: str | None) -> None:
         raise UserError(f"the heads produce NaN logits: {where} or the model holds NaN/inf weights")
 
 
-def check_fingerprint(saved: dict, backbone: nn.Module) -> None:
-    """Raises when a checkpoint of backbone `saved` is put on another model. The name counts
-    only when both are known (a copy of a model in another directory is the same model)."""
-    if not isinstance(saved, dict):
-        raise UserError(f"the checkpoint's \"model\" entry is not a JSON object but {saved!r}: the checkpoint "
-                        "is damaged; train it again")
-    current = model_fingerprint(backbone)
-    differences = [f"{key} {saved.get(key)!r} (checkpoint) vs {current[key]!r} (model)"
-                   for key in ("model_type", "hidden_size", "vocab_size", "num_layers") if saved.get(key) != current[key]]
-    if saved.get("name") and current["name"] and saved["name"] != current["name"] and not differences:
-        differences.append(f"name {saved['name']!r} (checkpoint) vs {current['name']!r} (model)")
-    if differences:
-        raise UserError("the MTP heads checkpoint belongs to another model: " + "; ".join(differences))
+def check_heads_dir(directory: str | os.PathLike[str], label: str) -> None:
+    """A MissingFileError unless `directory` (given as `label`) holds an MTP heads checkpoint."""
+    check_checkpoint_dir(Path(directory), CONFIG_FILE, "MTP heads checkpoint (mtp-ext train-heads)", label)
 
 
 def load_heads(directory: str | os.PathLike[str], backbone: nn.Module) -> MTPHeadsModel:

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mtp_ext._checks import check_positive_int
 from mtp_ext._io import UserError, atomic_write, unreadable
-from mtp_ext.heads import MTPHeadsModel, check_finite_lse
+from mtp_ext.heads.model import MTPHeadsModel, check_finite_lse
 from mtp_ext.ops import multihead_cross_entropy, multihead_unembed_topk
 
 IGNORE_INDEX = -100
@@ -56,8 +57,7 @@ class TrainingSettings:
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         for name in ("seq_len", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_positive_int(getattr(self, name), name)
         if self.seq_len < 3:
             raise ValueError(f"seq_len must be >= 3 (a head predicts at least two tokens ahead), got {self.seq_len}")
         if self.targets not in TARGETS:

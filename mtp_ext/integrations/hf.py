@@ -8,12 +8,15 @@ from torch import Tensor
 from transformers import LogitsProcessor
 from transformers import TopPLogitsWarper as HFTopPLogitsWarper
 
+from mtp_ext._checks import check_positive_int, check_top_p
 from mtp_ext.ops import top_p_candidates, top_p_mask
 
 # Unit roundoff of float32: Hugging Face's softmax runs in float32 (also for bf16/fp16 scores),
 # and so does torch.cumsum's accumulator for bf16/fp16.
 _U32 = 2.0**-24
 OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+__all__ = ["TopPLogitsWarper", "hf_top_p_keep"]
 
 
 class TopPLogitsWarper(LogitsProcessor):
@@ -44,14 +47,9 @@ class TopPLogitsWarper(LogitsProcessor):
 
     def __init__(self, top_p: float, filter_value: float = -math.inf, min_tokens_to_keep: int = 1,
                  match_hf: bool = False):
-        top_p = float(top_p)
-        if not (0.0 < top_p <= 1.0):
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        if not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
-            raise ValueError(f"min_tokens_to_keep must be a positive integer, got {min_tokens_to_keep}")
-        self.top_p = top_p
+        self.top_p = check_top_p(top_p)
         self.filter_value = filter_value
-        self.min_tokens_to_keep = min_tokens_to_keep
+        self.min_tokens_to_keep = check_positive_int(min_tokens_to_keep, "min_tokens_to_keep")
         self.match_hf = bool(match_hf)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -21,7 +21,6 @@ features of one backbone pass over the training text, then epochs over them.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -33,10 +32,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mtp_ext._io import MissingFileError, atomic_write, atomic_write_text, read_json, required_keys, unreadable
-from mtp_ext.analysis import final_norm
-from mtp_ext.heads import check_fingerprint, model_fingerprint, read_safetensors
+from mtp_ext._checks import check_positive_int
+from mtp_ext._io import unreadable
+from mtp_ext.heads.checkpoint import DAMAGED, check_checkpoint_dir, read_config, read_safetensors, write_config, write_tensors
 from mtp_ext.models.adapters import check_supported, few_rows_linear
+from mtp_ext.models.introspection import final_norm, model_fingerprint
 
 CONFIG_FILE = "token_head.json"
 WEIGHTS_FILE = "token_head.safetensors"
@@ -95,14 +95,9 @@ class TokenHead(nn.Module):
     def save(self, directory: str | os.PathLike[str], record: dict | None = None) -> None:
         """The head's weights and draft vocabulary as safetensors, with a config naming the
         backbone (and `record`, what training reported). Each file is replaced atomically."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: value.detach().contiguous() for name, value in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, path))
-        config = dict(self.config_dict(), **({"training": record} if record else {}))
-        atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
+        write_tensors(directory / WEIGHTS_FILE, self.state_dict())
+        write_config(directory / CONFIG_FILE, dict(self.config_dict(), **({"training": record} if record else {})))
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], backbone: nn.Module) -> "TokenHead":
@@ -110,12 +105,7 @@ class TokenHead(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        if not (directory / CONFIG_FILE).is_file():
-            raise MissingFileError(f"{directory} holds no token head ({CONFIG_FILE} is missing)")
-        remedy = "the token head is damaged: train it again (or delete it)"
-        config = required_keys(read_json(directory / CONFIG_FILE, "the token head config", remedy), ("model",),
-                               directory / CONFIG_FILE, "the token head config", remedy)
-        check_fingerprint(config["model"], backbone)
+        read_config(directory / CONFIG_FILE, "token head", (), backbone)
         device = str(backbone.get_output_embeddings().weight.device)
         tensors = read_safetensors(directory / WEIGHTS_FILE, "the token head's weights",
                                    lambda path: load_file(path, device=device))
@@ -123,8 +113,13 @@ class TokenHead(nn.Module):
             head = cls(backbone, tensors["vocab_ids"])
             head.load_state_dict(tensors)
         except (KeyError, RuntimeError) as error:  # a tensor missing or of the wrong shape
-            raise unreadable(directory / WEIGHTS_FILE, "the token head's weights", error, remedy) from error
+            raise unreadable(directory / WEIGHTS_FILE, "the token head's weights", error, DAMAGED) from error
         return head
+
+
+def check_token_head_dir(directory: str | os.PathLike[str], label: str) -> None:
+    """A MissingFileError unless `directory` (given as `label`) holds a token head."""
+    check_checkpoint_dir(Path(directory), CONFIG_FILE, "token head (mtp-ext train-token-head)", label)
 
 
 @dataclass
@@ -137,8 +132,7 @@ class TokenHeadSettings:
 
     def check(self, vocab_size: int) -> None:
         for name in ("epochs", "batch_size", "draft_vocab"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_positive_int(getattr(self, name), name)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.draft_vocab > vocab_size:
