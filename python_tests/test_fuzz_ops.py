@@ -7,9 +7,10 @@ NUCLEUS_TOL of the target, as reference.py explains) or in a clear exception: Va
 RuntimeError or TypeError with a message naming one of the op's arguments. Cases built within
 an op's documented contract must not raise at all. A signal is always a failure.
 
-The cases run in a subprocess (this file run as a script), which prints one JSON line per case;
-if it dies by a signal, the first case without a line is rerun alone to name it, and the rest
-continue in a new subprocess. Seeds are fixed; MTP_EXT_FUZZ_CASES sets the cases per op.
+The cases run in a subprocess (this file run as a script, the cases on its standard input),
+which prints one JSON line per case; if it dies by a signal, the first case without a line is
+rerun alone to name it, and the rest continue in a new subprocess. Seeds are fixed;
+MTP_EXT_FUZZ_CASES sets the cases per op (default 40).
 """
 from __future__ import annotations
 
@@ -536,8 +537,8 @@ def worker(jobs: list[tuple[str, int]]) -> None:
 
 def run_worker(jobs: list[tuple[str, int]]) -> tuple[dict, int]:
     """Runs the cases in a subprocess: (records by (op, seed), return code)."""
-    command = [sys.executable, os.path.abspath(__file__), json.dumps(jobs)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+    command = [sys.executable, os.path.abspath(__file__)]
+    done = subprocess.run(command, input=json.dumps(jobs), capture_output=True, text=True, timeout=1800,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     records = {}
     for line in done.stdout.splitlines():
@@ -618,4 +619,4 @@ def test_a_crashing_case_is_named(monkeypatch):
 
 
 if __name__ == "__main__":
-    worker([tuple(job) for job in json.loads(sys.argv[1])])
+    worker([tuple(job) for job in json.load(sys.stdin)])
