@@ -7,7 +7,9 @@ import torch
 
 from mtp_ext import reference
 from mtp_ext.analysis import analyze
-from mtp_ext.cli import plot_analysis, report_table, run_report
+from mtp_ext.cli.analyze import plot_analysis
+from mtp_ext.cli.report import report_table
+from mtp_ext.cli.report import run as run_report
 
 from tiny_models import ARCHITECTURES, tiny_model
 

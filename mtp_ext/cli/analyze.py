@@ -1,0 +1,87 @@
+"""`mtp-ext analyze`: the paper's diagnostics, logit-lens KL, entropy and nucleus sizes (Figs. 2-4)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mtp_ext._io import UserError, atomic_write_text
+from mtp_ext.cli.common import (
+    DEFAULT_DATA,
+    add_model_arguments,
+    load_model_for,
+    output_dir,
+    positive_int,
+    probability,
+    pyplot,
+    read_corpus,
+    save_figure,
+    sequences_for,
+    set_threads,
+)
+
+NAME = "analyze"
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(NAME, help="logit-lens KL, entropy and nucleus sizes (Figs. 2-4)")
+    add_model_arguments(parser)
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--tokens", type=positive_int, default=4096, help="positions to analyse")
+    parser.add_argument("--seq-len", type=positive_int, default=512)
+    parser.add_argument("--top-p", type=probability, nargs="+", default=[0.99, 0.9])
+    parser.add_argument("--out", type=Path, required=True, help="directory for analysis.json and the plots")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from mtp_ext.analysis import analyze
+    from mtp_ext.models import describe_weights
+
+    set_threads(args)
+    out = output_dir(args.out)
+    corpus = read_corpus(args.data)
+    model, tokenizer = load_model_for(args)
+    examples, task = sequences_for(args.data, tokenizer, args.tokens, args.seq_len, corpus)
+    sequences = [list(e[0]) + list(e[1]) if isinstance(e, tuple) else e for e in examples]
+    available = sum(len(sequence) for sequence in sequences)
+    if available < args.tokens:
+        raise UserError(f"{args.data!r} gave {available} tokens but --tokens asks for {args.tokens}")
+    result = analyze(model, sequences, top_ps=tuple(args.top_p))
+    report = {"model": args.model, "weights": describe_weights(model), "data": args.data, "task": task,
+              **result.to_dict()}
+    atomic_write_text(out / "analysis.json", json.dumps(report))
+    plot_analysis(report, out)
+    summary = result.summary()
+    print(f"\nmodel {args.model}, data {args.data}: {summary['positions']} positions, mean entropy "
+          f"{summary['mean_entropy']:.3f} nats, mean nucleus sizes "
+          + ", ".join(f"top-{p}: {size:.1f}" for p, size in summary["mean_nucleus_size"].items()))
+    print("logit-lens KL per layer: " + " ".join(f"{kl:.2f}" for kl in summary["kl_per_layer"]))
+    print(f"wrote {out}/analysis.json, logit_lens_kl.png, entropy.png, nucleus_sizes.png")
+    return report
+
+
+def plot_analysis(report: dict, out: Path) -> None:
+    """Figs. 2-4 of the paper for one model and text."""
+    plt = pyplot()
+    label = f"{report['model']} / {report['data']}"
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    kl = report["kl_per_layer"]
+    axes.plot(range(1, len(kl) + 1), kl, marker="o", markersize=3)
+    axes.set(xlabel="layer", ylabel="KL(p_layer || p_final) (nats)", title=f"Logit lens: {label}")
+    save_figure(plt, figure, out / "logit_lens_kl.png")
+
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    first = report["entropy"][0]
+    axes.plot(range(len(first)), first, linewidth=0.8)
+    axes.set(xlabel="position in the first sequence", ylabel="entropy (nats)",
+             title=f"Next-token entropy: {label}")
+    save_figure(plt, figure, out / "entropy.png")
+
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    for p, rows in report["nucleus_sizes"].items():
+        values = [value for row in rows for value in row]
+        axes.hist(values, bins=50, alpha=0.6, label=f"top-{p}: mean {sum(values) / len(values):.1f}")
+    axes.set(xlabel="tokens in the nucleus", ylabel="positions", yscale="log", title=f"Nucleus sizes: {label}")
+    axes.legend(fontsize=8)
+    save_figure(plt, figure, out / "nucleus_sizes.png")
