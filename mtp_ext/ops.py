@@ -13,16 +13,28 @@ from torch import Tensor
 
 from mtp_ext._checks import check_positive_int, check_temperature, check_top_p
 
+__all__ = ["TopPCandidates", "TreePack", "UnembedTopk", "linear_over_rows", "marginal_accumulate",
+           "multihead_cross_entropy", "multihead_unembed_topk", "small_batch_linear", "top_p_candidates",
+           "top_p_mask", "tree_pack", "tree_pack_teacher"]
+
+# A float, or a float tensor [B] (or a scalar tensor): one value for every row, or one per row.
 TopP = Union[float, Tensor]
 
 
 class TopPCandidates(NamedTuple):
-    """The nucleus of each row as a padded candidate set (see `top_p_candidates`)."""
+    """The nucleus of each row as a padded candidate set (see `top_p_candidates`).
 
-    ids: Tensor  # [B, C] int64, -1 in unused slots
-    probs: Tensor  # [B, C] float32, 0 in unused slots
-    counts: Tensor  # [B] int32, filled slots
-    mass: Tensor  # [B] float32, probability held by the filled slots
+    Attributes:
+        ids: [B, C] int64 token ids, -1 in unused slots.
+        probs: [B, C] float32 probabilities, 0 in unused slots.
+        counts: [B] int32, filled slots.
+        mass: [B] float32, the probability held by the filled slots.
+    """
+
+    ids: Tensor
+    probs: Tensor
+    counts: Tensor
+    mass: Tensor
 
 
 def _top_p_per_row(top_p: TopP, logits: Tensor) -> Tensor:
@@ -45,22 +57,30 @@ def top_p_candidates(
     max_candidates: int = 256,
     temperature: float = 1.0,
 ) -> TopPCandidates:
-    """The top-p nucleus of every row of `logits` [B, V] (float32, bfloat16 or float16).
+    """The top-p nucleus of every row of `logits`, as a padded candidate set.
 
     Probabilities are softmax(logits / temperature) in float32. The nucleus of a row is the
-    shortest run of tokens, in order of descending probability (ties: lower id first), whose
-    probability reaches `top_p` (a float, or a float tensor [B]; values in (0, 1]). A run whose
-    probability lies within one float32 ulp under top_p reaches it: top_p is taken in float32,
-    so this keeps the decimal boundary exact (3 of 10 equal tokens reach 0.3). Tokens more
-    than 29 nats below the row's top logit (probability < 2.5e-13 of the top token's) carry no
-    mass and never enter a nucleus.
-
-    Returns `TopPCandidates(ids, probs, counts, mass)`: the first `counts[b] = min(nucleus size,
-    max_candidates)` slots of `ids[b]` / `probs[b]` hold the nucleus in that order, the rest
-    hold -1 / 0; `mass[b]` is the probability of the returned tokens.
+    shortest run of tokens, in order of descending probability (ties: lower id first; Hugging
+    Face and vLLM choose among tied tokens in their unstable sort's order), whose probability
+    reaches `top_p`. A run whose probability lies within one float32 ulp under top_p reaches
+    it: top_p is taken in float32, so this keeps the decimal boundary exact (3 of 10 equal
+    tokens reach 0.3). Tokens more than 29 nats below the row's top logit (probability
+    < 2.5e-13 of the top token's) carry no mass and never enter a nucleus.
 
     No sort of the vocabulary: a radix select finds the threshold and only the selected tokens
     are sorted. Deterministic, and the same result on CPU and CUDA.
+
+    Args:
+        logits: [B, V] float32, bfloat16 or float16.
+        top_p: a float, or a float tensor [B] (or 0-d) on logits' device; values in (0, 1].
+        max_candidates: C, the slots per row (>= 1; may exceed V).
+        temperature: finite, > 0.
+
+    Returns:
+        TopPCandidates(ids [B, C] int64, probs [B, C] float32, counts [B] int32, mass [B]
+        float32): the first `counts[b] = min(nucleus size, max_candidates)` slots of `ids[b]` /
+        `probs[b]` hold the nucleus in that order, the rest hold -1 / 0; `mass[b]` is the
+        probability of the returned tokens.
     """
     max_candidates = check_positive_int(max_candidates, "max_candidates")
     temperature = check_temperature(temperature)
@@ -77,13 +97,25 @@ def top_p_mask(
     min_tokens_to_keep: int = 1,
     filter_value: float = -math.inf,
 ) -> Tensor:
-    """`logits` [B, V] with every token outside the nucleus set to `filter_value`.
+    """`logits` with every token outside the top-p nucleus set to `filter_value`.
 
-    Keeps the tokens Hugging Face's TopPLogitsWarper keeps: the nucleus of `top_p_candidates`
-    (at temperature 1), grown to the `min_tokens_to_keep` most probable tokens. At top_p = 1
-    only tokens of logit -inf are filtered (Hugging Face also filters finite logits whose fp32
-    probability underflows to 0, more than about 100 nats below the top one).
-    Returns a new tensor of the same dtype.
+    Keeps the nucleus of `top_p_candidates` (at temperature 1), grown to the
+    `min_tokens_to_keep` most probable tokens: Hugging Face's TopPLogitsWarper's set except where
+    the rules deliberately differ (README, "Differences from peers"): ties at the boundary go to
+    the lower id (Hugging Face keeps those its `torch.sort(stable=False)` puts last),
+    probabilities are float32 also for bf16/fp16 logits, the boundary uses exact sums, and at
+    top_p = 1 only tokens of logit -inf are filtered (Hugging Face also filters finite logits
+    whose fp32 probability underflows to 0, more than about 100 nats below the top one).
+    `TopPLogitsWarper(top_p, match_hf=True)` gives Hugging Face's exact set.
+
+    Args:
+        logits: [B, V] float32, bfloat16 or float16.
+        top_p: a float, or a float tensor [B] (or 0-d) on logits' device; values in (0, 1].
+        min_tokens_to_keep: the nucleus is grown to at least this many tokens (>= 1).
+        filter_value: the value given to every token outside the nucleus.
+
+    Returns:
+        [B, V], a new tensor of logits' dtype.
     """
     min_tokens_to_keep = check_positive_int(min_tokens_to_keep, "min_tokens_to_keep")
     _check_logits_rank(logits)
@@ -120,11 +152,17 @@ def _top_p_mask_fake(logits, top_p, min_tokens_to_keep, filter_value):
 
 
 class TreePack(NamedTuple):
-    """Draft-tree tokens packed for one forward pass over a KV cache (see `tree_pack`)."""
+    """Draft-tree tokens packed for one forward pass over a KV cache (see `tree_pack`).
 
-    input_ids: Tensor  # [B, P] int64, pad_id in padding slots
-    position_ids: Tensor  # [B, P] int64
-    attention_mask: Tensor  # [B, 1, P, T + P] bool, True = may attend
+    Attributes:
+        input_ids: [B, P] int64, pad_id in padding slots.
+        position_ids: [B, P] int64.
+        attention_mask: [B, 1, P, T + P] bool over (cache, packed tokens), True: may attend.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    attention_mask: Tensor
 
 
 def tree_pack(
@@ -137,23 +175,28 @@ def tree_pack(
 ) -> TreePack:
     """Packs a draft tree per row, to run after a prefix held in a KV cache.
 
-    `tree_ids` [B, N] int64 are the nodes' tokens; `parents` [B, N] int64 the index of each
-    node's parent within its row's tree (smaller than the node's own index), or -1 for a
-    child of the prefix's last token; `counts` [B] int32/int64 the nodes in use (later slots
-    are padding and may hold anything); `prefix_mask` [B, T] (bool or integer) the prefix's
-    attention mask, any pattern of real tokens (left padding included).
-
-    Returns `TreePack(input_ids, position_ids, attention_mask)`: input_ids [B, N] (pad_id in
-    padding slots); position_ids [B, N] = real prefix tokens + depth - 1 (Hugging Face's
-    cumsum(mask) - 1 convention, depth 1 for a child of the prefix); attention_mask
-    [B, 1, N, T + N] bool over (prefix, nodes), True where a node may attend: the real prefix
-    tokens, its ancestors and itself, as in the sequence [prefix, ancestors, node]. With
-    `sliding_window` > 0 a node sees only keys fewer than that many positions before it
-    (a sliding-window layer's mask); 0 means no window. Padding slots see only themselves.
-
-    Running the model on input_ids with position_ids, this mask (as an additive float mask)
+    Running the model on input_ids with position_ids, the mask (as an additive float mask)
     and the prefix's cache gives every node the logits of [prefix, ancestors, node]; the
     cache then also holds the tree tokens, so crop it back to T afterwards.
+
+    Args:
+        tree_ids: [B, N] int64, the nodes' tokens.
+        parents: [B, N] int64, the index of each node's parent within its row's tree (smaller
+            than the node's own index), or -1 for a child of the prefix's last token.
+        counts: [B] int32 or int64, the nodes in use (later slots are padding and may hold
+            anything).
+        prefix_mask: [B, T] bool or integer, the prefix's attention mask: any pattern of real
+            tokens (left padding included).
+        pad_id: the token of padding slots.
+        sliding_window: > 0: a node sees only keys fewer than that many positions before it
+            (a sliding-window layer's mask); 0: no window.
+
+    Returns:
+        TreePack: input_ids [B, N] int64 (pad_id in padding slots); position_ids [B, N] int64
+        = real prefix tokens + depth - 1 (Hugging Face's cumsum(mask) - 1 convention, depth 1
+        for a child of the prefix); attention_mask [B, 1, N, T + N] bool over (prefix, nodes),
+        True where a node may attend: the real prefix tokens, its ancestors and itself, as in
+        the sequence [prefix, ancestors, node]. Padding slots see only themselves.
     """
     _check_same_device(tree_ids=tree_ids, parents=parents, counts=counts, prefix_mask=prefix_mask)
     return TreePack(*torch.ops.mtp_ext.tree_pack(
@@ -172,16 +215,25 @@ def tree_pack_teacher(
 ) -> TreePack:
     """`tree_pack` for a tree after each of many tokens of one sequence (teacher forcing).
 
-    `seq_mask` [B, T] is the attention mask of a sequence held in a KV cache; `tree_ids`,
-    `parents` [B, W, N] and `counts` [B, W] hold a tree per sequence token
-    t = first_position + w (first_position + W <= T; by default the trees of tokens 0..W-1),
-    with parents indexing within tree w. All trees are scored in one pass.
+    Tree w follows sequence token t = first_position + w (first_position + W <= T; by default
+    the trees of tokens 0..W-1). All trees are scored in one pass.
 
-    Returns `TreePack` over the flattened nodes (w, j) -> w * N + j: input_ids and position_ids
-    [B, W * N], position = pos(t) + depth with pos(t) = cumsum(seq_mask)[t] - 1; attention_mask
-    [B, 1, W * N, T + W * N] in which node (w, j) sees the real sequence tokens up to t, its
-    ancestors in tree w and itself (within `sliding_window` positions, if > 0). Padding nodes
-    (j >= counts[b, w], or a padding token t) see only themselves.
+    Args:
+        tree_ids: [B, W, N] int64, the nodes' tokens, one tree per sequence token.
+        parents: [B, W, N] int64, parent indices within tree w (-1: a child of token t).
+        counts: [B, W] int32 or int64, the nodes in use in each tree.
+        seq_mask: [B, T] bool or integer, the attention mask of the sequence held in the cache.
+        pad_id: the token of padding slots.
+        sliding_window: > 0: keys within that many positions only; 0: no window.
+        first_position: the sequence token that tree 0 follows.
+
+    Returns:
+        TreePack over the flattened nodes (w, j) -> w * N + j: input_ids and position_ids
+        [B, W * N] int64, position = pos(t) + depth with pos(t) = cumsum(seq_mask)[t] - 1;
+        attention_mask [B, 1, W * N, T + W * N] bool in which node (w, j) sees the real
+        sequence tokens up to t, its ancestors in tree w and itself (within `sliding_window`
+        positions, if > 0). Padding nodes (j >= counts[b, w], or a padding token t) see only
+        themselves.
     """
     _check_same_device(tree_ids=tree_ids, parents=parents, counts=counts, seq_mask=seq_mask)
     return TreePack(*torch.ops.mtp_ext.tree_pack_teacher(
@@ -190,14 +242,19 @@ def tree_pack_teacher(
 
 
 def marginal_accumulate(weights: Tensor, logits: Tensor) -> Tensor:
-    """sum_n weights[b, n] * softmax(logits[b, n]) as float32 [B, V]: a marginal distribution.
+    """sum_n weights[b, n] * softmax(logits[b, n]): a marginal distribution.
 
-    `weights` [B, N] float32 (finite, >= 0) are path probabilities, 0 for padding candidates;
-    `logits` [B, N, V] float32, bfloat16 or float16, any strides (unit stride along V is read
-    in place). Rows of weight 0 are never read, so they may hold anything, NaN included; a row
-    of positive weight must hold no NaN or +inf and at least one finite logit.
+    Rows of weight 0 are never read, so they may hold anything, NaN included; a row of
+    positive weight must hold no NaN or +inf and at least one finite logit. Fused: two reads
+    of the live rows, and the N x V probabilities are never written.
 
-    Fused: two reads of the live rows, and the N x V probabilities are never written.
+    Args:
+        weights: [B, N] float32 (finite, >= 0), path probabilities, 0 for padding candidates.
+        logits: [B, N, V] float32, bfloat16 or float16, any strides (unit stride along V is
+            read in place).
+
+    Returns:
+        [B, V] float32.
     """
     _check_same_device(weights=weights, logits=logits)
     return torch.ops.mtp_ext.marginal_accumulate(weights, logits)
@@ -236,27 +293,37 @@ def _marginal_accumulate_fake(weights, logits):
 
 
 class UnembedTopk(NamedTuple):
-    """Each head's top-k tokens and log-sum-exp (see `multihead_unembed_topk`)."""
+    """Each head's top-k tokens and log-sum-exp (see `multihead_unembed_topk`).
 
-    values: Tensor  # [N, B, k] float32 logits, descending
-    ids: Tensor  # [N, B, k] int64 token ids
-    lse: Tensor  # [N, B] float32 log-sum-exp of each row's logits
+    Attributes:
+        values: [N, B, k] float32 logits, descending.
+        ids: [N, B, k] int64 token ids.
+        lse: [N, B] float32, the log-sum-exp of each row's logits.
+    """
+
+    values: Tensor
+    ids: Tensor
+    lse: Tensor
 
 
 def multihead_unembed_topk(hidden: Tensor, weight: Tensor, k: int) -> UnembedTopk:
     """The k most likely tokens of N heads through one shared unembedding.
 
-    `hidden` [N, B, H] holds N heads' hidden states, `weight` [V, H] the unembedding (same
-    dtype: float32, bfloat16 or float16). Logits hidden[n] @ weight.T are computed in float32,
-    one tile of the vocabulary at a time with all N * B rows in one GEMM, so the weight is read
-    once and the N x B x V logits are never held.
+    Logits hidden[n] @ weight.T are computed in float32, one tile of the vocabulary at a time
+    with all N * B rows in one GEMM, so the weight is read once and the N x B x V logits are
+    never held. A NaN logit ranks above every number, as in torch.sort and torch.topk, and
+    makes its row's lse NaN: callers that need a distribution check lse. Every bit of the
+    result is the same for any thread count.
 
-    Returns `UnembedTopk(values, ids, lse)`: per head and row the k largest logits in
-    descending order (ties: lower id first) [N, B, k] float32, their ids [N, B, k] int64, and
-    the log-sum-exp of all V logits [N, B] float32 (so values - lse are log-probabilities).
-    A NaN logit ranks above every number, as in torch.sort and torch.topk, and makes its row's
-    lse NaN: callers that need a distribution check lse. Every bit of the result is the same
-    for any thread count.
+    Args:
+        hidden: [N, B, H] float32, bfloat16 or float16, N heads' hidden states.
+        weight: [V, H] of hidden's dtype, the unembedding.
+        k: the tokens kept per head and row.
+
+    Returns:
+        UnembedTopk: values [N, B, k] float32, per head and row the k largest logits in
+        descending order (ties: lower id first); ids [N, B, k] int64, their token ids; lse
+        [N, B] float32, the log-sum-exp of all V logits (so values - lse are log-probabilities).
     """
     if isinstance(k, bool) or int(k) != k:
         raise ValueError(f"k must be an integer, got {k!r}")
@@ -273,17 +340,23 @@ def multihead_cross_entropy(
 ) -> Tensor:
     """The weighted mean of N heads' cross-entropy losses through one shared unembedding.
 
-    `hidden` [N, M, H] (float32, bfloat16, float16, or float64), `weight` [V, H] of the same
-    dtype, `targets` [N, M] int64 in [0, V) or `ignore_index`. The loss is
-    sum_n head_weights[n] * CE_n, where CE_n is the mean cross-entropy of logits
+    The loss is sum_n head_weights[n] * CE_n, where CE_n is the mean cross-entropy of logits
     hidden[n] @ weight.T (float32; float64 for float64 inputs) over head n's targets that are
-    not ignore_index, and 0 for a head without any. `head_weights` [N] defaults to 1 / N each.
+    not ignore_index, and 0 for a head without any. Chunked over rows so that no N x M x V
+    logits are held; when a gradient is needed it is computed during this call (the backward
+    only scales it). Higher-order gradients (create_graph=True) are exact but recompute the
+    loss the plain way, holding N x M x V logits.
 
-    Returns a scalar float32 tensor (float64 for float64 inputs), differentiable with respect
-    to hidden, weight and head_weights. Chunked over rows so that no N x M x V logits are held;
-    when a gradient is needed it is computed during this call (the backward only scales it).
-    Higher-order gradients (create_graph=True) are exact but recompute the loss the plain way,
-    holding N x M x V logits.
+    Args:
+        hidden: [N, M, H] float32, bfloat16, float16 or float64.
+        weight: [V, H] of hidden's dtype, the unembedding.
+        targets: [N, M] int64 in [0, V), or ignore_index.
+        head_weights: [N] floating; None: 1 / N each.
+        ignore_index: the target value that is not scored.
+
+    Returns:
+        A scalar float32 tensor (float64 for float64 inputs), differentiable with respect to
+        hidden, weight and head_weights.
     """
     _check_same_device(hidden=hidden, weight=weight, targets=targets, head_weights=head_weights)
     if head_weights is None:
@@ -301,10 +374,17 @@ def multihead_cross_entropy(
 def small_batch_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`torch.nn.functional.linear(input, weight, bias)` for inputs of a few rows, float32.
 
-    `input` [..., K], `weight` [N, K], `bias` [N] or None, all float32 on one device. Returns
-    [..., N]. Meant for the handful of rows of a draft tree's verification pass, which on a CPU
-    are bound by reading the weights: the kernel reads each weight row once, at memory speed,
+    Meant for the handful of rows of a draft tree's verification pass, which on a CPU are
+    bound by reading the weights: the kernel reads each weight row once, at memory speed,
     where MKL's small-M GEMM (and its GEMV) streams them at well under it. Differentiable.
+
+    Args:
+        input: [..., K] float32 (at least one dimension).
+        weight: [N, K] float32, on input's device.
+        bias: [N] float32, or None.
+
+    Returns:
+        [..., N] float32.
     """
     _check_same_device(input=input, weight=weight, bias=bias)
     if input.dim() < 1:
@@ -313,7 +393,16 @@ def small_batch_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None
 
 
 def linear_over_rows(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """torch.ops.mtp_ext.small_batch_linear on input [..., K] flattened to rows, unchecked."""
+    """torch.ops.mtp_ext.small_batch_linear on input flattened to rows, without the wrapper's checks.
+
+    Args:
+        input: [..., K] float32.
+        weight: [N, K] float32.
+        bias: [N] float32, or None.
+
+    Returns:
+        [..., N] float32.
+    """
     rows = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])  # -1 is ambiguous when K = 0
     return torch.ops.mtp_ext.small_batch_linear(rows, weight, bias).reshape(*input.shape[:-1], weight.shape[0])
 

@@ -36,6 +36,6 @@ def test_cli_eval_writes_table_json_and_plot(tmp_path, capsys):
     assert json_path.stat().st_size > 0 and plot_path.stat().st_size > 1000
 
 
-def test_cli_refuses_unwritable_output(tmp_path):
-    with pytest.raises(SystemExit, match="not a writable directory"):
-        main(["eval", "--json", str(tmp_path / "missing" / "x.json")])
+def test_cli_refuses_unwritable_output(tmp_path, capsys):
+    assert main(["eval", "--json", str(tmp_path / "missing" / "x.json")]) == 2
+    assert "not a writable directory" in capsys.readouterr().err

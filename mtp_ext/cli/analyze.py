@@ -6,30 +6,18 @@ import json
 from pathlib import Path
 
 from mtp_ext._io import UserError, atomic_write_text
-from mtp_ext.cli.common import (
-    DEFAULT_DATA,
-    add_model_arguments,
-    load_model_for,
-    output_dir,
-    positive_int,
-    probability,
-    pyplot,
-    read_corpus,
-    save_figure,
-    sequences_for,
-    set_threads,
-)
+from mtp_ext.cli import common
 
 NAME = "analyze"
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(NAME, help="logit-lens KL, entropy and nucleus sizes (Figs. 2-4)")
-    add_model_arguments(parser)
-    parser.add_argument("--data", default=DEFAULT_DATA)
-    parser.add_argument("--tokens", type=positive_int, default=4096, help="positions to analyse")
-    parser.add_argument("--seq-len", type=positive_int, default=512)
-    parser.add_argument("--top-p", type=probability, nargs="+", default=[0.99, 0.9])
+    common.add_model_arguments(parser)
+    parser.add_argument("--data", default=common.DEFAULT_DATA)
+    parser.add_argument("--tokens", type=common.positive_int, default=4096, help="positions to analyse")
+    parser.add_argument("--seq-len", type=common.positive_int, default=512)
+    parser.add_argument("--top-p", type=common.probability, nargs="+", default=[0.99, 0.9])
     parser.add_argument("--out", type=Path, required=True, help="directory for analysis.json and the plots")
     parser.set_defaults(run=run)
 
@@ -38,11 +26,11 @@ def run(args: argparse.Namespace) -> dict:
     from mtp_ext.analysis import analyze
     from mtp_ext.models import describe_weights
 
-    set_threads(args)
-    out = output_dir(args.out)
-    corpus = read_corpus(args.data)
-    model, tokenizer = load_model_for(args)
-    examples, task = sequences_for(args.data, tokenizer, args.tokens, args.seq_len, corpus)
+    common.set_threads(args)
+    out = common.output_dir(args.out)
+    corpus = common.read_corpus(args.data)
+    model, tokenizer = common.load_model_for(args)
+    examples, task = common.sequences_for(args.data, tokenizer, args.tokens, args.seq_len, corpus)
     sequences = [list(e[0]) + list(e[1]) if isinstance(e, tuple) else e for e in examples]
     available = sum(len(sequence) for sequence in sequences)
     if available < args.tokens:
@@ -63,20 +51,20 @@ def run(args: argparse.Namespace) -> dict:
 
 def plot_analysis(report: dict, out: Path) -> None:
     """Figs. 2-4 of the paper for one model and text."""
-    plt = pyplot()
+    plt = common.pyplot()
     label = f"{report['model']} / {report['data']}"
     figure, axes = plt.subplots(figsize=(5, 3.5))
     kl = report["kl_per_layer"]
     axes.plot(range(1, len(kl) + 1), kl, marker="o", markersize=3)
     axes.set(xlabel="layer", ylabel="KL(p_layer || p_final) (nats)", title=f"Logit lens: {label}")
-    save_figure(plt, figure, out / "logit_lens_kl.png")
+    common.save_figure(plt, figure, out / "logit_lens_kl.png")
 
     figure, axes = plt.subplots(figsize=(7, 3.5))
     first = report["entropy"][0]
     axes.plot(range(len(first)), first, linewidth=0.8)
     axes.set(xlabel="position in the first sequence", ylabel="entropy (nats)",
              title=f"Next-token entropy: {label}")
-    save_figure(plt, figure, out / "entropy.png")
+    common.save_figure(plt, figure, out / "entropy.png")
 
     figure, axes = plt.subplots(figsize=(5, 3.5))
     for p, rows in report["nucleus_sizes"].items():
@@ -84,4 +72,4 @@ def plot_analysis(report: dict, out: Path) -> None:
         axes.hist(values, bins=50, alpha=0.6, label=f"top-{p}: mean {sum(values) / len(values):.1f}")
     axes.set(xlabel="tokens in the nucleus", ylabel="positions", yscale="log", title=f"Nucleus sizes: {label}")
     axes.legend(fontsize=8)
-    save_figure(plt, figure, out / "nucleus_sizes.png")
+    common.save_figure(plt, figure, out / "nucleus_sizes.png")

@@ -7,31 +7,21 @@ import json
 from pathlib import Path
 
 from mtp_ext._io import atomic_write_text
-from mtp_ext.cli.common import (
-    add_heads_data_arguments,
-    check_output_file,
-    heads_data,
-    heads_table,
-    load_model_for,
-    positive_int,
-    probability,
-    read_documents,
-    set_threads,
-)
+from mtp_ext.cli import common
 
 NAME = "eval-heads"
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(NAME, help="held-out top-k accuracy of MTP heads beside marginalisation")
-    add_heads_data_arguments(parser)
+    common.add_heads_data_arguments(parser)
     parser.add_argument("--heads-dir", type=Path, nargs="+", required=True, help="train-heads checkpoints")
-    parser.add_argument("--tokens", type=positive_int, default=1024, help="held-out positions (of step 1)")
-    parser.add_argument("--marginal-steps", type=positive_int, default=None,
+    parser.add_argument("--tokens", type=common.positive_int, default=1024, help="held-out positions (of step 1)")
+    parser.add_argument("--marginal-steps", type=common.positive_int, default=None,
                         help="marginalise up to this step (default: the heads' last step; 1: none)")
-    parser.add_argument("--top-p", type=probability, default=0.99)
-    parser.add_argument("--max-candidates", type=positive_int, default=16)
-    parser.add_argument("--max-nodes", type=positive_int, default=64)
+    parser.add_argument("--top-p", type=common.probability, default=0.99)
+    parser.add_argument("--max-candidates", type=common.positive_int, default=16)
+    parser.add_argument("--max-nodes", type=common.positive_int, default=64)
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.set_defaults(run=run)
 
@@ -42,17 +32,17 @@ def run(args: argparse.Namespace) -> dict:
     from mtp_ext.heads.model import check_heads_dir
     from mtp_ext.models import describe_weights
 
-    set_threads(args)
-    check_output_file(args.json, "--json")
+    common.set_threads(args)
+    common.check_output_file(args.json, "--json")
     for directory in args.heads_dir:
         check_heads_dir(directory, "--heads-dir")
-    documents = read_documents(args.data)
-    backbone, tokenizer = load_model_for(args)
-    _, held_out, split = heads_data(args, documents, tokenizer, 1, args.tokens)
+    documents = common.read_documents(args.data)
+    backbone, tokenizer = common.load_model_for(args)
+    _, held_out, split = common.heads_data(args, documents, tokenizer, 1, args.tokens)
     results, configs = {}, {}
     for directory in args.heads_dir:
         # A joint checkpoint overwrites the backbone's weights: each gets a fresh copy.
-        heads = load_heads(directory, load_model_for(args)[0])
+        heads = load_heads(directory, common.load_model_for(args)[0])
         results[str(directory)] = evaluate_heads(heads, held_out, batch_size=1)
         configs[str(directory)] = heads.config_dict()
     marginal_steps = args.marginal_steps or max(len(accuracies) for accuracies in results.values())
@@ -65,9 +55,9 @@ def run(args: argparse.Namespace) -> dict:
                                    f"marginalisation {step['positions']}")
     labels = [directory.resolve().name for directory in args.heads_dir]
     if len(set(labels)) == len(labels):  # short column names where they stay distinct
-        table = heads_table(dict(zip(labels, results.values())), marginal.steps)
+        table = common.heads_table(dict(zip(labels, results.values())), marginal.steps)
     else:
-        table = heads_table(results, marginal.steps)
+        table = common.heads_table(results, marginal.steps)
     report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
               "sequences": len(held_out), "seq_len": args.seq_len, "marginalisation": marginal.to_dict(),
               "heads": {name: {"config": configs[name], "steps": [vars(a) for a in accuracies]}

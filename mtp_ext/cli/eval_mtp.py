@@ -6,37 +6,25 @@ import json
 from pathlib import Path
 
 from mtp_ext._io import UserError, atomic_write_text
-from mtp_ext.cli.common import (
-    DEFAULT_DATA,
-    add_model_arguments,
-    check_output_file,
-    load_model_for,
-    positive_int,
-    probability,
-    pyplot,
-    read_corpus,
-    save_figure,
-    sequences_for,
-    set_threads,
-)
+from mtp_ext.cli import common
 
 NAME = "eval"
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(NAME, help="teacher-forced top-k accuracy of marginalisation MTP")
-    add_model_arguments(parser, help="built-in name (smollm2-135m, gemma3-270m), checkpoint directory, or "
+    common.add_model_arguments(parser, help="built-in name (smollm2-135m, gemma3-270m), checkpoint directory, or "
                                      "a hub id with --allow-download")
-    parser.add_argument("--data", default=DEFAULT_DATA,
+    parser.add_argument("--data", default=common.DEFAULT_DATA,
                         help="built-in corpus (austen, shakespeare, bible-en-es) or a .txt / .jsonl file")
-    parser.add_argument("--steps", type=positive_int, default=2, help="predict x_{t+1} .. x_{t+steps}")
-    parser.add_argument("--top-p", type=probability, default=0.99, help="nucleus of every intermediate level")
-    parser.add_argument("--max-candidates", type=positive_int, default=64, help="cap on each nucleus")
-    parser.add_argument("--max-nodes", type=positive_int, default=256, help="cap on the nodes of a draft tree")
-    parser.add_argument("--tokens", type=positive_int, default=4096, help="evaluated positions")
-    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence (open-ended text)")
-    parser.add_argument("--batch-size", type=positive_int, default=4)
-    parser.add_argument("--top-k", type=positive_int, nargs="+", default=[1, 5])
+    parser.add_argument("--steps", type=common.positive_int, default=2, help="predict x_{t+1} .. x_{t+steps}")
+    parser.add_argument("--top-p", type=common.probability, default=0.99, help="nucleus of every intermediate level")
+    parser.add_argument("--max-candidates", type=common.positive_int, default=64, help="cap on each nucleus")
+    parser.add_argument("--max-nodes", type=common.positive_int, default=256, help="cap on the nodes of a draft tree")
+    parser.add_argument("--tokens", type=common.positive_int, default=4096, help="evaluated positions")
+    parser.add_argument("--seq-len", type=common.positive_int, default=512, help="tokens per sequence (open-ended text)")
+    parser.add_argument("--batch-size", type=common.positive_int, default=4)
+    parser.add_argument("--top-k", type=common.positive_int, nargs="+", default=[1, 5])
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--plot", type=Path, help="draw the accuracy per step (Fig. 1 style) here (PNG)")
     parser.set_defaults(run=run)
@@ -46,12 +34,12 @@ def run(args: argparse.Namespace) -> dict:
     from mtp_ext.evaluate import evaluate_mtp
     from mtp_ext.models import describe_weights
 
-    set_threads(args)
-    check_output_file(args.json, "--json")
-    check_output_file(args.plot, "--plot")
-    corpus = read_corpus(args.data)
-    model, tokenizer = load_model_for(args)
-    sequences, task = sequences_for(args.data, tokenizer, args.tokens, args.seq_len, corpus)
+    common.set_threads(args)
+    common.check_output_file(args.json, "--json")
+    common.check_output_file(args.plot, "--plot")
+    corpus = common.read_corpus(args.data)
+    model, tokenizer = common.load_model_for(args)
+    sequences, task = common.sequences_for(args.data, tokenizer, args.tokens, args.seq_len, corpus)
     if not sequences:
         raise UserError(f"{args.data!r} holds too little text for one sequence of {args.seq_len} tokens")
     result = evaluate_mtp(model, sequences, steps=args.steps, top_k=tuple(args.top_k), top_p=args.top_p,
@@ -73,7 +61,7 @@ def run(args: argparse.Namespace) -> dict:
 def plot_accuracy(reports: list[dict], path: Path, k: int = 5) -> None:
     """Bars of top-k accuracy per step for each (model, data) report, with the bounds as error
     bars: the paper's Fig. 1."""
-    plt = pyplot()
+    plt = common.pyplot()
     name = f"top{k}"
     steps = sorted({step["step"] for report in reports for step in report["steps"]})
     width = 0.8 / max(len(steps), 1)
@@ -94,4 +82,4 @@ def plot_accuracy(reports: list[dict], path: Path, k: int = 5) -> None:
     axes.set_ylim(0, 1)
     axes.legend(fontsize=8)
     axes.set_title("MTP by marginalisation")
-    save_figure(plt, figure, path)
+    common.save_figure(plt, figure, path)

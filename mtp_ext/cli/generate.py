@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mtp_ext._io import UserError
-from mtp_ext.cli.common import add_model_arguments, load_model_for, positive_float, positive_int, probability, set_threads
+from mtp_ext.cli import common
 
 NAME = "generate"
 
@@ -14,18 +14,18 @@ def add_parser(commands) -> None:
     from mtp_ext.speculative import drafter_help
 
     parser = commands.add_parser(NAME, help="self-speculative decoding with MTP drafts")
-    add_model_arguments(parser)
+    common.add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--drafter", default="marginal", help=f"the drafter: {drafter_help()}")
-    parser.add_argument("--branching", type=positive_int, nargs="+", default=None,
+    parser.add_argument("--branching", type=common.positive_int, nargs="+", default=None,
                         help="candidates per node at each depth (heads; default: 3 on a CPU, 4 3 2 2 on a GPU), or "
                              "under the root (marginal and token head, one count; default: 3 on a CPU, 8 on a GPU)")
-    parser.add_argument("--max-nodes", type=positive_int, default=None,
+    parser.add_argument("--max-nodes", type=common.positive_int, default=None,
                         help="heads drafter: node budget of a draft tree (default: 4 on a CPU, 16 on a GPU)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--max-new-tokens", type=common.positive_int, default=64)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=positive_float, default=1.0)
-    parser.add_argument("--top-p", type=probability, default=1.0)
+    parser.add_argument("--temperature", type=common.positive_float, default=1.0)
+    parser.add_argument("--top-p", type=common.probability, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     parser.add_argument("--compare", action="store_true",
                         help="also run model.generate with the same settings and print the speed-up")
@@ -37,9 +37,9 @@ def run(args: argparse.Namespace) -> dict:
 
     from mtp_ext.speculative import check_drafter, resolve_drafter, speculative_generate
 
-    set_threads(args)
+    common.set_threads(args)
     check_drafter(args.drafter, "--drafter")
-    model, tokenizer = load_model_for(args)
+    model, tokenizer = common.load_model_for(args)
     input_ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
     if input_ids.shape[1] == 0:
         raise UserError("--prompt gives no tokens: give some text to continue")

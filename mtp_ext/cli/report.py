@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from mtp_ext._io import UserError, atomic_write_text, read_json, required_keys
-from mtp_ext.cli.common import output_dir
+from mtp_ext.cli import common
 from mtp_ext.cli.eval_mtp import plot_accuracy
 
 NAME = "report"
@@ -23,7 +23,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> str:
-    out = output_dir(args.out)
+    out = common.output_dir(args.out)
     evaluations, analyses = [], {}
     for directory in args.dirs:
         if not directory.is_dir():

@@ -7,48 +7,37 @@ import json
 from pathlib import Path
 
 from mtp_ext._io import UserError, atomic_write_text
-from mtp_ext.cli.common import (
-    add_heads_data_arguments,
-    heads_data,
-    heads_table,
-    load_model_for,
-    non_negative_int,
-    output_dir,
-    positive_float,
-    positive_int,
-    read_documents,
-    set_threads,
-)
+from mtp_ext.cli import common
 
 NAME = "train-heads"
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(NAME, help="train MTP heads on a frozen or jointly trained backbone")
-    add_heads_data_arguments(parser)
+    common.add_heads_data_arguments(parser)
     parser.add_argument("--heads", type=int, default=3, help="number of heads (head j predicts x_{t+j+2})")
     parser.add_argument("--head-type", choices=["resblock", "block"], default="resblock")
     parser.add_argument("--whs", action="store_true", help="weighted hidden states: each head mixes every layer")
     parser.add_argument("--joint", action="store_true", help="train the backbone too (loss adds the NTP loss)")
-    parser.add_argument("--steps", type=non_negative_int, required=True,
+    parser.add_argument("--steps", type=common.non_negative_int, required=True,
                         help="train up to this step (resumes from --out)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory (resumed if it holds one)")
-    parser.add_argument("--batch-size", type=positive_int, default=2, help="windows of --seq-len tokens per step")
-    parser.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of the heads and WHS weights")
-    parser.add_argument("--whs-lr", type=positive_float, default=5e-2, help="learning rate of the WHS logits (--whs)")
-    parser.add_argument("--backbone-lr", type=positive_float, default=1e-5,
+    parser.add_argument("--batch-size", type=common.positive_int, default=2, help="windows of --seq-len tokens per step")
+    parser.add_argument("--lr", type=common.positive_float, default=1e-3, help="learning rate of the heads and WHS weights")
+    parser.add_argument("--whs-lr", type=common.positive_float, default=5e-2, help="learning rate of the WHS logits (--whs)")
+    parser.add_argument("--backbone-lr", type=common.positive_float, default=1e-5,
                         help="learning rate of the backbone (--joint)")
     parser.add_argument("--ntp-weight", type=float, default=1.0, help="weight of the NTP loss (--joint)")
-    parser.add_argument("--checkpoint-every", type=positive_int, default=25, help="steps between checkpoints")
+    parser.add_argument("--checkpoint-every", type=common.positive_int, default=25, help="steps between checkpoints")
     parser.add_argument("--targets", choices=["text", "model"], default="text",
                         help="what the heads predict: the text, or the backbone's own greedy choices "
                              "(self-distillation, for drafting in speculative decoding)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from the heads saved in this directory (fine-tuning); they must match "
                              "--heads, --head-type, --whs and --joint")
-    parser.add_argument("--time-budget", type=positive_float, default=None,
+    parser.add_argument("--time-budget", type=common.positive_float, default=None,
                         help="stop (and checkpoint) after this many seconds of training; rerun to go on")
-    parser.add_argument("--eval-tokens", type=positive_int, default=1024,
+    parser.add_argument("--eval-tokens", type=common.positive_int, default=1024,
                         help="held-out positions scored after training")
     parser.set_defaults(run=run, interrupted=interrupted)
 
@@ -63,17 +52,17 @@ def run(args: argparse.Namespace) -> dict:
     from mtp_ext.heads.training import TrainingSettings, evaluate_heads, train_heads
     from mtp_ext.models import describe_weights
 
-    set_threads(args)
+    common.set_threads(args)
     settings = TrainingSettings(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                                 whs_lr=args.whs_lr, backbone_lr=args.backbone_lr, ntp_weight=args.ntp_weight,
                                 checkpoint_every=args.checkpoint_every, targets=args.targets)
     settings.check()
     if args.init_from is not None:
         check_heads_dir(args.init_from, "--init-from")
-    documents = read_documents(args.data)
-    out = output_dir(args.out)
-    backbone, tokenizer = load_model_for(args)
-    windows, held_out, split = heads_data(args, documents, tokenizer, max(1, args.steps * args.batch_size),
+    documents = common.read_documents(args.data)
+    out = common.output_dir(args.out)
+    backbone, tokenizer = common.load_model_for(args)
+    windows, held_out, split = common.heads_data(args, documents, tokenizer, max(1, args.steps * args.batch_size),
                                           args.eval_tokens)
     if args.init_from is not None:
         heads = initial_heads(args, backbone)
@@ -88,7 +77,7 @@ def run(args: argparse.Namespace) -> dict:
     atomic_write_text(out / "train.json", json.dumps(report, indent=2))
     print(f"\ntrained to step {record['step']} ({record['tokens_seen']} tokens, {record['seconds']:.0f} s); "
           f"held-out ({split['by']} split):")
-    print(heads_table({"heads": accuracies}))
+    print(common.heads_table({"heads": accuracies}))
     print(f"wrote {out}")
     return report
 

@@ -5,29 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mtp_ext.cli.common import (
-    add_heads_data_arguments,
-    heads_data,
-    load_model_for,
-    output_dir,
-    positive_float,
-    positive_int,
-    read_documents,
-    set_threads,
-)
+from mtp_ext.cli import common
 
 NAME = "train-token-head"
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(NAME, help="train a drafting head that reads the next token too (TokenHead)")
-    add_heads_data_arguments(parser)
+    common.add_heads_data_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="directory for the head")
-    parser.add_argument("--tokens", type=positive_int, default=200_000, help="training positions (one backbone pass)")
-    parser.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out positions scored")
-    parser.add_argument("--epochs", type=positive_int, default=6)
-    parser.add_argument("--batch-size", type=positive_int, default=512, help="positions per step")
-    parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW, cosine decay to 0")
+    parser.add_argument("--tokens", type=common.positive_int, default=200_000, help="training positions (one backbone pass)")
+    parser.add_argument("--eval-tokens", type=common.positive_int, default=8192, help="held-out positions scored")
+    parser.add_argument("--epochs", type=common.positive_int, default=6)
+    parser.add_argument("--batch-size", type=common.positive_int, default=512, help="positions per step")
+    parser.add_argument("--lr", type=common.positive_float, default=1e-3, help="AdamW, cosine decay to 0")
     parser.add_argument("--draft-vocab", type=int, default=8192,
                         help="tokens the head can guess: the model's most frequent choices")
     parser.set_defaults(run=run)
@@ -38,14 +29,14 @@ def run(args: argparse.Namespace) -> dict:
     from mtp_ext.heads.token_head import token_head_features
     from mtp_ext.models import describe_weights
 
-    set_threads(args)
+    common.set_threads(args)
     settings = TokenHeadSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                  draft_vocab=args.draft_vocab)
-    documents = read_documents(args.data)
-    out = output_dir(args.out)
-    backbone, tokenizer = load_model_for(args)
+    documents = common.read_documents(args.data)
+    out = common.output_dir(args.out)
+    backbone, tokenizer = common.load_model_for(args)
     settings.check(backbone.get_output_embeddings().weight.shape[0])
-    windows, held_out, split = heads_data(args, documents, tokenizer, max(1, args.tokens // (args.seq_len - 1)),
+    windows, held_out, split = common.heads_data(args, documents, tokenizer, max(1, args.tokens // (args.seq_len - 1)),
                                           args.eval_tokens)
     head, record = train_token_head(backbone, token_head_features(backbone, windows), settings)
     accuracy = evaluate_token_head(head, token_head_features(backbone, held_out))

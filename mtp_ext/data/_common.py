@@ -9,6 +9,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Callable, Sequence
 
 PREPARE_SCRIPT = "scripts/prepare_offline.sh"
 
@@ -60,3 +61,28 @@ def require_modules(modules: dict[str, str], what: str) -> None:
         f"{what} needs the Python package(s) {', '.join(sorted(missing))}, which are not installed. "
         f"Install with:\n  " + "\n  ".join(commands) + f"\nor run `bash {PREPARE_SCRIPT}` in the mtp_ext repository."
     )
+
+
+def run_prepare_command(argv: list[str] | None, prog: str, kind: tuple[str, str], builtin: Sequence[str],
+                        prepare_one: Callable[[str, str | None, bool], str]) -> int:
+    """`prog prepare [NAME ...] [--cache-dir DIR] [--force]`: `prepare_one(name, cache_dir,
+    force)` for each named built-in item (all of them by default; `kind`: what one and several
+    are called), printing the line it returns and the seconds it took."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(prog=prog)
+    commands = parser.add_subparsers(dest="command", required=True)
+    one, several = kind
+    prepare = commands.add_parser("prepare", help=f"prepare built-in {several} into the cache")
+    prepare.add_argument("names", nargs="*", default=list(builtin))
+    prepare.add_argument("--cache-dir", default=None)
+    prepare.add_argument("--force", action="store_true", help="prepare again even if cached")
+    args = parser.parse_args(argv)
+    for name in args.names or builtin:
+        if name not in builtin:
+            parser.error(f"unknown {one} {name!r}; built-in {several} are {', '.join(builtin)}")
+        start = time.perf_counter()
+        summary = prepare_one(name, args.cache_dir, args.force)
+        print(f"{name}: {summary} ({time.perf_counter() - start:.1f} s)")
+    return 0
