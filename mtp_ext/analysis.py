@@ -23,19 +23,32 @@ from mtp_ext.models.adapters import CausalLMAdapter
 from mtp_ext.models.introspection import final_norm
 from mtp_ext.ops import top_p_mask
 
+__all__ = ["AnalysisResult", "analyze"]
+
 # Largest number of float32 logits held at once (64 MiB).
 LOGIT_ELEMENTS_PER_CHUNK = 1 << 24
 
 
 @dataclass
 class AnalysisResult:
+    """What analyze measured.
+
+    Attributes:
+        layers: L, the model's decoder layers.
+        kl_per_layer: mean KL(p_layer || p_final) (nats) for layers 1..L (the last is 0).
+        entropy: the next-token entropy (nats), per sequence, per position.
+        nucleus_sizes: str(top_p), e.g. "0.99" -> nucleus sizes per sequence, per position.
+        positions: the positions analysed.
+    """
+
     layers: int
-    kl_per_layer: list[float]  # mean KL(p_layer || p_final) for layers 1..L (the last is 0)
-    entropy: list[list[float]]  # nats, per sequence, per position
-    nucleus_sizes: dict  # "0.99" -> per sequence, per position
+    kl_per_layer: list[float]
+    entropy: list[list[float]]
+    nucleus_sizes: dict
     positions: int
 
     def summary(self) -> dict:
+        """positions, mean_entropy, mean_nucleus_size (per top_p) and kl_per_layer."""
         flat = lambda rows: [value for row in rows for value in row]  # noqa: E731
         entropies = torch.tensor(flat(self.entropy))
         return {
@@ -47,13 +60,24 @@ class AnalysisResult:
         }
 
     def to_dict(self) -> dict:
+        """The fields and the summary, as JSON-ready values."""
         return {**asdict(self), "summary": self.summary()}
 
 
 @torch.no_grad()
 def analyze(model, sequences: Sequence[Sequence[int]], top_ps: Sequence[float] = (0.99, 0.9),
             progress: bool = True) -> AnalysisResult:
-    """Logit-lens KL per layer, entropy and nucleus sizes per position over `sequences`."""
+    """Logit-lens KL per layer, entropy and nucleus sizes per position over `sequences`.
+
+    Args:
+        model: a supported Hugging Face causal LM.
+        sequences: non-empty token id lists, one forward pass each.
+        top_ps: the nucleus probabilities whose sizes are counted, each in (0, 1].
+        progress: show a progress bar.
+
+    Returns:
+        AnalysisResult.
+    """
     if not sequences or any(len(sequence) < 1 for sequence in sequences):
         raise ValueError("analyze needs at least one non-empty sequence")
     top_ps = [check_top_p(p) for p in top_ps]

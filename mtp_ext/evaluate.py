@@ -26,22 +26,43 @@ from mtp_ext.models.adapters import CausalLMAdapter
 from mtp_ext.ops import top_p_candidates, tree_pack_teacher
 from mtp_ext.tree import DraftForest, pack_for_model
 
+__all__ = ["EvaluationResult", "Example", "StepAccuracy", "evaluate_mtp"]
+
 # A sequence of token ids, or a (prompt, target) pair whose target tokens alone are scored.
 Example = Union[Sequence[int], tuple[Sequence[int], Sequence[int]]]
 
 
 @dataclass
 class StepAccuracy:
+    """The running counts of one step's top-k accuracy, with its bounds.
+
+    Attributes:
+        step: k, the token x_{t+k} scored.
+        positions: the positions scored.
+        hits: k -> positions whose true token ranks in the top k.
+        certain_hits: k -> hits that hold whatever was left out.
+        possible_hits: k -> positions that could be hits.
+        certain_sets: k -> positions whose top-k set is certain.
+        captured_mass_sum: the captured mass, summed over positions.
+    """
+
     step: int
     positions: int = 0
-    hits: dict = field(default_factory=dict)  # k -> positions whose true token ranks in the top k
-    certain_hits: dict = field(default_factory=dict)  # k -> hits that hold whatever was left out
-    possible_hits: dict = field(default_factory=dict)  # k -> positions that could be hits
-    certain_sets: dict = field(default_factory=dict)  # k -> positions whose top-k set is certain
+    hits: dict = field(default_factory=dict)
+    certain_hits: dict = field(default_factory=dict)
+    possible_hits: dict = field(default_factory=dict)
+    certain_sets: dict = field(default_factory=dict)
     captured_mass_sum: float = 0.0
 
     def add(self, marginal: Tensor, targets: Tensor, left_out: Tensor, top_k: Sequence[int]) -> None:
-        """marginal [R, V], targets [R], left_out [R]: the positions to score."""
+        """Scores R more positions.
+
+        Args:
+            marginal: [R, V] float32, the step's marginal at each position.
+            targets: [R] int64, the true tokens.
+            left_out: [R] float32, the mass the marginal misses (0 for step 1).
+            top_k: the k to count.
+        """
         self.positions += targets.numel()
         self.captured_mass_sum += float((1.0 - left_out).sum())
         target_value = marginal.gather(1, targets[:, None])
@@ -61,6 +82,8 @@ class StepAccuracy:
             self.certain_sets[k] = self.certain_sets.get(k, 0) + int(certain.sum())
 
     def summary(self) -> dict:
+        """The counts as shares of the positions: step, positions, accuracy, accuracy_lower,
+        accuracy_upper, certain_topk_share ("top{k}" -> share each) and captured_mass (the mean)."""
         share = lambda counts: {f"top{k}": counts[k] / max(self.positions, 1) for k in counts}  # noqa: E731
         return {
             "step": self.step,
@@ -75,6 +98,18 @@ class StepAccuracy:
 
 @dataclass
 class EvaluationResult:
+    """What evaluate_mtp measured.
+
+    Attributes:
+        steps: StepAccuracy.summary() of steps 1 .. steps.
+        mean_nucleus_size: the mean size of the step-1 nuclei (capped at max_candidates) at the
+            scored positions.
+        mean_nucleus_mass: their mean probability mass.
+        positions: the positions scored for step 1.
+        seconds: wall time.
+        settings: the arguments of evaluate_mtp, and the number of sequences.
+    """
+
     steps: list[dict]
     mean_nucleus_size: float
     mean_nucleus_mass: float
@@ -84,13 +119,22 @@ class EvaluationResult:
 
     @property
     def positions_per_second(self) -> float:
+        """Step-1 positions scored per second."""
         return self.positions / max(self.seconds, 1e-9)
 
     def to_dict(self) -> dict:
+        """The fields and positions_per_second, as JSON-ready values."""
         return {**asdict(self), "positions_per_second": self.positions_per_second}
 
     def table(self, top_k: Sequence[int] = (1, 5)) -> str:
-        """The results as a Markdown table: one line per step."""
+        """The results as a Markdown table: one line per step.
+
+        Args:
+            top_k: the k shown; each must have been evaluated.
+
+        Returns:
+            The table, and a line on the nucleus sizes and speed.
+        """
         head = "| step | positions | " + " | ".join(f"top-{k} (bounds)" for k in top_k) + " | captured mass |"
         lines = [head, "|" + "---|" * (3 + len(top_k))]
         for step in self.steps:
@@ -122,9 +166,24 @@ def evaluate_mtp(
 ) -> EvaluationResult:
     """Top-k accuracy of the marginal of x_{t+1} .. x_{t+steps} against the true tokens.
 
-    `sequences`: token id lists, or (prompt, target) pairs of which only target tokens are
-    scored (translation). Sequences are right-padded into batches of `batch_size`; each packed
-    pass holds at most about `tokens_per_pass` tree tokens.
+    Sequences are right-padded into batches of `batch_size`; each packed pass holds at most
+    about `tokens_per_pass` tree tokens.
+
+    Args:
+        model: a supported Hugging Face causal LM.
+        sequences: token id lists (at least 2 tokens each), or (prompt, target) pairs of which
+            only target tokens are scored (translation).
+        steps: the tokens predicted after each position, >= 1.
+        top_k: the k whose accuracy is counted.
+        top_p: the nucleus kept at every level of the draft trees, in (0, 1].
+        max_candidates: cap on each nucleus.
+        max_nodes: cap on the nodes of a draft tree.
+        batch_size: sequences per forward pass.
+        tokens_per_pass: about the most tree tokens in one packed pass.
+        progress: show a progress bar.
+
+    Returns:
+        EvaluationResult.
     """
     adapter = CausalLMAdapter(model)
     _check_request(adapter, sequences, steps, top_k, top_p)

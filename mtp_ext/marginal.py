@@ -18,7 +18,7 @@ from mtp_ext.models.adapters import CausalLMAdapter, check_inputs, last_real_pos
 from mtp_ext.ops import marginal_accumulate, top_p_candidates
 from mtp_ext.tree import DraftForest, pack_forest
 
-__all__ = ["MarginalMTP", "MarginalPrediction"]
+__all__ = ["LevelScores", "MarginalMTP", "MarginalPrediction", "score_leaves"]
 
 # Largest number of float32 logits held at once when scoring leaves (256 MiB).
 LOGIT_ELEMENTS_PER_CHUNK = 1 << 26
@@ -27,18 +27,33 @@ LOGIT_ELEMENTS_PER_CHUNK = 1 << 26
 @dataclass
 class LevelScores:
     """What one level of leaves yields: the marginal of the next step and, when asked,
-    the leaves' own nucleus candidates for the level after."""
+    the leaves' own nucleus candidates for the level after.
 
-    marginal: Tensor  # [R, V] float32
-    captured_mass: Tensor  # [R] float32: total weight of the leaves
-    children: Optional[tuple[Tensor, Tensor, Tensor]] = None  # (parent slots, ids, weights) [R, M]
+    Attributes:
+        marginal: [R, V] float32.
+        captured_mass: [R] float32, the total weight of the leaves.
+        children: (parent slots [R, M] int64, ids [R, M] int64, path weights [R, M] float32),
+            the arguments of DraftForest.grow; None unless asked for.
+    """
+
+    marginal: Tensor
+    captured_mass: Tensor
+    children: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
 
 @dataclass
 class MarginalPrediction:
-    distributions: list[Tensor]  # step k: [B, V]
-    captured_mass: list[Tensor]  # step k: [B], 1 for step 1
-    tree_sizes: list[Tensor] = field(default_factory=list)  # step k >= 2: [B] nodes used
+    """What MarginalMTP.predict_detailed gives, one entry per step.
+
+    Attributes:
+        distributions: step k (from 1): [B, V] float32, the distribution of x_{t+k}.
+        captured_mass: step k: [B] float32, the weight of the paths summed over (1 for step 1).
+        tree_sizes: step k >= 2: [B] int64, the nodes of the draft tree used.
+    """
+
+    distributions: list[Tensor]
+    captured_mass: list[Tensor]
+    tree_sizes: list[Tensor] = field(default_factory=list)
 
 
 class MarginalMTP:
@@ -47,6 +62,12 @@ class MarginalMTP:
     `MarginalMTP(model, top_p=0.99, max_candidates=64, max_nodes=256).predict(input_ids,
     attention_mask, steps=3)` returns the distributions of x_{t+1}, x_{t+2}, x_{t+3} after each
     row's last real token. Padding may be on either side.
+
+    Args:
+        model: a supported Hugging Face causal LM.
+        top_p: the nucleus kept at every level, in (0, 1].
+        max_candidates: cap on each nucleus.
+        max_nodes: cap on the nodes of a draft tree.
     """
 
     def __init__(self, model, top_p: float = 0.99, max_candidates: int = 64, max_nodes: int = 256):
@@ -57,12 +78,31 @@ class MarginalMTP:
 
     @torch.no_grad()
     def predict(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, steps: int = 2) -> list[Tensor]:
-        """Distributions [B, V] of x_{t+1} .. x_{t+steps}."""
+        """The distributions of x_{t+1} .. x_{t+steps} after each row's last real token.
+
+        Args:
+            input_ids: [B, T] int64.
+            attention_mask: [B, T] (1: real token), or None: every token is real.
+            steps: the tokens predicted, >= 1.
+
+        Returns:
+            steps tensors [B, V] float32.
+        """
         return self.predict_detailed(input_ids, attention_mask, steps).distributions
 
     @torch.no_grad()
     def predict_detailed(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                          steps: int = 2) -> MarginalPrediction:
+        """`predict`, with the captured mass and the tree size of every step.
+
+        Args:
+            input_ids: [B, T] int64.
+            attention_mask: [B, T] (1: real token), or None: every token is real.
+            steps: the tokens predicted, >= 1.
+
+        Returns:
+            MarginalPrediction.
+        """
         attention_mask = check_inputs(self.adapter, input_ids, attention_mask, steps)
         adapter = self.adapter
         cache = adapter.new_cache()
@@ -90,9 +130,21 @@ class MarginalMTP:
 
 def score_leaves(adapter: CausalLMAdapter, forest: DraftForest, node_hidden: Tensor, top_p: float,
                  max_candidates: int, expand: bool) -> LevelScores:
-    """Marginal of the deepest level's children: sum over leaves of weight * softmax(logits),
-    in chunks of trees so that at most LOGIT_ELEMENTS_PER_CHUNK logits exist at once; with
-    `expand`, also each leaf's nucleus as candidate children."""
+    """The marginal of the deepest level's children: sum over leaves of weight * softmax(logits),
+    in chunks of trees so that at most LOGIT_ELEMENTS_PER_CHUNK logits exist at once.
+
+    Args:
+        adapter: the model's adapter.
+        forest: R trees of N slots.
+        node_hidden: final hidden states of the packed pass over the forest, R * N rows of H
+            ([B, P, H] with B * P = R * N).
+        top_p: the nucleus of each leaf's candidate children.
+        max_candidates: cap on each nucleus.
+        expand: also give each leaf's nucleus as candidate children.
+
+    Returns:
+        LevelScores.
+    """
     trees = forest.token_ids.shape[0]
     hidden = node_hidden.reshape(trees, forest.size, -1)
     slots, real = forest.leaf_slots()

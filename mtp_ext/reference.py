@@ -14,6 +14,10 @@ from typing import Union
 import torch
 from torch import Tensor
 
+__all__ = ["MIN_LIVE_RATIO", "marginal_accumulate", "multihead_cross_entropy", "multihead_unembed_topk",
+           "nucleus_in_order", "small_batch_linear", "teacher_forced_marginals", "top_p_candidates", "top_p_mask",
+           "tree_pack", "tree_pack_teacher"]
+
 # A token whose exp(s - max) is below 2^-41 rounds to zero integer mass in the kernels: it
 # never enters a nucleus.
 MIN_LIVE_RATIO = 2.0**-41
@@ -37,9 +41,15 @@ def _mass_share(top_p: Tensor) -> Tensor:
 def nucleus_in_order(logits: Tensor, top_p: Union[float, Tensor], temperature: float = 1.0):
     """The sorted view of every row and its nucleus, before any cap.
 
-    Returns (order [B, V] token ids by descending probability, ties by lower id;
-    sorted_probs [B, V] float32; cum_before [B, V] float64, the live mass before each slot;
-    target [B, 1] float64, top_p times the live mass; nucleus_size [B] int64).
+    Args:
+        logits: [B, V] floating.
+        top_p: a float, or a tensor [B] (or 0-d) of values in (0, 1].
+        temperature: > 0.
+
+    Returns:
+        (order [B, V] int64, token ids by descending probability, ties by lower id;
+        sorted_probs [B, V] float32; cum_before [B, V] float64, the live mass before each slot;
+        target [B, 1] float64, top_p times the live mass; nucleus_size [B] int64).
     """
     scaled = logits.float() / temperature
     sorted_scaled, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
@@ -56,7 +66,18 @@ def nucleus_in_order(logits: Tensor, top_p: Union[float, Tensor], temperature: f
 def top_p_candidates(
     logits: Tensor, top_p: Union[float, Tensor] = 0.99, max_candidates: int = 256, temperature: float = 1.0
 ):
-    """Reference for mtp_ext.top_p_candidates: (ids, probs, counts, mass)."""
+    """Reference for mtp_ext.top_p_candidates.
+
+    Args:
+        logits: [B, V] floating.
+        top_p: a float, or a tensor [B] (or 0-d) of values in (0, 1].
+        max_candidates: C, the slots per row.
+        temperature: > 0.
+
+    Returns:
+        (ids [B, C] int64, -1 in unused slots; probs [B, C] float32, 0 there; counts [B] int32;
+        mass [B] float32).
+    """
     order, sorted_probs, _, _, nucleus_size = nucleus_in_order(logits, top_p, temperature)
     batch, vocab = order.shape
     width = min(max_candidates, vocab)
@@ -73,7 +94,17 @@ def top_p_candidates(
 def top_p_mask(
     logits: Tensor, top_p: Union[float, Tensor], min_tokens_to_keep: int = 1, filter_value: float = -math.inf
 ) -> Tensor:
-    """Reference for mtp_ext.top_p_mask."""
+    """Reference for mtp_ext.top_p_mask.
+
+    Args:
+        logits: [B, V] floating.
+        top_p: a float, or a tensor [B] (or 0-d) of values in (0, 1].
+        min_tokens_to_keep: the nucleus is grown to at least this many tokens.
+        filter_value: the value given to every token outside the nucleus.
+
+    Returns:
+        [B, V] of logits' dtype.
+    """
     order, _, _, _, nucleus_size = nucleus_in_order(logits, top_p)
     keep_count = nucleus_size.clamp(min=min_tokens_to_keep)
     keep_sorted = torch.arange(order.shape[1], device=logits.device)[None, :] < keep_count[:, None]
@@ -85,7 +116,20 @@ def top_p_mask(
 
 def tree_pack(tree_ids: Tensor, parents: Tensor, counts: Tensor, prefix_mask: Tensor, pad_id: int = 0,
               sliding_window: int = 0):
-    """Reference for mtp_ext.tree_pack: (input_ids, position_ids, attention_mask)."""
+    """Reference for mtp_ext.tree_pack, node by node.
+
+    Args:
+        tree_ids: [B, N] int64.
+        parents: [B, N] int64, -1 for a child of the prefix's last token.
+        counts: [B] int32 or int64.
+        prefix_mask: [B, T] bool or integer.
+        pad_id: the token of padding slots.
+        sliding_window: > 0: keys within that many positions only; 0: no window.
+
+    Returns:
+        (input_ids [B, N] int64, position_ids [B, N] int64, attention_mask [B, 1, N, T + N]
+        bool), on tree_ids' device.
+    """
     last = prefix_mask.shape[1] - 1
     return _pack_trees(tree_ids[:, None], parents[:, None], counts[:, None], prefix_mask, first_anchor=last,
                        padding_anchor_empties_tree=False, pad_id=pad_id, sliding_window=sliding_window)
@@ -93,7 +137,21 @@ def tree_pack(tree_ids: Tensor, parents: Tensor, counts: Tensor, prefix_mask: Te
 
 def tree_pack_teacher(tree_ids: Tensor, parents: Tensor, counts: Tensor, seq_mask: Tensor, pad_id: int = 0,
                       sliding_window: int = 0, first_position: int = 0):
-    """Reference for mtp_ext.tree_pack_teacher: (input_ids, position_ids, attention_mask)."""
+    """Reference for mtp_ext.tree_pack_teacher, node by node.
+
+    Args:
+        tree_ids: [B, W, N] int64.
+        parents: [B, W, N] int64.
+        counts: [B, W] int32 or int64.
+        seq_mask: [B, T] bool or integer.
+        pad_id: the token of padding slots.
+        sliding_window: > 0: keys within that many positions only; 0: no window.
+        first_position: the sequence token that tree 0 follows.
+
+    Returns:
+        (input_ids [B, W * N] int64, position_ids [B, W * N] int64, attention_mask
+        [B, 1, W * N, T + W * N] bool), on tree_ids' device.
+    """
     return _pack_trees(tree_ids, parents, counts, seq_mask, first_anchor=first_position,
                        padding_anchor_empties_tree=True, pad_id=pad_id, sliding_window=sliding_window)
 
@@ -143,16 +201,33 @@ def _pack_trees(tree_ids, parents, counts, seq_mask, first_anchor, padding_ancho
 
 def marginal_accumulate(weights: Tensor, logits: Tensor) -> Tensor:
     """Reference for mtp_ext.marginal_accumulate: softmax in float32, then the weighted sum.
-    Rows of weight 0 are zeroed before the sum, since they may hold NaN."""
+
+    Rows of weight 0 are zeroed before the sum, since they may hold NaN.
+
+    Args:
+        weights: [B, N] float32.
+        logits: [B, N, V] floating.
+
+    Returns:
+        [B, V] float32.
+    """
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     probs.masked_fill_((weights == 0)[:, :, None], 0.0)
     return torch.bmm(weights[:, None, :], probs)[:, 0]
 
 
 def multihead_unembed_topk(hidden: Tensor, weight: Tensor, k: int):
-    """Reference for mtp_ext.multihead_unembed_topk: full logits per head, then topk and
-    logsumexp in float32. hidden [N, B, H], weight [V, H] -> (values [N, B, k] float32,
-    ids [N, B, k] int64, lse [N, B] float32); ties in value go to the lower id."""
+    """Reference for mtp_ext.multihead_unembed_topk: full logits per head, then a stable sort
+    and logsumexp in float32; ties in value go to the lower id.
+
+    Args:
+        hidden: [N, B, H] floating.
+        weight: [V, H] floating.
+        k: the tokens kept per head and row.
+
+    Returns:
+        (values [N, B, k] float32, ids [N, B, k] int64, lse [N, B] float32).
+    """
     logits = torch.matmul(hidden.float(), weight.float().t())
     order = torch.sort(logits, dim=-1, descending=True, stable=True)
     return order.values[..., :k], order.indices[..., :k], torch.logsumexp(logits, dim=-1)
@@ -162,8 +237,18 @@ def multihead_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, hea
                             ignore_index: int = -100) -> Tensor:
     """Reference for mtp_ext.multihead_cross_entropy: sum_i head_weights[i] * CE_i, where CE_i is
     head i's mean cross-entropy over its targets that are not ignore_index (0 if it has none).
-    hidden [N, M, H], weight [V, H], targets [N, M]; head_weights [N] defaults to all ones / N.
-    Logits are computed in float32 (float64 for float64 inputs)."""
+    Logits are computed in float32 (float64 for float64 inputs).
+
+    Args:
+        hidden: [N, M, H] floating.
+        weight: [V, H] floating.
+        targets: [N, M] int64.
+        head_weights: [N]; None: 1 / N each.
+        ignore_index: the target value that is not scored.
+
+    Returns:
+        A scalar float32 tensor (float64 for float64 inputs).
+    """
     num_heads = hidden.shape[0]
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if head_weights is None:
@@ -178,11 +263,21 @@ def multihead_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, hea
     return loss
 
 
-# --- Teacher-forced marginalisation, the plain ways (baselines for evaluate_mtp) ---------------
-
-
 def small_batch_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Reference for mtp_ext.small_batch_linear: torch.nn.functional.linear.
+
+    Args:
+        input: [..., K] float32.
+        weight: [N, K] float32.
+        bias: [N] float32, or None.
+
+    Returns:
+        [..., N] float32.
+    """
     return torch.nn.functional.linear(input, weight, bias)
+
+
+# --- Teacher-forced marginalisation, the plain ways (baselines for evaluate_mtp) ---------------
 
 
 def _cache_keyword(model) -> str:
@@ -194,12 +289,20 @@ def _cache_keyword(model) -> str:
 @torch.no_grad()
 def teacher_forced_marginals(model, sequence: Tensor, top_p: float = 0.99, max_candidates: int = 64,
                              method: str = "rerun"):
-    """Step-2 marginals at every position of one sequence [L], computed without packing.
+    """Step-2 marginals at every position of one sequence, computed without packing.
 
-    method "rerun": every candidate continuation runs as its own sequence, prefix included.
-    method "cache_copy": the sequence runs once; each candidate then runs on its own copy of the
-    cache, cut back to its position.
-    Returns (step-1 distributions [L-1, V], step-2 marginals [L-2, V], captured mass [L-2]).
+    Args:
+        model: a Hugging Face causal LM (needs transformers' DynamicCache for "cache_copy").
+        sequence: [L] int64 token ids.
+        top_p: the nucleus of the step-1 candidates.
+        max_candidates: cap on each nucleus.
+        method: "rerun": every candidate continuation runs as its own sequence, prefix
+            included; "cache_copy": the sequence runs once, then each candidate runs on its own
+            copy of the cache, cut back to its position.
+
+    Returns:
+        (step-1 distributions [L-1, V] float32, step-2 marginals [L-2, V] float32, captured
+        mass [L-2] float32).
     """
     import copy
 

@@ -36,19 +36,35 @@ class DraftForest:
 
     @classmethod
     def from_candidates(cls, ids: Tensor, probs: Tensor, counts: Tensor) -> "DraftForest":
-        """Trees of depth 1 from padded candidates: ids [R, C] (-1 unused), probs [R, C],
-        counts [R]."""
+        """Trees of depth 1 from padded candidates (as top_p_candidates gives them).
+
+        Args:
+            ids: [R, C] int64 token ids, -1 in unused slots.
+            probs: [R, C] float32, each candidate's weight.
+            counts: [R] integer, the slots in use.
+
+        Returns:
+            DraftForest of R trees of C slots; the leaves are all the nodes.
+        """
         counts = counts.long()
         return cls(ids.clamp(min=0), torch.full_like(ids, -1), probs.clone(), counts, counts.clone())
 
     @classmethod
     def roots(cls, tokens: Tensor) -> "DraftForest":
-        """Trees of one node each, the tokens [R], of weight 1."""
+        """Trees of one node each, of weight 1.
+
+        Args:
+            tokens: [R] int64.
+
+        Returns:
+            DraftForest of R trees of one slot.
+        """
         ones = torch.ones(tokens.shape[0], dtype=torch.long, device=tokens.device)
         return cls.from_candidates(tokens[:, None], torch.ones(tokens.shape[0], 1, device=tokens.device), ones)
 
     @property
     def size(self) -> int:
+        """N, the slots per tree."""
         return self.token_ids.shape[1]
 
     def live(self) -> Tensor:
@@ -64,11 +80,24 @@ class DraftForest:
         return depth
 
     def with_counts(self, counts: Tensor) -> "DraftForest":
-        """The same trees cut to their first `counts` [R] slots (a prefix of whole levels)."""
+        """The same trees cut to their first slots.
+
+        Args:
+            counts: [R] int64, slots kept per tree: a prefix of whole levels (leaf_counts are
+                kept as they are).
+
+        Returns:
+            DraftForest sharing this one's tensors.
+        """
         return DraftForest(self.token_ids, self.parents, self.weights, counts, self.leaf_counts)
 
     def leaf_slots(self) -> tuple[Tensor, Tensor]:
-        """Slots of each tree's deepest nodes [R, L] and which of them are real [R, L]."""
+        """The slots of each tree's deepest nodes.
+
+        Returns:
+            (slots [R, L] int64, real [R, L] bool) with L = max(max(leaf_counts), 1); slots
+            past a tree's leaves are not real (and clamped to N - 1).
+        """
         width = max(int(self.leaf_counts.max()), 1)
         offsets = torch.arange(width, device=self.counts.device)
         first_leaf = (self.counts - self.leaf_counts)[:, None]
@@ -77,8 +106,18 @@ class DraftForest:
         return slots, real
 
     def grow(self, parent_slots: Tensor, child_ids: Tensor, child_weights: Tensor, max_nodes: int) -> "DraftForest":
-        """A new level: candidate children [R, M] (ids, path weights, 0 for none) of the
-        nodes at parent_slots [R, M]; each tree keeps its heaviest children within max_nodes."""
+        """A new level: each tree keeps its heaviest candidate children within max_nodes.
+
+        Args:
+            parent_slots: [R, M] int64, the parent of each candidate.
+            child_ids: [R, M] int64, the candidates' tokens.
+            child_weights: [R, M] float32, path weights, 0 for no candidate.
+            max_nodes: nodes per tree after the level, the earlier levels included.
+
+        Returns:
+            DraftForest whose last `leaf_counts` slots of each tree are the new level, in
+            order of descending weight (ties: the earlier candidate first).
+        """
         room = (max_nodes - self.counts).clamp(min=0)
         order = torch.argsort(child_weights, dim=1, descending=True, stable=True)
         kept_per_tree = torch.minimum((child_weights > 0).sum(1), room)
@@ -118,8 +157,17 @@ class PackedTokens:
 
 
 def pack_for_model(adapter: CausalLMAdapter, pack: Callable[[int], TreePack]) -> PackedTokens:
-    """Tree tokens and the model's mask: `pack(sliding_window)` -> TreePack runs once per
-    window that the model's layers use (0: none)."""
+    """Tree tokens and the model's mask, from a packing of each attention window.
+
+    Args:
+        adapter: the model's adapter.
+        pack: sliding_window -> TreePack (tree_pack or tree_pack_teacher); runs once per
+            window that the model's layers use (0: none).
+
+    Returns:
+        PackedTokens: input_ids and position_ids [B, P] int64 of the last packing, and the
+        model's mask built from every window's attention_mask.
+    """
     allowed = {}
     for window in adapter.mask_windows():
         packed = pack(window)
@@ -128,6 +176,15 @@ def pack_for_model(adapter: CausalLMAdapter, pack: Callable[[int], TreePack]) ->
 
 
 def pack_forest(adapter: CausalLMAdapter, forest: DraftForest, prefix_mask: Tensor) -> PackedTokens:
-    """One tree per row after a prefix held in the cache (prefix_mask [B, T]), packed for the model."""
+    """One tree per row after a prefix held in the cache, packed for the model.
+
+    Args:
+        adapter: the model's adapter.
+        forest: B trees of N slots.
+        prefix_mask: [B, T] bool or integer, the cache's attention mask.
+
+    Returns:
+        PackedTokens: input_ids and position_ids [B, N] int64, the mask over (cache, nodes).
+    """
     return pack_for_model(adapter, lambda window: tree_pack(
         forest.token_ids, forest.parents, forest.counts, prefix_mask, sliding_window=window))

@@ -39,7 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one `mtp-ext` command; returns the exit status (2: a user error, said in one line)."""
+    """Runs one `mtp-ext` command.
+
+    Args:
+        argv: the arguments after `mtp-ext`; None: sys.argv[1:].
+
+    Returns:
+        The exit status: 0, 2 for a user error (said in one line), 130 on Ctrl-C.
+    """
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # argparse has printed its usage and error (or the help)

@@ -8,10 +8,17 @@ from pathlib import Path
 from mtp_ext._io import UserError, atomic_write_text
 from mtp_ext.cli import common
 
+__all__ = ["NAME", "add_parser", "plot_analysis", "run"]
+
 NAME = "analyze"
 
 
 def add_parser(commands) -> None:
+    """Adds the `mtp-ext analyze` subcommand.
+
+    Args:
+        commands: the subparsers of the `mtp-ext` parser.
+    """
     parser = commands.add_parser(NAME, help="logit-lens KL, entropy and nucleus sizes (Figs. 2-4)")
     common.add_model_arguments(parser)
     parser.add_argument("--data", default=common.DEFAULT_DATA)
@@ -23,6 +30,14 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Runs `mtp-ext analyze`: writes analysis.json and the plots into --out.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The report written to analysis.json.
+    """
     from mtp_ext.analysis import analyze
     from mtp_ext.models import describe_weights
 
@@ -50,7 +65,13 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def plot_analysis(report: dict, out: Path) -> None:
-    """Figs. 2-4 of the paper for one model and text."""
+    """Figs. 2-4 of the paper for one model and text, as logit_lens_kl.png, entropy.png and
+    nucleus_sizes.png.
+
+    Args:
+        report: what `run` wrote to analysis.json.
+        out: the directory for the plots.
+    """
     plt = common.pyplot()
     label = f"{report['model']} / {report['data']}"
     figure, axes = plt.subplots(figsize=(5, 3.5))

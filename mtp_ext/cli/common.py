@@ -226,6 +226,7 @@ def pyplot():
 
 
 def save_figure(plt, figure, path: Path) -> None:
+    """Writes `figure` to `path` (PNG) and closes it."""
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

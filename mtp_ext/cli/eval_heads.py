@@ -9,10 +9,17 @@ from pathlib import Path
 from mtp_ext._io import atomic_write_text
 from mtp_ext.cli import common
 
+__all__ = ["NAME", "add_parser", "run"]
+
 NAME = "eval-heads"
 
 
 def add_parser(commands) -> None:
+    """Adds the `mtp-ext eval-heads` subcommand.
+
+    Args:
+        commands: the subparsers of the `mtp-ext` parser.
+    """
     parser = commands.add_parser(NAME, help="held-out top-k accuracy of MTP heads beside marginalisation")
     common.add_heads_data_arguments(parser)
     parser.add_argument("--heads-dir", type=Path, nargs="+", required=True, help="train-heads checkpoints")
@@ -27,6 +34,14 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Runs `mtp-ext eval-heads`: prints the table, and writes the report to --json if given.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The report.
+    """
     from mtp_ext.evaluate import evaluate_mtp
     from mtp_ext.heads import evaluate_heads, load_heads
     from mtp_ext.heads.model import check_heads_dir

@@ -8,10 +8,17 @@ from pathlib import Path
 from mtp_ext._io import UserError, atomic_write_text
 from mtp_ext.cli import common
 
+__all__ = ["NAME", "add_parser", "plot_accuracy", "run"]
+
 NAME = "eval"
 
 
 def add_parser(commands) -> None:
+    """Adds the `mtp-ext eval` subcommand.
+
+    Args:
+        commands: the subparsers of the `mtp-ext` parser.
+    """
     parser = commands.add_parser(NAME, help="teacher-forced top-k accuracy of marginalisation MTP")
     common.add_model_arguments(parser, help="built-in name (smollm2-135m, gemma3-270m), checkpoint directory, or "
                                      "a hub id with --allow-download")
@@ -31,6 +38,14 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Runs `mtp-ext eval`: prints the table, and writes --json and --plot if given.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The report (what --json holds).
+    """
     from mtp_ext.evaluate import evaluate_mtp
     from mtp_ext.models import describe_weights
 
@@ -60,7 +75,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def plot_accuracy(reports: list[dict], path: Path, k: int = 5) -> None:
     """Bars of top-k accuracy per step for each (model, data) report, with the bounds as error
-    bars: the paper's Fig. 1."""
+    bars: the paper's Fig. 1.
+
+    Args:
+        reports: what `run` returns (eval.json), one per (model, data).
+        path: the PNG file.
+        k: the top-k shown.
+    """
     plt = common.pyplot()
     name = f"top{k}"
     steps = sorted({step["step"] for report in reports for step in report["steps"]})

@@ -7,10 +7,17 @@ import argparse
 from mtp_ext._io import UserError
 from mtp_ext.cli import common
 
+__all__ = ["NAME", "add_parser", "run"]
+
 NAME = "generate"
 
 
 def add_parser(commands) -> None:
+    """Adds the `mtp-ext generate` subcommand.
+
+    Args:
+        commands: the subparsers of the `mtp-ext` parser.
+    """
     from mtp_ext.speculative import drafter_help
 
     parser = commands.add_parser(NAME, help="self-speculative decoding with MTP drafts")
@@ -33,6 +40,15 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Runs `mtp-ext generate`: prints the continuation and its speed.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        {"speculative": GenerationStats.to_dict(), and with --compare "generate": model.generate's
+        speed (and, greedy, whether the outputs are identical)}.
+    """
     import torch
 
     from mtp_ext.speculative import check_drafter, resolve_drafter, speculative_generate
@@ -60,7 +76,18 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def compare_with_generate(args: argparse.Namespace, model, input_ids, sequences, speculative_rate: float) -> dict:
-    """model.generate with the same settings: its speed, and (greedy) whether the outputs match."""
+    """model.generate with the same settings: its speed, and (greedy) whether the outputs match.
+
+    Args:
+        args: the parsed arguments.
+        model: the model.
+        input_ids: [1, T] int64, the prompt.
+        sequences: [1, T + new] int64, speculative_generate's output.
+        speculative_rate: speculative_generate's tokens per second.
+
+    Returns:
+        {"tokens_per_second", and greedy only "identical"}.
+    """
     import time
 
     import torch

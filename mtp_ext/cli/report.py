@@ -8,6 +8,8 @@ from mtp_ext._io import UserError, atomic_write_text, read_json, required_keys
 from mtp_ext.cli import common
 from mtp_ext.cli.eval_mtp import plot_accuracy
 
+__all__ = ["NAME", "add_parser", "report_table", "run"]
+
 NAME = "report"
 EVAL_KEYS = ("model", "data", "task", "steps")
 EVAL_STEP_KEYS = ("step", "positions", "accuracy", "accuracy_lower", "accuracy_upper", "captured_mass")
@@ -16,6 +18,11 @@ ANALYSIS_SUMMARY_KEYS = ("positions", "mean_entropy", "mean_nucleus_size")
 
 
 def add_parser(commands) -> None:
+    """Adds the `mtp-ext report` subcommand.
+
+    Args:
+        commands: the subparsers of the `mtp-ext` parser.
+    """
     parser = commands.add_parser(NAME, help="one table and the Fig. 1 chart from eval / analyze results")
     parser.add_argument("dirs", type=Path, nargs="+", help="directories holding eval.json and/or analysis.json")
     parser.add_argument("--out", type=Path, required=True, help="directory for report.md and fig1.png")
@@ -23,6 +30,14 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> str:
+    """Runs `mtp-ext report`: writes report.md (and fig1.png, given evaluations) into --out.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The Markdown table.
+    """
     out = common.output_dir(args.out)
     evaluations, analyses = [], {}
     for directory in args.dirs:
@@ -67,7 +82,15 @@ def read_analysis_json(path: Path) -> dict:
 
 def report_table(evaluations: list[dict], analyses: dict) -> str:
     """One Markdown line per (model, data, step) of every evaluation, with the analysis of the
-    same model and data beside it."""
+    same model and data beside it (and one line per analysis without an evaluation).
+
+    Args:
+        evaluations: eval.json reports (read_eval_json).
+        analyses: (model, data) -> the summary of an analysis.json (read_analysis_json).
+
+    Returns:
+        The table.
+    """
     lines = ["| model | data | task | step | positions | top-1 | top-5 (bounds) | captured mass | "
              "nucleus 0.99 | nucleus 0.9 | entropy |", "|" + "---|" * 11]
     for report in evaluations:

@@ -9,10 +9,17 @@ from pathlib import Path
 from mtp_ext._io import UserError, atomic_write_text
 from mtp_ext.cli import common
 
+__all__ = ["NAME", "add_parser", "run"]
+
 NAME = "train-heads"
 
 
 def add_parser(commands) -> None:
+    """Adds the `mtp-ext train-heads` subcommand.
+
+    Args:
+        commands: the subparsers of the `mtp-ext` parser.
+    """
     parser = commands.add_parser(NAME, help="train MTP heads on a frozen or jointly trained backbone")
     common.add_heads_data_arguments(parser)
     parser.add_argument("--heads", type=int, default=3, help="number of heads (head j predicts x_{t+j+2})")
@@ -48,6 +55,14 @@ def interrupted(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Runs `mtp-ext train-heads`: trains (or resumes) into --out, then scores the held-out text.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The report written to --out/train.json.
+    """
     from mtp_ext.heads.model import MTPHeadsModel, check_heads_dir
     from mtp_ext.heads.training import TrainingSettings, evaluate_heads, train_heads
     from mtp_ext.models import describe_weights
@@ -83,7 +98,15 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def initial_heads(args: argparse.Namespace, backbone):
-    """The heads saved in --init-from, on `backbone`, if they are the heads the arguments ask for."""
+    """The heads saved in --init-from, on `backbone`, if they are the heads the arguments ask for.
+
+    Args:
+        args: the parsed arguments.
+        backbone: the model.
+
+    Returns:
+        MTPHeadsModel.
+    """
     from mtp_ext.heads import MTPHeadsModel
 
     heads = MTPHeadsModel.load(args.init_from, backbone)

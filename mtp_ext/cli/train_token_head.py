@@ -7,10 +7,17 @@ from pathlib import Path
 
 from mtp_ext.cli import common
 
+__all__ = ["NAME", "add_parser", "run"]
+
 NAME = "train-token-head"
 
 
 def add_parser(commands) -> None:
+    """Adds the `mtp-ext train-token-head` subcommand.
+
+    Args:
+        commands: the subparsers of the `mtp-ext` parser.
+    """
     parser = commands.add_parser(NAME, help="train a drafting head that reads the next token too (TokenHead)")
     common.add_heads_data_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="directory for the head")
@@ -25,6 +32,15 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Runs `mtp-ext train-token-head`: trains a TokenHead, scores it on the held-out text and
+    saves both in --out.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The report, saved in the head's config.
+    """
     from mtp_ext.heads import TokenHeadSettings, evaluate_token_head, train_token_head
     from mtp_ext.heads.token_head import token_head_features
     from mtp_ext.models import describe_weights

@@ -29,6 +29,7 @@ from ._tokens import token_sequences, translation_examples
 __all__ = [
     "BUILTIN_CORPORA",
     "MissingDependencyError",
+    "PAIR_CORPORA",
     "data_dir",
     "is_pairs_file",
     "load_pairs",
@@ -43,12 +44,28 @@ PAIR_CORPORA: tuple[str, ...] = ("bible-en-es",)
 
 
 def data_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The data cache directory: `cache_dir`, else $MTP_EXT_CACHE/data, else ~/.cache/mtp_ext/data."""
+    """The data cache directory.
+
+    Args:
+        cache_dir: the cache; None: $MTP_EXT_CACHE/data, else ~/.cache/mtp_ext/data.
+
+    Returns:
+        The directory (not created).
+    """
     return Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "data"
 
 
 def prepare(name: str, cache_dir: str | os.PathLike[str] | None = None, force: bool = False) -> Path:
-    """Prepare built-in corpus `name` into the data cache (no-op if done); return the JSONL path."""
+    """Prepare a built-in corpus into the data cache (nothing to do if done).
+
+    Args:
+        name: one of BUILTIN_CORPORA.
+        cache_dir: the data cache, as for data_dir.
+        force: prepare it again even if done.
+
+    Returns:
+        The corpus's JSONL file.
+    """
     return prepare_corpus(_builtin(name), data_dir(cache_dir), force=force)
 
 
@@ -81,7 +98,14 @@ def _unknown(name: str) -> ValueError:
 
 
 def is_pairs_file(name: str) -> bool:
-    """Whether `name` is a local .jsonl file whose first record has a source and a target."""
+    """Whether `name` is a local .jsonl file whose first record has a source and a target.
+
+    Args:
+        name: a corpus name or path.
+
+    Returns:
+        True for a file of (source, target) pairs.
+    """
     path = Path(name).expanduser()
     if path.suffix.lower() != ".jsonl" or not path.is_file():
         return False
@@ -90,7 +114,15 @@ def is_pairs_file(name: str) -> bool:
 
 
 def load_text(name: str, cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
-    """Documents of corpus `name` (a built-in name or a .txt/.jsonl path), in a fixed order."""
+    """The documents of a corpus, in a fixed order.
+
+    Args:
+        name: a built-in name or a .txt/.jsonl path (a pairs file gives its sources).
+        cache_dir: the data cache, as for data_dir.
+
+    Returns:
+        One string per document.
+    """
     path = _local_file(name)
     if path is not None:
         if path.suffix.lower() == ".txt":
@@ -126,8 +158,15 @@ def _source_documents(records: list[dict[str, str]]) -> list[str]:
 
 
 def load_pairs(name: str, cache_dir: str | os.PathLike[str] | None = None) -> list[tuple[str, str]]:
-    """(source, target) pairs of a parallel corpus: "bible-en-es" or a .jsonl path of
-    {"source", "target"} records."""
+    """The (source, target) pairs of a parallel corpus.
+
+    Args:
+        name: "bible-en-es" or a .jsonl path of {"source", "target"} records.
+        cache_dir: the data cache, as for data_dir.
+
+    Returns:
+        The pairs, in file order.
+    """
     path = _local_file(name)
     if path is not None:
         if path.suffix.lower() != ".jsonl":

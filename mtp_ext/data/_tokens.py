@@ -36,6 +36,16 @@ def token_sequences(
     short so that the total is exactly `max_tokens` when the texts hold enough (so it is full-length
     whenever `max_tokens` is a multiple of seq_len - 1). Documents are tokenised lazily, in order,
     so the result is deterministic and only as much text is tokenised as needed.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        texts: the documents.
+        seq_len: tokens per sequence, BOS included (>= 2).
+        max_tokens: the evaluated tokens wanted; None: all the texts give.
+        add_bos: whether to start with BOS; None: when the tokenizer has one.
+
+    Returns:
+        Token id lists of seq_len tokens (the last one possibly shorter).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -75,6 +85,17 @@ def translation_examples(
     from tokenising prompt + target together whenever that starts with prompt_ids, so that
     prompt_ids + target_ids is exactly how the model would see the text. Pairs are taken in order
     (or shuffled with random.Random(seed) if a seed is given); empty ones are skipped.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        pairs: (source, target) texts.
+        max_examples: the examples wanted; None: all.
+        template: the prompt, with {src} for the source text.
+        add_bos: whether to start with BOS; None: when the tokenizer has one.
+        seed: shuffle the pairs with this seed; None: keep their order.
+
+    Returns:
+        (prompt_ids, target_ids) token id lists.
     """
     bos = _bos_id(tokenizer, add_bos)
     order = list(range(len(pairs)))

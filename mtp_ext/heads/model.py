@@ -94,11 +94,14 @@ def _causal_mask(length: int, sliding_window: int, like: Tensor) -> Tensor:
 class MTPHeadsModel(nn.Module):
     """A backbone with `num_heads` MTP heads sharing its final norm and unembedding.
 
-    `head_type`: "resblock" (Medusa's x + SiLU(Linear(x)), zero-initialised) or "block" (a copy
-    of the backbone's last decoder layer, run over whole sequences without a cache).
-    `weighted_hidden_states`: each head reads its own softmax-normalised mix of the embeddings
-    and every layer's output instead of the last layer's output.
-    `freeze_backbone`: False for joint training (backbone and unembedding get gradients).
+    Args:
+        backbone: a supported Hugging Face causal LM (no final logit soft-capping).
+        num_heads: N; head j (0-based) predicts x_{t+j+2}.
+        head_type: "resblock" (Medusa's x + SiLU(Linear(x)), zero-initialised) or "block" (a
+            copy of the backbone's last decoder layer, run over whole sequences without a cache).
+        weighted_hidden_states: each head reads its own softmax-normalised mix of the
+            embeddings and every layer's output instead of the last layer's output.
+        freeze_backbone: False for joint training (backbone and unembedding get gradients).
     """
 
     def __init__(self, backbone: nn.Module, num_heads: int = 3, head_type: str = "resblock",
@@ -139,6 +142,7 @@ class MTPHeadsModel(nn.Module):
 
     @property
     def final_norm(self) -> nn.Module:
+        """The backbone's final norm, shared by every head."""
         return final_norm(self.backbone)
 
     @property
@@ -160,11 +164,20 @@ class MTPHeadsModel(nn.Module):
         return torch.softmax(self.layer_logits.float(), dim=-1)
 
     def head_hidden(self, hidden_states: Sequence[Tensor], which: Optional[Sequence[int]] = None) -> Tensor:
-        """Every head's output after the final norm [N, B, T, H], from the `hidden_states` of the
-        backbone's latest forward pass (output_hidden_states=True), or only the heads `which`
-        (in that order). Feeding element j through the unembedding gives head j's logits for
-        x_{t+j+2}. "block" heads attend over the tokens of this pass only, so they need a pass
-        over whole sequences (no KV cache)."""
+        """Every head's output after the final norm, from the backbone's latest forward pass.
+
+        Feeding element j through the unembedding gives head j's logits for x_{t+j+2}. "block"
+        heads attend over the tokens of this pass only, so they need a pass over whole
+        sequences (no KV cache).
+
+        Args:
+            hidden_states: the L + 1 states [B, T, H] (embeddings and every layer) of the
+                backbone's latest forward pass (output_hidden_states=True).
+            which: only these heads, in this order; None: all.
+
+        Returns:
+            [N, B, T, H] (N = len(which)) of the backbone's dtype.
+        """
         which = list(range(self.num_heads)) if which is None else list(which)
         last = self._last_layer_output(hidden_states)
         if self.layer_logits is None:
@@ -189,8 +202,16 @@ class MTPHeadsModel(nn.Module):
         return recorded[0].reshape(final.shape)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(final-normed backbone states [B, T, H], head states [N, B, T, H]) for input_ids [B, T].
-        With a frozen backbone it runs without gradients."""
+        """The backbone's and the heads' states; with a frozen backbone the backbone runs
+        without gradients.
+
+        Args:
+            input_ids: [B, T] int64.
+            attention_mask: [B, T], or None.
+
+        Returns:
+            (final-normed backbone states [B, T, H], head states [N, B, T, H]).
+        """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
             outputs = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                                output_hidden_states=True)
@@ -201,13 +222,18 @@ class MTPHeadsModel(nn.Module):
         return {name: value for name, value in self.state_dict().items() if not name.startswith("backbone.")}
 
     def config_dict(self) -> dict:
+        """The constructor's arguments and the backbone's model_fingerprint, as saved."""
         return {"num_heads": self.num_heads, "head_type": self.head_type,
                 "weighted_hidden_states": self.weighted_hidden_states, "freeze_backbone": self.freeze_backbone,
                 "model": model_fingerprint(self.backbone)}
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Writes the heads (and WHS weights; and the backbone too when it is trained jointly)
-        as safetensors, with a config naming the backbone. Each file is replaced atomically."""
+        as safetensors, with a config naming the backbone. Each file is replaced atomically.
+
+        Args:
+            directory: the checkpoint directory (created if need be).
+        """
         directory = Path(directory)
         write_tensors(directory / HEADS_FILE, self.trainable_state())
         if not self.freeze_backbone:
@@ -216,8 +242,16 @@ class MTPHeadsModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], backbone: nn.Module) -> "MTPHeadsModel":
-        """The heads saved in `directory`, on `backbone` (which must be the model they were
-        trained on; a joint checkpoint also loads its backbone weights into it)."""
+        """The heads saved in `directory`, on `backbone`.
+
+        Args:
+            directory: a checkpoint written by save.
+            backbone: the model they were trained on (a UserError otherwise); a joint
+                checkpoint also loads its backbone weights into it.
+
+        Returns:
+            MTPHeadsModel, its `source` the directory.
+        """
         from safetensors.torch import load_file, load_model
 
         directory = Path(directory)
@@ -243,20 +277,38 @@ class MTPHeadsModel(nn.Module):
 
 
 def check_finite_lse(lse: Tensor, source: str | None) -> None:
-    """Raises when a log-sum-exp of the heads (or the backbone) is NaN or infinite: every
-    probability computed from it would be NaN, silently. `source`: the checkpoint directory."""
+    """Raises a UserError when a log-sum-exp of the heads (or the backbone) is NaN or infinite:
+    every probability computed from it would be NaN, silently.
+
+    Args:
+        lse: any shape, floating (UnembedTopk.lse).
+        source: the checkpoint directory, for the message, or None.
+    """
     if not bool(torch.isfinite(lse).all()):
         where = f"the checkpoint {source}" if source else "the heads"
         raise UserError(f"the heads produce NaN logits: {where} or the model holds NaN/inf weights")
 
 
 def check_heads_dir(directory: str | os.PathLike[str], label: str) -> None:
-    """A MissingFileError unless `directory` (given as `label`) holds an MTP heads checkpoint."""
+    """Raises a MissingFileError unless `directory` holds an MTP heads checkpoint.
+
+    Args:
+        directory: the checkpoint directory.
+        label: how the user gave it, for the message (e.g. "--heads-dir").
+    """
     check_checkpoint_dir(Path(directory), CONFIG_FILE, "MTP heads checkpoint (mtp-ext train-heads)", label)
 
 
 def load_heads(directory: str | os.PathLike[str], backbone: nn.Module) -> MTPHeadsModel:
-    """MTPHeadsModel.load."""
+    """MTPHeadsModel.load: the heads saved in `directory`, on `backbone`.
+
+    Args:
+        directory: a checkpoint written by MTPHeadsModel.save.
+        backbone: the model they were trained on.
+
+    Returns:
+        MTPHeadsModel.
+    """
     return MTPHeadsModel.load(directory, backbone)
 
 

@@ -38,6 +38,9 @@ from mtp_ext.heads.checkpoint import DAMAGED, check_checkpoint_dir, read_config,
 from mtp_ext.models.adapters import check_supported, few_rows_linear
 from mtp_ext.models.introspection import final_norm, model_fingerprint
 
+__all__ = ["Features", "HeadAccuracy", "TokenHead", "TokenHeadSettings", "check_token_head_dir", "draft_vocabulary",
+           "evaluate_token_head", "token_head_features", "train_token_head"]
+
 CONFIG_FILE = "token_head.json"
 WEIGHTS_FILE = "token_head.safetensors"
 
@@ -46,7 +49,13 @@ class TokenHead(nn.Module):
     """Logits over the draft vocabulary `vocab_ids` [K] for x_{t+2}, from the final-normed
     hidden states h_t [..., H] and the tokens x_{t+1} [...] (`forward`). The backbone's
     embedding, final norm and unembedding are used, never trained, and not part of the head's
-    state."""
+    state.
+
+    Args:
+        backbone: a supported Hugging Face causal LM.
+        vocab_ids: [K] int64, distinct token ids of the backbone's vocabulary: the draft
+            vocabulary.
+    """
 
     def __init__(self, backbone: nn.Module, vocab_ids: Tensor):
         super().__init__()
@@ -78,10 +87,19 @@ class TokenHead(nn.Module):
 
     @property
     def backbone(self) -> nn.Module:
+        """The model the head drafts for."""
         return self._backbone[0]
 
     def forward(self, hidden: Tensor, next_tokens: Tensor) -> Tensor:
-        """float32 logits [..., K] over `vocab_ids`."""
+        """The head's logits for x_{t+2}.
+
+        Args:
+            hidden: [..., H], the backbone's final-normed states h_t.
+            next_tokens: [...] int64, the tokens x_{t+1}.
+
+        Returns:
+            [..., K] float32 logits over `vocab_ids`.
+        """
         embedded = self.backbone.get_input_embeddings()(next_tokens).to(self.draft_unembed.dtype)
         state = few_rows_linear(torch.cat([hidden.to(embedded.dtype), embedded], -1), self.project.weight,
                                 self.project.bias)
@@ -90,18 +108,32 @@ class TokenHead(nn.Module):
         return few_rows_linear(final_norm(self.backbone)(state), self.draft_unembed).float()
 
     def config_dict(self) -> dict:
+        """The draft vocabulary's size and the backbone's model_fingerprint, as saved."""
         return {"draft_vocab_size": int(self.vocab_ids.numel()), "model": model_fingerprint(self.backbone)}
 
     def save(self, directory: str | os.PathLike[str], record: dict | None = None) -> None:
         """The head's weights and draft vocabulary as safetensors, with a config naming the
-        backbone (and `record`, what training reported). Each file is replaced atomically."""
+        backbone. Each file is replaced atomically.
+
+        Args:
+            directory: the checkpoint directory (created if need be).
+            record: what training reported, saved in the config; None: nothing.
+        """
         directory = Path(directory)
         write_tensors(directory / WEIGHTS_FILE, self.state_dict())
         write_config(directory / CONFIG_FILE, dict(self.config_dict(), **({"training": record} if record else {})))
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], backbone: nn.Module) -> "TokenHead":
-        """The head saved in `directory`, on `backbone` (the model it was trained for)."""
+        """The head saved in `directory`, on `backbone`.
+
+        Args:
+            directory: a checkpoint written by save.
+            backbone: the model it was trained for (a UserError otherwise).
+
+        Returns:
+            TokenHead.
+        """
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -118,19 +150,39 @@ class TokenHead(nn.Module):
 
 
 def check_token_head_dir(directory: str | os.PathLike[str], label: str) -> None:
-    """A MissingFileError unless `directory` (given as `label`) holds a token head."""
+    """Raises a MissingFileError unless `directory` holds a token head.
+
+    Args:
+        directory: the checkpoint directory.
+        label: how the user gave it, for the message (e.g. "--drafter token-head:").
+    """
     check_checkpoint_dir(Path(directory), CONFIG_FILE, "token head (mtp-ext train-token-head)", label)
 
 
 @dataclass
 class TokenHeadSettings:
+    """How train_token_head trains.
+
+    Attributes:
+        epochs: passes over the features.
+        batch_size: positions per step.
+        lr: AdamW's initial learning rate, with cosine decay to 0.
+        draft_vocab: K, the tokens the head can guess.
+        seed: for the initialisation and the order of positions.
+    """
+
     epochs: int = 6
-    batch_size: int = 512  # positions per step
-    lr: float = 1e-3  # AdamW, cosine decay to 0
+    batch_size: int = 512
+    lr: float = 1e-3
     draft_vocab: int = 8192
     seed: int = 0
 
     def check(self, vocab_size: int) -> None:
+        """Raises a ValueError for a setting out of range.
+
+        Args:
+            vocab_size: V, the model's vocabulary size (draft_vocab may not exceed it).
+        """
         for name in ("epochs", "batch_size", "draft_vocab"):
             check_positive_int(getattr(self, name), name)
         if not self.lr > 0:
@@ -141,9 +193,15 @@ class TokenHeadSettings:
 
 @dataclass
 class Features:
-    """What a head learns from, per position t of the text (teacher-forced): the final-normed
-    state h_t [N, H], the text's x_{t+1} [N], the model's choice at t+1 given it (the target)
-    [N] and the model's choice at t [N] (x_{t+1} equals it where greedy decoding would be here)."""
+    """What a head learns from, per position t of the text (teacher-forced).
+
+    Attributes:
+        hidden: [N, H], the final-normed states h_t, of the backbone's dtype.
+        next_tokens: [N] int64, the text's x_{t+1}.
+        targets: [N] int64, the model's choice at t+1 given it.
+        choices: [N] int64, the model's choice at t (x_{t+1} equals it where greedy decoding
+            would be here).
+    """
 
     hidden: Tensor
     next_tokens: Tensor
@@ -154,7 +212,17 @@ class Features:
 @torch.no_grad()
 def token_head_features(backbone: nn.Module, windows: Sequence[Sequence[int]], batch_size: int = 4,
                         progress: bool = True) -> Features:
-    """One backbone pass over `windows` (token id lists), position by position."""
+    """The features of every position of `windows`, from one backbone pass.
+
+    Args:
+        backbone: a Hugging Face causal LM.
+        windows: token id lists; those shorter than 2 tokens are skipped.
+        batch_size: windows of one length per pass.
+        progress: show a progress bar.
+
+    Returns:
+        Features of every position but each window's last (grouped by window length).
+    """
     unembed = backbone.get_output_embeddings().weight
     by_length: dict[int, list[Sequence[int]]] = {}
     for window in windows:
@@ -177,25 +245,56 @@ def token_head_features(backbone: nn.Module, windows: Sequence[Sequence[int]], b
 
 
 def draft_vocabulary(targets: Tensor, vocab_size: int, size: int) -> Tensor:
-    """The `size` tokens chosen most often in `targets` (lower id first on ties)."""
+    """The `size` tokens chosen most often in `targets` (lower id first on ties).
+
+    Args:
+        targets: int64 token ids, any shape.
+        vocab_size: V.
+        size: K <= V.
+
+    Returns:
+        [K] int64 on the CPU, most chosen first.
+    """
     counts = torch.bincount(targets.flatten().cpu(), minlength=vocab_size)
     return torch.sort(counts, descending=True, stable=True).indices[:size]
 
 
 @dataclass
 class HeadAccuracy:
+    """How often the model's choice is among the token head's guesses (see evaluate_token_head).
+
+    Attributes:
+        positions: the positions scored.
+        top1: the share where it is the head's top 1.
+        top3: the share where it is among the head's top 3.
+        greedy_positions: the positions where x_{t+1} is the model's own choice at t, as in
+            greedy decoding.
+        greedy_top1: top1 at those positions (NaN where there are none).
+        greedy_top3: top3 at those positions (NaN where there are none).
+        vocab_coverage: the share of the targets inside the draft vocabulary.
+    """
+
     positions: int
     top1: float
     top3: float
-    greedy_positions: int  # where x_{t+1} is the model's own choice at t, as in greedy decoding
+    greedy_positions: int
     greedy_top1: float
     greedy_top3: float
-    vocab_coverage: float  # share of the targets inside the draft vocabulary
+    vocab_coverage: float
 
 
 @torch.no_grad()
 def evaluate_token_head(head: TokenHead, features: Features, chunk: int = 2048) -> HeadAccuracy:
-    """How often the model's choice is the head's top 1 / among its top 3."""
+    """How often the model's choice is the head's top 1 / among its top 3.
+
+    Args:
+        head: a TokenHead (with K >= 3).
+        features: token_head_features of held-out text.
+        chunk: positions per call of the head.
+
+    Returns:
+        HeadAccuracy.
+    """
     guesses = torch.cat([head.vocab_ids[head(features.hidden[first:first + chunk],
                                              features.next_tokens[first:first + chunk]).topk(3, -1).indices]
                          for first in range(0, len(features.targets), chunk)])
@@ -214,8 +313,17 @@ def evaluate_token_head(head: TokenHead, features: Features, chunk: int = 2048) 
 
 def train_token_head(backbone: nn.Module, features: Features, settings: TokenHeadSettings,
                      progress: bool = True) -> tuple[TokenHead, dict]:
-    """A TokenHead trained on `features` (token_head_features of the training text), and a
-    record of the training (losses per epoch, seconds)."""
+    """A TokenHead trained on the model's own greedy choices.
+
+    Args:
+        backbone: the model the head drafts for.
+        features: token_head_features of the training text.
+        settings: TokenHeadSettings.
+        progress: show a progress bar.
+
+    Returns:
+        (the head, a record of the training: settings, positions, epoch_losses, seconds).
+    """
     vocab_size = backbone.get_output_embeddings().weight.shape[0]
     settings.check(vocab_size)
     torch.manual_seed(settings.seed)

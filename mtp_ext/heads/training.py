@@ -32,7 +32,10 @@ from mtp_ext._io import UserError, atomic_write, unreadable
 from mtp_ext.heads.model import MTPHeadsModel, check_finite_lse
 from mtp_ext.ops import multihead_cross_entropy, multihead_unembed_topk
 
-IGNORE_INDEX = -100
+__all__ = ["HeadAccuracy", "IGNORE_INDEX", "TrainingSettings", "build_optimizer", "evaluate_heads", "greedy_sequence",
+           "head_targets", "heads_loss", "split_documents", "train_heads"]
+
+IGNORE_INDEX = -100  # the target of positions that are not scored
 TARGETS = ("text", "model")
 STATE_FILE = "training_state.pt"
 STATE_KEYS = ("record", "settings", "config", "model", "optimizer", "rng")
@@ -40,20 +43,35 @@ STATE_KEYS = ("record", "settings", "config", "model", "optimizer", "rng")
 
 @dataclass
 class TrainingSettings:
+    """How train_heads trains.
+
+    Attributes:
+        steps: train up to this optimizer step (>= 0).
+        seq_len: tokens per training window (>= 3).
+        batch_size: windows per step.
+        lr: the heads' learning rate.
+        whs_lr: the WHS logits' learning rate.
+        backbone_lr: the backbone's learning rate (joint training only).
+        ntp_weight: joint training only: loss = ntp_weight * NTP + mean of the heads' losses.
+        checkpoint_every: steps between checkpoints.
+        targets: what the heads learn to predict: the text ("text"), or the backbone's own
+            greedy choices ("model", self-distillation).
+    """
+
     steps: int
     seq_len: int = 256
     batch_size: int = 2
     lr: float = 1e-3
-    whs_lr: float = 5e-2  # the WHS logits: a softmax over ~30 layers moves only with steps of this size
-    backbone_lr: float = 1e-5  # joint training only
-    ntp_weight: float = 1.0  # joint training only: loss = ntp_weight * NTP + mean of the heads' losses
+    whs_lr: float = 5e-2  # a softmax over ~30 layers moves only with steps of this size
+    backbone_lr: float = 1e-5
+    ntp_weight: float = 1.0
     checkpoint_every: int = 25
-    # What the heads learn to predict: the text ("text"), or the backbone's own greedy choices
-    # ("model", self-distillation): heads that draft for speculative decoding are right when
-    # they agree with the model, whatever the text says.
+    # Heads that draft for speculative decoding are right when they agree with the model,
+    # whatever the text says: hence "model".
     targets: str = "text"
 
     def check(self) -> None:
+        """Raises a ValueError for a setting out of range."""
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         for name in ("seq_len", "batch_size", "checkpoint_every"):
@@ -67,9 +85,17 @@ class TrainingSettings:
 
 
 def split_documents(documents: Sequence[str], held_out_share: float = 0.1) -> tuple[list[str], list[str], dict]:
-    """(training documents, held-out documents, a description of the split): the last
-    `held_out_share` of the documents (at least one) are held out. A single document is split
-    at the line break nearest to the same share of its characters from the end."""
+    """Splits documents into training and held-out ones: the last `held_out_share` of the
+    documents (at least one) are held out. A single document is split at the last line break
+    before the same share of its characters from the end.
+
+    Args:
+        documents: at least one.
+        held_out_share: in (0, 1).
+
+    Returns:
+        (training documents, held-out documents, a JSON-ready description of the split).
+    """
     if not documents:
         raise ValueError("no documents to split")
     if len(documents) == 1:
@@ -86,7 +112,15 @@ def split_documents(documents: Sequence[str], held_out_share: float = 0.1) -> tu
 
 
 def head_targets(input_ids: Tensor, steps: Sequence[int]) -> Tensor:
-    """Targets [len(steps), B, T]: x_{t+step} at position t, IGNORE_INDEX past the end."""
+    """Each step's targets: x_{t+step} at position t, IGNORE_INDEX past the end.
+
+    Args:
+        input_ids: [B, T] int64.
+        steps: the steps s >= 1.
+
+    Returns:
+        [len(steps), B, T] of input_ids' dtype.
+    """
     batch, length = input_ids.shape
     targets = input_ids.new_full((len(steps), batch, length), IGNORE_INDEX)
     for index, step in enumerate(steps):
@@ -95,9 +129,18 @@ def head_targets(input_ids: Tensor, steps: Sequence[int]) -> Tensor:
 
 
 def greedy_sequence(model: MTPHeadsModel, final: Tensor, input_ids: Tensor) -> Tensor:
-    """input_ids [B, T] with every token after the first replaced by the backbone's greedy
+    """The sequence with every token after the first replaced by the backbone's greedy
     prediction of it from the real tokens before it (teacher forcing): x_{t+s} of this sequence
-    is the model's choice for x_{t+s} given x_{<=t+s-1}."""
+    is the model's choice for x_{t+s} given x_{<=t+s-1}.
+
+    Args:
+        model: the heads and their backbone.
+        final: [B, T, H], the backbone's final-normed states over input_ids.
+        input_ids: [B, T] int64.
+
+    Returns:
+        [B, T] int64.
+    """
     with torch.no_grad():
         _, predicted, lse = multihead_unembed_topk(final.detach()[None, :, :-1].flatten(1, 2), model.unembed_weight, 1)
     check_finite_lse(lse, model.source)
@@ -107,7 +150,17 @@ def greedy_sequence(model: MTPHeadsModel, final: Tensor, input_ids: Tensor) -> T
 def heads_loss(model: MTPHeadsModel, input_ids: Tensor, ntp_weight: float = 1.0, targets: str = "text") -> Tensor:
     """The mean cross-entropy of the heads, in one multihead_cross_entropy call; in joint training
     plus ntp_weight times the backbone's next-token loss (whose targets are always the text).
-    targets="model": the heads predict the backbone's greedy choices (greedy_sequence)."""
+
+    Args:
+        model: the heads and their backbone.
+        input_ids: [B, T] int64 training windows.
+        ntp_weight: the weight of the backbone's loss (joint training only).
+        targets: "text", or "model": the heads predict the backbone's greedy choices
+            (greedy_sequence).
+
+    Returns:
+        A scalar float32 tensor (float64 for a float64 model), differentiable.
+    """
     final, heads = model(input_ids)
     steps, head_weights = model.steps, [1.0 / model.num_heads] * model.num_heads
     head_sequence = greedy_sequence(model, final, input_ids) if targets == "model" else input_ids
@@ -121,8 +174,16 @@ def heads_loss(model: MTPHeadsModel, input_ids: Tensor, ntp_weight: float = 1.0,
 
 
 def build_optimizer(model: MTPHeadsModel, settings: TrainingSettings) -> torch.optim.Optimizer:
-    """AdamW: the heads at lr, the WHS logits at whs_lr and, in joint training, the backbone at
-    backbone_lr."""
+    """AdamW (no weight decay): the heads at lr, the WHS logits at whs_lr and, in joint training,
+    the backbone at backbone_lr.
+
+    Args:
+        model: the heads and their backbone.
+        settings: the learning rates.
+
+    Returns:
+        The optimizer, one parameter group each.
+    """
     groups = [{"params": list(model.heads.parameters()), "lr": settings.lr}]
     if model.layer_logits is not None:
         groups.append({"params": [model.layer_logits], "lr": settings.whs_lr})
@@ -148,10 +209,22 @@ def _training_step(model: MTPHeadsModel, optimizer: torch.optim.Optimizer, input
 
 def train_heads(model: MTPHeadsModel, windows: Sequence[Sequence[int]], settings: TrainingSettings, out: Path,
                 progress: bool = True, time_budget_s: float | None = None) -> dict:
-    """Trains `model` on token windows (each settings.seq_len long) up to settings.steps steps,
-    resuming from the checkpoint in `out` if there is one; with `time_budget_s`, starts no step
-    once this run has taken that many seconds (and checkpoints). Returns the
-    training record (losses per step, wall time of all runs, tokens seen)."""
+    """Trains `model` up to settings.steps steps, resuming from the checkpoint in `out` if there
+    is one.
+
+    Args:
+        model: the heads and their backbone.
+        windows: token id lists of exactly settings.seq_len tokens.
+        settings: TrainingSettings.
+        out: the checkpoint directory.
+        progress: show a progress bar.
+        time_budget_s: start no step once this run has taken that many seconds (and
+            checkpoint); None: no limit.
+
+    Returns:
+        The training record: step, losses (per step), seconds (wall time of all runs),
+        tokens_seen.
+    """
     settings.check()
     if not windows or any(len(window) != settings.seq_len for window in windows):
         raise ValueError(f"training needs windows of exactly {settings.seq_len} tokens")
@@ -280,10 +353,19 @@ def _resume(model: MTPHeadsModel, optimizer, settings: TrainingSettings, out: Pa
 
 @dataclass
 class HeadAccuracy:
+    """One step's held-out scores (see evaluate_heads).
+
+    Attributes:
+        step: s, the token x_{t+s} predicted (1: the backbone's own prediction).
+        positions: the positions scored.
+        accuracy: "top{k}" -> the share of positions whose true token is among the top k.
+        loss: the mean cross-entropy (nats).
+    """
+
     step: int
     positions: int
-    accuracy: dict  # "top{k}" -> share of positions whose true token is among the head's top k
-    loss: float  # mean cross-entropy (nats)
+    accuracy: dict
+    loss: float
 
 
 @torch.no_grad()
@@ -292,7 +374,18 @@ def evaluate_heads(model: MTPHeadsModel, sequences: Sequence[Sequence[int]], top
     """Teacher-forced top-k accuracy and cross-entropy of every head, and of the backbone's own
     next-token prediction (step 1, first), on `sequences` (equal lengths within a batch).
     A step s is scored at every position t with t + s inside the sequence, the positions
-    evaluate_mtp scores for step s."""
+    evaluate_mtp scores for step s.
+
+    Args:
+        model: the heads and their backbone.
+        sequences: token id lists.
+        top_k: the k whose accuracy is counted.
+        batch_size: sequences per forward pass.
+        progress: show a progress bar.
+
+    Returns:
+        One HeadAccuracy per step: 1, then model.steps.
+    """
     if not sequences:
         raise ValueError("no sequences to evaluate")
     steps = [1] + model.steps

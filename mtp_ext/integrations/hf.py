@@ -26,23 +26,19 @@ class TopPLogitsWarper(LogitsProcessor):
     TopPLogitsWarper(0.9)]))` keeps the same tokens as the built-in warper (see `top_p_mask`)
     except where the two rules deliberately differ (README, "Differences from peers").
 
-    Parameters
-    ----------
-    top_p : float
-        The nucleus probability, in (0, 1].
-    filter_value : float, default -inf
-        The value given to every token outside the nucleus.
-    min_tokens_to_keep : int, default 1
-        The nucleus is grown to at least this many tokens.
-    match_hf : bool, default False
-        False: the project's rule, `top_p_mask` (probabilities in float32, exact cumulative
-        sums, ties at the boundary go to the lower id). True: exactly the tokens
-        `transformers.TopPLogitsWarper` keeps, rounding and tie order included: its softmax in
-        the scores' dtype, its float cumulative sum from the bottom compared with `1 - top_p`,
-        and among tied logits split by the boundary the ones its `torch.sort(stable=False)`
-        puts last. Rows whose result follows from the ops alone (no tie group split by the
-        boundary, rounding bounds that decide every token near it) take a sort-free path; the
-        others run through transformers' own warper, which sorts the row.
+    Args:
+        top_p: the nucleus probability, in (0, 1].
+        filter_value: the value given to every token outside the nucleus.
+        min_tokens_to_keep: the nucleus is grown to at least this many tokens (>= 1).
+        match_hf: False: the project's rule, `top_p_mask` (probabilities in float32, exact
+            cumulative sums, ties at the boundary go to the lower id). True: exactly the tokens
+            `transformers.TopPLogitsWarper` keeps, rounding and tie order included: its softmax
+            in the scores' dtype, its float cumulative sum from the bottom compared with
+            `1 - top_p`, and among tied logits split by the boundary the ones its
+            `torch.sort(stable=False)` puts last. Rows whose result follows from the ops alone
+            (no tie group split by the boundary, rounding bounds that decide every token near
+            it) take a sort-free path; the others run through transformers' own warper, which
+            sorts the row.
     """
 
     def __init__(self, top_p: float, filter_value: float = -math.inf, min_tokens_to_keep: int = 1,
@@ -55,18 +51,14 @@ class TopPLogitsWarper(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """Filters one generation step's scores.
 
-        Parameters
-        ----------
-        input_ids : torch.LongTensor
-            The sequences so far (unused, as in Hugging Face's warper).
-        scores : torch.FloatTensor
-            Logits [B, V].
+        Args:
+            input_ids: [B, T] int64, the sequences so far (unused, as in Hugging Face's warper).
+            scores: [B, V] logits, float32, bfloat16 or float16 (any floating dtype with
+                match_hf=True).
 
-        Returns
-        -------
-        torch.FloatTensor
-            `scores` with every token outside the nucleus set to `filter_value`: a new tensor
-            of the scores' dtype.
+        Returns:
+            [B, V]: `scores` with every token outside the nucleus set to `filter_value`, a new
+            tensor of the scores' dtype.
         """
         if not self.match_hf:
             return top_p_mask(scores, self.top_p, self.min_tokens_to_keep, self.filter_value)
@@ -81,23 +73,17 @@ class TopPLogitsWarper(LogitsProcessor):
 def hf_top_p_keep(scores: Tensor, top_p: float, min_tokens_to_keep: int = 1) -> tuple[Tensor, Tensor]:
     """The tokens `transformers.TopPLogitsWarper(top_p, min_tokens_to_keep=...)` keeps, without a sort.
 
-    Parameters
-    ----------
-    scores : Tensor
-        Logits [B, V].
-    top_p : float
-        The nucleus probability, in (0, 1].
-    min_tokens_to_keep : int, default 1
-        As in Hugging Face's warper.
+    Args:
+        scores: [B, V] logits, any floating dtype.
+        top_p: the nucleus probability, in (0, 1].
+        min_tokens_to_keep: as in Hugging Face's warper.
 
-    Returns
-    -------
-    keep : Tensor
-        [B, V] bool: in every decided row exactly Hugging Face's kept set, all False elsewhere.
-    decided : Tensor
-        [B] bool. Undecided rows need Hugging Face's sort: a tie group split by the boundary, a
-        decision within rounding of its threshold, a boundary beyond the tokens the ops select,
-        or a row the ops reject (NaN, +inf, all -inf, a dtype other than float32/bf16/fp16).
+    Returns:
+        (keep [B, V] bool: in every decided row exactly Hugging Face's kept set, all False
+        elsewhere; decided [B] bool). Undecided rows need Hugging Face's sort: a tie group
+        split by the boundary, a decision within rounding of its threshold, a boundary beyond
+        the tokens the ops select, or a row the ops reject (NaN, +inf, all -inf, a dtype other
+        than float32/bf16/fp16).
     """
     batch, vocab = scores.shape
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)

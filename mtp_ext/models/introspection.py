@@ -12,7 +12,14 @@ FINGERPRINT_KEYS = ("model_type", "hidden_size", "vocab_size", "num_layers")
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    """The norm every architecture applies before the unembedding."""
+    """The norm every architecture applies before the unembedding.
+
+    Args:
+        model: a Hugging Face causal LM.
+
+    Returns:
+        Its base model's final norm module (a ValueError when there is none).
+    """
     base = model.base_model
     for name in ("norm", "ln_f", "final_layer_norm"):
         if hasattr(base, name):
@@ -21,7 +28,14 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a model (or of its base model), in order."""
+    """The decoder layers of a model (or of its base model), in order.
+
+    Args:
+        model: a Hugging Face causal LM.
+
+    Returns:
+        The ModuleList of its base model's layers (a ValueError when there is none).
+    """
     base = model.base_model
     for name in ("layers", "h"):
         if isinstance(getattr(base, name, None), nn.ModuleList):
@@ -30,7 +44,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def model_fingerprint(model: nn.Module) -> dict:
-    """What identifies the model a checkpoint belongs to: architecture, sizes and name."""
+    """What identifies the model a checkpoint belongs to: architecture, sizes and name.
+
+    Args:
+        model: a Hugging Face causal LM.
+
+    Returns:
+        {"model_type", "hidden_size", "vocab_size", "num_layers", "name"}: the name is None
+        where the model has none.
+    """
     config = model.config
     name = getattr(config, "mtp_ext_model_name", None) or getattr(config, "_name_or_path", "") or None
     return {
@@ -43,9 +65,16 @@ def model_fingerprint(model: nn.Module) -> dict:
 
 
 def check_fingerprint(saved: dict, model: nn.Module, kind: str) -> None:
-    """Raises a UserError when a checkpoint (a `kind`, e.g. "MTP heads checkpoint") of the
-    model fingerprinted `saved` is put on another model. The name counts only when both are
-    known (a copy of a model in another directory is the same model)."""
+    """Raises a UserError when a checkpoint is put on another model than its own.
+
+    The name counts only when both are known (a copy of a model in another directory is the
+    same model).
+
+    Args:
+        saved: the checkpoint's model_fingerprint.
+        model: the model it is put on.
+        kind: what the checkpoint is, for the message, e.g. "MTP heads checkpoint".
+    """
     if not isinstance(saved, dict):
         raise UserError(f"the {kind}'s \"model\" entry is not a JSON object but {saved!r}: it is damaged; "
                         "train it again")

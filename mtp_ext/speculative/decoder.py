@@ -49,15 +49,27 @@ __all__ = ["GenerationStats", "SpeculativeDecoder", "SpeculativeOutput", "specul
 
 @dataclass
 class GenerationStats:
-    new_tokens: list[int]  # per row, up to and including EOS
-    verification_steps: int  # packed forward passes after the prompt's
-    accepted_drafts: int  # drafted tokens accepted, all rows
-    drafted_nodes: int  # drafted tokens verified, all rows
-    row_steps: int  # (row, step) pairs in which the row was still generating
+    """What a speculative_generate call did.
+
+    Attributes:
+        new_tokens: per row, the tokens generated, up to and including EOS.
+        verification_steps: the packed forward passes after the prompt's.
+        accepted_drafts: the drafted tokens accepted, all rows.
+        drafted_nodes: the drafted tokens verified, all rows.
+        row_steps: the (row, step) pairs in which the row was still generating.
+        seconds: wall time, the prompt's pass included.
+    """
+
+    new_tokens: list[int]
+    verification_steps: int
+    accepted_drafts: int
+    drafted_nodes: int
+    row_steps: int
     seconds: float
 
     @property
     def tokens_per_second(self) -> float:
+        """New tokens of all rows per second."""
         return sum(self.new_tokens) / max(self.seconds, 1e-12)
 
     @property
@@ -67,6 +79,7 @@ class GenerationStats:
         return 1.0 + self.accepted_drafts / max(self.row_steps, 1)
 
     def to_dict(self) -> dict:
+        """The fields but row_steps, and the two rates, as JSON-ready values."""
         return {"new_tokens": self.new_tokens, "verification_steps": self.verification_steps,
                 "accepted_drafts": self.accepted_drafts, "drafted_nodes": self.drafted_nodes, "seconds": self.seconds,
                 "tokens_per_second": self.tokens_per_second,
@@ -75,7 +88,15 @@ class GenerationStats:
 
 @dataclass
 class SpeculativeOutput:
-    sequences: Tensor  # [B, T + new] like model.generate: prompt, new tokens, pad after EOS
+    """What speculative_generate returns.
+
+    Attributes:
+        sequences: [B, T + new] of input_ids' dtype, like model.generate's: the prompt, the new
+            tokens, pad_token_id after EOS (new: the most tokens any row generated).
+        stats: GenerationStats.
+    """
+
+    sequences: Tensor
     stats: GenerationStats
 
 
@@ -109,8 +130,24 @@ def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tens
     Greedy (do_sample=False) gives model.generate(do_sample=False)'s tokens; sampling draws from
     the model's distribution at `temperature`, restricted to the top-p nucleus. Rows stop at
     `eos_token_id` (default: the model's generation config) and are padded with `pad_token_id`
-    (default: the generation config's, else the first EOS id), as model.generate does. Padding
-    of the prompt may be on either side.
+    (default: the generation config's, else the smallest EOS id, where model.generate takes the
+    first). Padding of the prompt may be on either side.
+
+    Args:
+        model: a supported Hugging Face causal LM.
+        input_ids: [B, T] int64, the prompts.
+        attention_mask: [B, T] (1: real token), or None: every token is real.
+        drafter: a Drafter, or a registered name (see register_drafter).
+        max_new_tokens: the most tokens generated per row, >= 1.
+        do_sample: False: greedy decoding.
+        temperature: finite, > 0 (sampling only).
+        top_p: in (0, 1] (sampling only).
+        eos_token_id: an id or ids that end a row; None: the generation config's.
+        pad_token_id: the id after a row's EOS; None: as above.
+        generator: the random draws' generator; None: torch's default.
+
+    Returns:
+        SpeculativeOutput.
     """
     max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
     drafter = resolve_drafter(drafter, model)
@@ -139,8 +176,16 @@ def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tens
 
 class SpeculativeDecoder:
     """The decoding state between steps: the KV cache, which of its slots each row sees
-    (`slot_mask` [B, K]) and the last pass. The prompt runs on construction; `step()` drafts,
-    verifies and returns each row's new tokens."""
+    (`slot_mask` [B, K] bool) and the last pass (`previous`). The prompt runs on construction;
+    `step()` drafts, verifies and returns each row's new tokens.
+
+    Args:
+        adapter: the model's adapter.
+        drafter: the Drafter.
+        rule: the model's TokenRule.
+        input_ids: [B, T] int64, the prompts.
+        attention_mask: [B, T] (1: real token).
+    """
 
     def __init__(self, adapter: CausalLMAdapter, drafter: Drafter, rule: TokenRule, input_ids: Tensor,
                  attention_mask: Tensor):
@@ -151,9 +196,15 @@ class SpeculativeDecoder:
         self.steps = self.accepted_drafts = self.drafted_nodes = self.row_steps = 0
 
     def step(self, remaining: list[int]) -> list[list[int]]:
-        """One draft-and-verify step. `remaining` [B]: tokens each row may still emit (0: the
-        row is finished; it runs along and its tokens are not counted). Returns per row the
-        accepted drafts followed by the next root."""
+        """One draft-and-verify step.
+
+        Args:
+            remaining: [B] ints, the tokens each row may still emit (0: the row is finished;
+                it runs along and its tokens are not counted).
+
+        Returns:
+            Per row, the accepted drafts followed by the next root.
+        """
         forest = prune_to_budget(self.drafter.draft(self.previous), remaining, self.adapter.context_length,
                                  self.slot_mask.sum(1))
         self.previous, paths, lengths = verify(self.adapter, self.drafter, self.cache, self.slot_mask, forest,

@@ -93,13 +93,23 @@ class MarginalDrafter(Drafter):
         self.shape = depth_one_shape(branching, max_nodes, "marginal")
 
     def width(self, device: torch.device) -> int:
-        """Candidates under the root on `device`."""
+        """Candidates under the root.
+
+        Args:
+            device: where the model runs.
+
+        Returns:
+            The branching count, by default 3 on a CPU and 8 elsewhere.
+        """
         return root_children(self.shape, device)
 
     def chooser(self, adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule,
                 forest: DraftForest) -> Chooser:
         """Every node's logits at once (every_node_chooser), and at each visited node the
-        marginal over its children, which the draft needs at the last one."""
+        marginal over its children, which the draft needs at the last one.
+
+        Args and Returns: as Drafter.chooser; the state is a MarginalGuess.
+        """
         live = forest.live()
 
         def guess(rows: Tensor, slots: Tensor, at_node: Tensor, tokens: Tensor, every_node: Tensor) -> MarginalGuess:
@@ -109,6 +119,10 @@ class MarginalDrafter(Drafter):
         return every_node_chooser(adapter, hidden, rule, forest, guess)
 
     def draft(self, previous: VerifiedPass[MarginalGuess]) -> DraftForest:
+        """The root and, as its children, the marginal's top candidates.
+
+        Args and Returns: as Drafter.draft.
+        """
         if previous.drafter_state is not None:
             guess = previous.drafter_state.guess
         else:  # after the prompt: a single node, no children
@@ -203,16 +217,27 @@ class HeadsDrafter(Drafter):
 
     @property
     def branching(self) -> tuple[int, ...]:
+        """Children per node at each drafted depth (no deeper than the heads reach)."""
         return self.shape.branching
 
     @property
     def max_nodes(self) -> int:
+        """Nodes per tree, the root included."""
         return self.shape.max_nodes
 
     @classmethod
     def load(cls, directory, model, branching: Branching = None, max_nodes: Optional[int] = None) -> "HeadsDrafter":
-        """Heads saved by MTPHeadsModel.save in `directory`, for `model` (a clear error if they
-        were trained for another model)."""
+        """A drafter from the heads saved by MTPHeadsModel.save.
+
+        Args:
+            directory: the heads' checkpoint directory.
+            model: the decoding model (a UserError if the heads were trained for another).
+            branching: as for the constructor.
+            max_nodes: as for the constructor.
+
+        Returns:
+            HeadsDrafter.
+        """
         from mtp_ext.heads import MTPHeadsModel
 
         return cls(MTPHeadsModel.load(directory, model), branching, max_nodes)
@@ -223,7 +248,10 @@ class HeadsDrafter(Drafter):
         the model's argmax (its top-1, lower id on ties as argmax) and the heads' top-k, which
         are the drafts when the node is the last accepted one. A separate pass for the heads
         would read the whole unembedding again. Other dtypes round the model's logits (argmax
-        ties that float32 top-1 would break) and sampling needs the whole distribution: None."""
+        ties that float32 top-1 would break) and sampling needs the whole distribution: None.
+
+        Args and Returns: as Drafter.chooser; the state is a HeadsTopk.
+        """
         final = final_hidden(hidden)
         if rule.do_sample or final.dtype != torch.float32:
             return None
@@ -239,13 +267,27 @@ class HeadsDrafter(Drafter):
         return choose
 
     def drafting_hidden(self, hidden: HiddenStates) -> Tensor:
-        """[D, B, T, H]: the states of the heads that draft depths 1..D, at every position of
-        the pass with these hidden states."""
+        """The states of the heads that draft depths 1..D, at every position of a pass.
+
+        Args:
+            hidden: the pass's HiddenStates (every layer's, as every_layer asks).
+
+        Returns:
+            [D, B, T, H].
+        """
         return self.heads.head_hidden(hidden, which=self.head_of_depth)
 
     def heads_topk(self, previous: VerifiedPass[HeadsTopk]) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-k values, ids [D, B, k] and log-sum-exp [D, B] at the stop nodes of the heads that
-        draft depths 1..D (the heads of other steps are not unembedded)."""
+        """The heads' top-k at the stop nodes, for the heads that draft depths 1..D (the heads
+        of other steps are not unembedded).
+
+        Args:
+            previous: the last verified pass.
+
+        Returns:
+            (values [D, B, k] float32 logits, ids [D, B, k] int64, lse [D, B] float32) with
+            k = max(branching).
+        """
         state = previous.drafter_state
         if state is not None:
             return state.values.transpose(0, 1), state.ids.transpose(0, 1), state.lse.transpose(0, 1)
@@ -263,6 +305,11 @@ class HeadsDrafter(Drafter):
         return values, ids, lse
 
     def draft(self, previous: VerifiedPass[HeadsTopk]) -> DraftForest:
+        """The root and, level by level, its descendants from the heads' top-k, pruned to the
+        max_nodes paths of highest probability.
+
+        Args and Returns: as Drafter.draft.
+        """
         values, ids, lse = self.heads_topk(previous)
         probs = torch.exp(values - lse[..., None])
         forest = DraftForest.roots(previous.next_tokens)
@@ -296,16 +343,34 @@ class TokenHeadDrafter(Drafter):
 
     @classmethod
     def load(cls, directory, model, branching: Branching = None, max_nodes: Optional[int] = None) -> "TokenHeadDrafter":
-        """The head saved in `directory` (TokenHead.save, `mtp-ext train-token-head`), for `model`."""
+        """A drafter from the head saved by TokenHead.save (`mtp-ext train-token-head`).
+
+        Args:
+            directory: the head's checkpoint directory.
+            model: the decoding model (a UserError if the head was trained for another).
+            branching: as for the constructor.
+            max_nodes: as for the constructor.
+
+        Returns:
+            TokenHeadDrafter.
+        """
         from mtp_ext.heads import TokenHead
 
         return cls(TokenHead.load(directory, model), branching, max_nodes)
 
     def chooser(self, adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule,
                 forest: DraftForest) -> Chooser:
+        """Every node's logits at once (every_node_chooser); the state is the model's logits.
+
+        Args and Returns: as Drafter.chooser.
+        """
         return every_node_chooser(adapter, hidden, rule, forest)
 
     def draft(self, previous: VerifiedPass) -> DraftForest:
+        """The root and, as its children, the head's top tokens given the root.
+
+        Args and Returns: as Drafter.draft.
+        """
         logits = self.head(previous.stop_hidden(), previous.next_tokens)  # [B, K] over the draft vocabulary
         width = min(root_children(self.shape, logits.device), logits.shape[-1])
         probs, slots = torch.softmax(logits, -1).topk(width, -1)
@@ -336,6 +401,7 @@ class DrafterEntry:
     check: Optional[Callable[[str, str], None]] = None
 
     def usage(self) -> str:
+        """How the user names it: "name" or "name:ARGUMENT"."""
         return f"{self.name}:{self.argument}" if self.argument else self.name
 
 
@@ -371,8 +437,16 @@ def drafter_help() -> str:
 
 
 def check_drafter(drafter: str, label: str = "drafter") -> tuple[DrafterEntry, Optional[str]]:
-    """The registry entry and argument of a drafter name (`label` names it in messages), after
-    the entry's own check of the argument; a ValueError listing the names for an unknown one."""
+    """The registry entry and argument of a drafter name, after the entry's own check of the
+    argument; a ValueError listing the names for an unknown one.
+
+    Args:
+        drafter: "name" or "name:ARGUMENT".
+        label: what messages call it, e.g. "--drafter".
+
+    Returns:
+        (the DrafterEntry, the argument or None).
+    """
     name, _, argument = drafter.partition(":") if isinstance(drafter, str) else ("", "", "")
     entry = _REGISTRY.get(name)
     if entry is None or (entry.argument is not None) != bool(argument):
@@ -385,9 +459,19 @@ def check_drafter(drafter: str, label: str = "drafter") -> tuple[DrafterEntry, O
 
 def resolve_drafter(drafter: Union[str, Drafter], model, branching: Branching = None,
                     max_nodes: Optional[int] = None) -> Drafter:
-    """A Drafter from an instance or a registered name ("marginal", "heads:DIR",
-    "token-head:DIR", ...), built for `model` with the tree shape `branching` / `max_nodes`
-    (None: the drafter's default)."""
+    """A Drafter from an instance or a registered name.
+
+    Args:
+        drafter: a Drafter (returned as it is), or a registered name ("marginal", "heads:DIR",
+            "token-head:DIR", ...).
+        model: the decoding model the named drafter is built for.
+        branching: the tree shape's branching (an int or a list per depth); None: the
+            drafter's default.
+        max_nodes: the tree shape's node budget; None: the drafter's default.
+
+    Returns:
+        Drafter.
+    """
     if isinstance(drafter, Drafter):
         return drafter
     entry, argument = check_drafter(drafter)

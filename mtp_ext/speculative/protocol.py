@@ -31,7 +31,14 @@ HiddenStates = Union[Tensor, tuple[Tensor, ...]]
 @dataclass
 class TokenRule:
     """How the model chooses a token from logits: argmax, or one draw from softmax(logits /
-    temperature) restricted to the top-p nucleus (top_p_mask)."""
+    temperature) restricted to the top-p nucleus (top_p_mask).
+
+    Attributes:
+        do_sample: False: argmax.
+        temperature: finite, > 0 (sampling only).
+        top_p: in (0, 1] (sampling only).
+        generator: the random draws' generator; None: torch's default.
+    """
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -63,15 +70,27 @@ class TokenRule:
 @dataclass
 class NodeState:
     """Tensors [A, ...] that a Chooser computed at A visited nodes (subclass it with your
-    fields). The walk keeps, per row, those of the row's last accepted node."""
+    fields, all tensors). The walk keeps, per row, those of the row's last accepted node."""
 
     def empty_rows(self, batch: int) -> "NodeState":
-        """A state of `batch` rows, shaped like this one's, to fill with store()."""
+        """A state of `batch` rows, shaped like this one's, to fill with store().
+
+        Args:
+            batch: B, the rows.
+
+        Returns:
+            A state of this type, each field [B, ...] and uninitialised.
+        """
         return type(self)(**{name: tensor.new_empty((batch,) + tensor.shape[1:])
                              for name, tensor in self._tensors().items()})
 
     def store(self, rows: Tensor, computed: "NodeState") -> None:
-        """Rows `rows` (bool [batch]) take `computed`'s values."""
+        """Some rows take the values computed at their nodes.
+
+        Args:
+            rows: [B] bool, A of them True.
+            computed: a state of A rows, in the order of the True rows.
+        """
         for name, tensor in computed._tensors().items():
             getattr(self, name)[rows] = tensor
 
@@ -81,9 +100,13 @@ class NodeState:
 
 @dataclass
 class ModelLogits(NodeState):
-    """The walk's default state: the model's float32 logits at the node."""
+    """The walk's default state: the model's float32 logits at the node.
 
-    logits: Tensor  # [A, V]
+    Attributes:
+        logits: [A, V] float32.
+    """
+
+    logits: Tensor
 
 
 StateT = TypeVar("StateT", bound=NodeState)
@@ -133,7 +156,12 @@ class TreeShape:
     node of depth d (the root has depth 0) and at most `max_nodes` nodes per tree, the root
     included. A field left None takes the drafter's default.
 
-    `TreeShape.of(3)` is a depth-1 tree of 3 guesses; `TreeShape.of((4, 3, 2, 2), 16)` Medusa's."""
+    `TreeShape.of(3)` is a depth-1 tree of 3 guesses; `TreeShape.of((4, 3, 2, 2), 16)` Medusa's.
+
+    Attributes:
+        branching: children per node at each depth (integers >= 1), or None.
+        max_nodes: nodes per tree, the root included (>= 1), or None.
+    """
 
     branching: Optional[tuple[int, ...]] = None
     max_nodes: Optional[int] = None
@@ -146,18 +174,34 @@ class TreeShape:
 
     @classmethod
     def of(cls, branching: Union[int, Sequence[int], None] = None, max_nodes: Optional[int] = None) -> "TreeShape":
-        """A shape from a count (depth 1) or a list of counts per depth."""
+        """A shape from a count (depth 1) or a list of counts per depth.
+
+        Args:
+            branching: an int, a sequence of ints, or None.
+            max_nodes: an int, or None.
+
+        Returns:
+            TreeShape.
+        """
         if isinstance(branching, int) and not isinstance(branching, bool):
             branching = (branching,)
         return cls(None if branching is None else tuple(branching), max_nodes)
 
     def with_default(self, default: "TreeShape") -> "TreeShape":
-        """This shape, its None fields taken from `default`."""
+        """This shape, its None fields taken from `default`.
+
+        Args:
+            default: the drafter's default shape.
+
+        Returns:
+            TreeShape.
+        """
         return TreeShape(self.branching if self.branching is not None else default.branching,
                          self.max_nodes if self.max_nodes is not None else default.max_nodes)
 
     @property
     def depth(self) -> int:
+        """The levels below the root (0 where branching is None)."""
         return len(self.branching or ())
 
     def node_budget(self) -> int:
@@ -210,22 +254,54 @@ class Drafter:
     every_layer = False  # whether draft() reads every layer's hidden states
 
     def draft(self, previous: VerifiedPass) -> DraftForest:
-        """The next step's draft forest, from the last verified pass."""
+        """The next step's draft forest, from the last verified pass.
+
+        Args:
+            previous: the last pass (after the prompt: a pass whose trees are each row's last
+                real token).
+
+        Returns:
+            DraftForest of B trees, slot 0 of each `previous.next_tokens` (parent -1).
+        """
         raise NotImplementedError
 
     def chooser(self, adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule,
                 forest: DraftForest) -> Optional[Chooser]:
-        """Optionally, a Chooser for the walk over a pass over `forest` with these hidden states
-        that makes the model's choice and, in the same unembedding, what draft() needs at the
-        node (previous.drafter_state). None: the walk computes the model's logits (stop_logits)."""
+        """Optionally, a Chooser for the walk that makes the model's choice and, in the same
+        unembedding, computes what draft() needs at the node (previous.drafter_state).
+
+        Args:
+            adapter: the model's adapter.
+            hidden: the hidden states of the pass over `forest`.
+            rule: the model's TokenRule, by which the Chooser makes the model's choice.
+            forest: the trees just verified.
+
+        Returns:
+            A Chooser, or None: the walk computes the model's logits (stop_logits).
+        """
         return None
 
 
 def final_hidden(hidden: HiddenStates) -> Tensor:
-    """[B, T, H] the final-norm states of a pass (the last of the model's tuple)."""
+    """The final-norm states of a pass.
+
+    Args:
+        hidden: the pass's HiddenStates.
+
+    Returns:
+        [B, T, H]: hidden itself, or the last of the model's tuple.
+    """
     return hidden[-1] if isinstance(hidden, tuple) else hidden
 
 
 def gather_nodes(hidden: Tensor, slots: Tensor) -> Tensor:
-    """hidden [B, N, H] at slots [B, M] -> [B, M, H]."""
+    """The hidden states at some slots of each row.
+
+    Args:
+        hidden: [B, N, H].
+        slots: [B, M] int64 indices into N.
+
+    Returns:
+        [B, M, H] of hidden's dtype.
+    """
     return hidden.gather(1, slots[:, :, None].expand(-1, -1, hidden.shape[-1]))
