@@ -4,7 +4,9 @@ float32, far more than the caches hold, as in a forward pass), at 1-16 rows (the
 draft tree's verification pass, or 1 for plain decoding). One call covers all 210 layers.
 
 On the CPU each case runs with torch's default thread count and with one thread; on CUDA the
-op is at::linear, so only the CPU is measured.
+op is at::linear, so only the CPU is measured. "measured_choice" is what small_batch_linears
+runs: per layer shape and row count, whichever of the two was measured faster on this machine
+(mtp_ext.models.linear_choice; MTP_EXT_LINEAR unset).
 
     make bench PYTEST_ARGS="-k linear --benchmark-json=bench/linear.json"
     python bench/summarize.py bench/linear.json
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import mtp_ext
+from mtp_ext.models.adapters import few_rows_linear
 
 HIDDEN, INTERMEDIATE, KV = 576, 1536, 192  # SmolLM2-135M
 LAYER_SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
@@ -33,9 +36,16 @@ def every_layer(function, inputs: dict, weights: list[torch.Tensor]) -> None:
         function(inputs[weight.shape[1]], weight)
 
 
+def measured_choice(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What small_batch_linears runs: the faster of the two as measured on this machine."""
+    with torch.no_grad():
+        return few_rows_linear(input, weight)
+
+
 CONTENDERS = {
     "small_batch_linear": mtp_ext.small_batch_linear,
     "F.linear": F.linear,
+    "measured_choice": measured_choice,
 }
 
 
@@ -48,4 +58,5 @@ def test_linear(benchmark, device, threads, weights, rows, contender):
     benchmark.extra_info.update(contender=contender, baseline="F.linear", rows=rows)
     generator = torch.Generator().manual_seed(rows)
     inputs = {size: torch.randn((rows, size), generator=generator) for size in (HIDDEN, INTERMEDIATE)}
+    every_layer(CONTENDERS[contender], inputs, weights)  # the measured choice is made here, not timed
     benchmark(every_layer, CONTENDERS[contender], inputs, weights)

@@ -1,10 +1,14 @@
 """mtp_ext.small_batch_linear against the reference (F.linear), torch.library checks, bad input,
 and small_batch_linears, which routes a model's few-row nn.Linear calls through it."""
+import json
+import math
+
 import pytest
 import torch
 
 import mtp_ext
 from mtp_ext import reference
+from mtp_ext.models import linear_choice
 from mtp_ext.models.adapters import small_batch_linears
 
 from tiny_models import tiny_model
@@ -157,3 +161,80 @@ def test_small_batch_linears_restore_after_an_error():
         with small_batch_linears(model):
             raise RuntimeError("inside")
     assert all("forward" not in vars(module) for module in model.modules())
+
+
+# ----------------------------------------------------------------------------- the measured choice
+
+
+@pytest.fixture
+def fresh_choices(tmp_path, monkeypatch):
+    """linear_choice with no choices yet, its disk cache under tmp_path, in auto mode."""
+    monkeypatch.setenv("MTP_EXT_CACHE", str(tmp_path))
+    monkeypatch.setenv("MTP_EXT_LINEAR", "auto")
+    monkeypatch.setattr(linear_choice, "_choices", {})
+    monkeypatch.setattr(linear_choice, "_loaded_from", None)
+    return tmp_path
+
+
+def test_the_faster_side_is_chosen_once_and_kept_on_disk(fresh_choices, monkeypatch):
+    timings = {1: (1.0, 2.0, True), 2: (1.0, 1.02, True), 4: (3.0, 2.0, True)}  # kernel, F.linear seconds
+    measured = []
+
+    def fake_measure(out_features, in_features, rows):
+        measured.append(rows)
+        return timings[rows]
+
+    monkeypatch.setattr(linear_choice, "measure", fake_measure)
+    assert linear_choice.kernel_is_faster(8, 4, 1)  # clearly faster
+    assert not linear_choice.kernel_is_faster(8, 4, 2)  # within the margin: torch's path
+    assert not linear_choice.kernel_is_faster(8, 4, 3)  # 3 rows are decided at 4
+    assert linear_choice.kernel_is_faster(8, 4, 1) and measured == [1, 2, 4]
+    saved = json.loads((fresh_choices / "linear_choices.json").read_text())
+    assert sorted(saved.values()) == [False, False, True]
+    # Another process reads them back without measuring.
+    monkeypatch.setattr(linear_choice, "_choices", {})
+    monkeypatch.setattr(linear_choice, "_loaded_from", None)
+    assert linear_choice.kernel_is_faster(8, 4, 1) and not linear_choice.kernel_is_faster(8, 4, 4)
+    assert measured == [1, 2, 4]
+
+
+def test_a_damaged_cache_is_measured_again(fresh_choices, monkeypatch):
+    (fresh_choices / "linear_choices.json").write_text("{not json")
+    monkeypatch.setattr(linear_choice, "measure", lambda *shape: (1.0, 2.0, True))
+    assert linear_choice.kernel_is_faster(8, 4, 1)
+
+
+def test_a_busy_measurement_serves_its_process_only(fresh_choices, monkeypatch):
+    monkeypatch.setattr(linear_choice, "measure", lambda *shape: (1.0, 2.0, False))
+    assert linear_choice.kernel_is_faster(8, 4, 1)
+    assert not (fresh_choices / "linear_choices.json").exists()
+
+
+def test_measure_times_both_sides_on_real_weights(fresh_choices, monkeypatch):
+    monkeypatch.setattr(linear_choice, "_SWEEP_BYTES", 1 << 16)
+    kernel_seconds, torch_seconds, steady = linear_choice.measure(64, 32, 2)
+    assert 0 < kernel_seconds < math.inf and 0 < torch_seconds < math.inf and isinstance(steady, bool)
+
+
+@pytest.mark.parametrize("mode,expected", [("kernel", {3}), ("torch", set())])
+def test_the_environment_forces_a_side(mode, expected, monkeypatch):
+    monkeypatch.setenv("MTP_EXT_LINEAR", mode)
+    monkeypatch.setattr(linear_choice, "measure", lambda *shape: pytest.fail("measured despite the override"))
+    calls = count_op_calls(monkeypatch)
+    model = tiny_model("llama", 23)
+    with torch.no_grad(), small_batch_linears(model):
+        model(torch.tensor([[1, 2, 3]]))
+    assert set(calls) == expected
+
+
+def test_small_batch_linears_follow_the_measured_choice(fresh_choices, monkeypatch):
+    # F.linear measured faster for the model's every shape: the op is never called.
+    monkeypatch.setattr(linear_choice, "measure", lambda *shape: (2.0, 1.0, True))
+    calls = count_op_calls(monkeypatch)
+    model = tiny_model("llama", 23)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        with small_batch_linears(model):
+            got = model(ids).logits
+    assert not calls and torch.equal(got, expected)

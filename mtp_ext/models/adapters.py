@@ -15,8 +15,13 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
 from mtp_ext._checks import check_positive_int
+from mtp_ext.models.linear_choice import kernel_is_faster
 from mtp_ext.ops import linear_over_rows
 
+
+__all__ = ["PackedMask", "SMALL_BATCH_ROWS", "SUPPORTED_ARCHITECTURES", "CausalLMAdapter", "UnsupportedModelError",
+           "additive_mask", "check_inputs", "check_supported", "few_rows_linear", "last_real_positions",
+           "prefix_position_ids", "small_batch_linears"]
 
 # model_type -> the name people know it by
 SUPPORTED_ARCHITECTURES = {
@@ -154,7 +159,9 @@ SMALL_BATCH_ROWS = 16
 def small_batch_linears(model: torch.nn.Module, max_rows: int = SMALL_BATCH_ROWS) -> Iterator[None]:
     """Within the block, the model's nn.Linear layers run through mtp_ext.small_batch_linear
     when they get at most `max_rows` rows of float32 on the CPU without autograd (a draft tree's
-    verification pass, the walk's logits); everything else runs as before. The layers are
+    verification pass, the walk's logits) and the kernel is the faster for that shape and row
+    count on this machine (measured once: mtp_ext.models.linear_choice); everything else runs
+    as before. The layers are
     restored on exit; their parameters are read as the block starts (replace none inside it).
     Results equal F.linear's up to float rounding (another summation order)."""
     linears = [module for module in model.modules() if type(module) is torch.nn.Linear
@@ -177,12 +184,25 @@ def _small_batch_forward(weight: Tensor, bias: Optional[Tensor], max_rows: int) 
 def few_rows_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                     max_rows: int = SMALL_BATCH_ROWS) -> Tensor:
     """F.linear, through mtp_ext.small_batch_linear where that is faster: at most `max_rows`
-    rows of float32 on the CPU, without autograd (whose Python layer the op then skips)."""
+    rows of float32 on the CPU, without autograd (whose Python layer the op then skips), for a
+    shape and row count at which the kernel was measured faster on this machine
+    (mtp_ext.models.linear_choice).
+
+    Args:
+        input: [..., K].
+        weight: [N, K].
+        bias: [N] or None.
+        max_rows: the most rows routed to the kernel.
+
+    Returns:
+        [..., N], F.linear's result up to float rounding.
+    """
     if (input.dtype == torch.float32 and weight.dtype == torch.float32 and input.device.type == "cpu"
-            and weight.device.type == "cpu" and not torch.is_grad_enabled()
-            and input.numel() <= max_rows * input.shape[-1]):
-        with torch._C._AutoDispatchBelowAutograd():
-            return linear_over_rows(input, weight, bias)
+            and weight.device.type == "cpu" and not torch.is_grad_enabled() and input.shape[-1] > 0):
+        rows = input.numel() // input.shape[-1]
+        if 0 < rows <= max_rows and kernel_is_faster(weight.shape[0], weight.shape[1], rows):
+            with torch._C._AutoDispatchBelowAutograd():
+                return linear_over_rows(input, weight, bias)
     return torch.nn.functional.linear(input, weight, bias)
 
 
