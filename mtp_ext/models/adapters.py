@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
 from mtp_ext._checks import check_positive_int
-from mtp_ext.models.linear_choice import kernel_is_faster
+from mtp_ext.models import linear_choice
 from mtp_ext.ops import linear_over_rows
 
 
@@ -176,9 +176,23 @@ def small_batch_linears(model: torch.nn.Module, max_rows: int = SMALL_BATCH_ROWS
 
 
 def _small_batch_forward(weight: Tensor, bias: Optional[Tensor], max_rows: int) -> Callable[[Tensor], Tensor]:
-    # Called for every linear layer of every pass: the parameters are bound here rather than
-    # looked up through nn.Module.__getattr__, a sizeable share of a layer's call on a CPU.
-    return lambda input: few_rows_linear(input, weight, bias, max_rows)
+    """A layer's forward within small_batch_linears. Called for every linear layer of every pass,
+    so what depends on the layer alone (its parameters, their dtype and device, the measured
+    choice for its shape) is settled here once, not on each call."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return lambda input: torch.nn.functional.linear(input, weight, bias)
+    in_features = weight.shape[1]
+    kernel_faster = linear_choice.chooser(weight.shape[0], in_features)
+
+    def forward(input: Tensor) -> Tensor:
+        if input.dtype == torch.float32 and in_features > 0 and not torch.is_grad_enabled():
+            rows = input.numel() // in_features
+            if 0 < rows <= max_rows and kernel_faster(rows):
+                with torch._C._AutoDispatchBelowAutograd():
+                    return linear_over_rows(input, weight, bias)
+        return torch.nn.functional.linear(input, weight, bias)
+
+    return forward
 
 
 def few_rows_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -200,7 +214,7 @@ def few_rows_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None
     if (input.dtype == torch.float32 and weight.dtype == torch.float32 and input.device.type == "cpu"
             and weight.device.type == "cpu" and not torch.is_grad_enabled() and input.shape[-1] > 0):
         rows = input.numel() // input.shape[-1]
-        if 0 < rows <= max_rows and kernel_is_faster(weight.shape[0], weight.shape[1], rows):
+        if 0 < rows <= max_rows and linear_choice.kernel_is_faster(weight.shape[0], weight.shape[1], rows):
             with torch._C._AutoDispatchBelowAutograd():
                 return linear_over_rows(input, weight, bias)
     return torch.nn.functional.linear(input, weight, bias)

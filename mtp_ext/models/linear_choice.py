@@ -15,6 +15,7 @@ MTP_EXT_LINEAR=kernel or =torch in the environment forces one side (tests, bench
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from mtp_ext.ops import linear_over_rows
 
-__all__ = ["ROW_BUCKETS", "kernel_is_faster", "row_bucket"]
+__all__ = ["ROW_BUCKETS", "chooser", "kernel_is_faster", "row_bucket"]
 
 # Row counts at which a choice is measured; a call of r rows takes the smallest bucket >= r.
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -43,13 +44,14 @@ _MARGIN = 0.03
 _STEADY_SPREAD = 1.5
 _MODE_VARIABLE = "MTP_EXT_LINEAR"
 
-_choices: dict[str, bool] = {}
+_choices: dict[str, bool] = {}  # by _key: what the disk cache holds, and this process's
+_decided: dict[tuple[int, int, int, int], bool] = {}  # (out, in, bucket, threads): the hot path's lookup
 _loaded_from: Optional[Path] = None
 
 
 def row_bucket(rows: int) -> int:
-    """The row count at which a call of `rows` rows is decided."""
-    return next((bucket for bucket in ROW_BUCKETS if bucket >= rows), ROW_BUCKETS[-1])
+    """The row count at which a call of `rows` rows is decided: the power of two at or above it."""
+    return min(1 << max(rows - 1, 0).bit_length(), ROW_BUCKETS[-1])
 
 
 def kernel_is_faster(out_features: int, in_features: int, rows: int) -> bool:
@@ -65,21 +67,47 @@ def kernel_is_faster(out_features: int, in_features: int, rows: int) -> bool:
         True where the kernel was measured faster (by more than the margin), also when
         MTP_EXT_LINEAR=kernel; False where F.linear was, or MTP_EXT_LINEAR=torch.
     """
-    mode = os.environ.get(_MODE_VARIABLE, "auto")
-    if mode != "auto":
-        return mode == "kernel"
-    key = _key(out_features, in_features, row_bucket(rows))
+    return chooser(out_features, in_features)(rows)
+
+
+def _choice(out_features: int, in_features: int, bucket: int) -> bool:
+    """The choice from the disk cache, or measured now."""
+    key = _key(out_features, in_features, bucket)
+    _load()
     choice = _choices.get(key)
     if choice is None:
-        _load()
-        choice = _choices.get(key)
-    if choice is None:
-        kernel, torch_seconds, steady = measure(out_features, in_features, row_bucket(rows))
-        choice = choose(kernel, torch_seconds)
-        _choices[key] = choice
+        kernel, torch_seconds, steady = measure(out_features, in_features, bucket)
+        choice = _choices[key] = choose(kernel, torch_seconds)
         if steady:
             _save(key)
     return choice
+
+
+def chooser(out_features: int, in_features: int) -> Callable[[int], bool]:
+    """kernel_is_faster for one weight shape, as a function of the row count, with the
+    environment's override read once: what a model's linear layer asks on every call.
+
+    Args:
+        out_features: N of the weight [N, K].
+        in_features: K.
+
+    Returns:
+        rows -> whether small_batch_linear is the faster at that many rows.
+    """
+    mode = os.environ.get(_MODE_VARIABLE, "auto")
+    if mode != "auto":
+        forced = mode == "kernel"
+        return lambda rows: forced
+
+    def kernel_faster(rows: int) -> bool:
+        bucket = row_bucket(rows)
+        decided = (out_features, in_features, bucket, torch.get_num_threads())
+        choice = _decided.get(decided)
+        if choice is None:
+            choice = _decided[decided] = _choice(out_features, in_features, bucket)
+        return choice
+
+    return kernel_faster
 
 
 def choose(kernel_seconds: float, torch_seconds: float) -> bool:
@@ -122,6 +150,7 @@ def _key(out_features: int, in_features: int, bucket: int) -> str:
     return f"{_machine()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{out_features}x{in_features}|rows {bucket}"
 
 
+@functools.lru_cache(maxsize=1)
 def _machine() -> str:
     """The CPU model and the vector extensions the kernels use: another CPU measures anew."""
     model, flags = platform.processor() or platform.machine(), set()
