@@ -2,7 +2,7 @@
 found. MTP_EXT_CUDA=1 forces CUDA (and fails loudly without it), MTP_EXT_CUDA=0 skips it.
 
 Install with `pip install --no-build-isolation -e .` after installing torch: an isolated build
-would fetch its own torch (see BUILD-NOTES)."""
+would fetch its own torch, a CUDA build of it on a machine without a GPU."""
 import glob
 import os
 import platform

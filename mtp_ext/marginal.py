@@ -109,7 +109,7 @@ class MarginalMTP:
         hidden = adapter.hidden_states(input_ids, attention_mask, prefix_position_ids(attention_mask), cache)
         last_real = last_real_positions(attention_mask)
         logits = adapter.logits(hidden[torch.arange(hidden.shape[0]), last_real])
-        prediction = MarginalPrediction([torch.softmax(logits, -1)], [torch.ones(logits.shape[0])])
+        prediction = MarginalPrediction([torch.softmax(logits, -1)], [torch.ones(logits.shape[0], device=logits.device)])
         if steps == 1:
             return prediction
         forest = DraftForest.from_candidates(*top_p_candidates(logits, self.top_p, self.max_candidates)[:3])

@@ -172,6 +172,7 @@ def fresh_choices(tmp_path, monkeypatch):
     monkeypatch.setenv("MTP_EXT_CACHE", str(tmp_path))
     monkeypatch.setenv("MTP_EXT_LINEAR", "auto")
     monkeypatch.setattr(linear_choice, "_choices", {})
+    monkeypatch.setattr(linear_choice, "_decided", {})
     monkeypatch.setattr(linear_choice, "_loaded_from", None)
     return tmp_path
 
@@ -193,6 +194,7 @@ def test_the_faster_side_is_chosen_once_and_kept_on_disk(fresh_choices, monkeypa
     assert sorted(saved.values()) == [False, False, True]
     # Another process reads them back without measuring.
     monkeypatch.setattr(linear_choice, "_choices", {})
+    monkeypatch.setattr(linear_choice, "_decided", {})
     monkeypatch.setattr(linear_choice, "_loaded_from", None)
     assert linear_choice.kernel_is_faster(8, 4, 1) and not linear_choice.kernel_is_faster(8, 4, 4)
     assert measured == [1, 2, 4]

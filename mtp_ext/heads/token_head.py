@@ -4,17 +4,17 @@ state at t *and* x_{t+1} (a light cousin of EAGLE's draft model).
 In self-speculative decoding the next root x_{t+1} is known when the next tree is drafted: the
 model chose it at the last accepted node. MTP heads (mtp_ext.heads) and marginalisation guess
 x_{t+2} from position t without it, so they must hedge over every x_{t+1} the model might
-choose. Given the token, the guess is much sharper: trained on 60k positions of Austen,
-SmolLM2-135M's own next choice after its own x_{t+1} was among this head's top 3 on held-out
-text 70% of the time, against 54% for the same head without the token (results/token_head/).
+choose. Given the token, the guess is much sharper (results/token_head/README.md: the same
+head with and without the token, held out).
 
     z = W_in [h_t ; e(x_{t+1})],   z + W_down SiLU(W_up z),   final norm,   unembedding
 
 h_t is the backbone's final-normed state and e its input embedding; W_in starts by passing h_t
 through and W_down at zero. The unembedding is the backbone's, restricted to a *draft
 vocabulary*: the tokens the model itself chooses most often in the training text (FR-Spec's
-observation: a drafter's guesses need not range over every token). SmolLM2's 8,192 most chosen
-tokens cover 98% of its held-out choices and cost a sixth of the whole unembedding to read.
+observation: a drafter's guesses need not range over every token): a small share of the
+vocabulary covers nearly all of the model's choices and costs that share of the unembedding to
+read (results/token_head/README.md).
 
 The head is trained on the model's own greedy choices (self-distillation, teacher-forced):
 features of one backbone pass over the training text, then epochs over them.
@@ -296,7 +296,7 @@ def evaluate_token_head(head: TokenHead, features: Features, chunk: int = 2048) 
         HeadAccuracy.
     """
     guesses = torch.cat([head.vocab_ids[head(features.hidden[first:first + chunk],
-                                             features.next_tokens[first:first + chunk]).topk(3, -1).indices]
+                                             features.next_tokens[first:first + chunk]).topk(min(3, len(head.vocab_ids)), -1).indices]
                          for first in range(0, len(features.targets), chunk)])
     top1 = guesses[:, 0] == features.targets
     top3 = (guesses == features.targets[:, None]).any(-1)

@@ -130,8 +130,8 @@ def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tens
     Greedy (do_sample=False) gives model.generate(do_sample=False)'s tokens; sampling draws from
     the model's distribution at `temperature`, restricted to the top-p nucleus. Rows stop at
     `eos_token_id` (default: the model's generation config) and are padded with `pad_token_id`
-    (default: the generation config's, else the smallest EOS id, where model.generate takes the
-    first). Padding of the prompt may be on either side.
+    (default: the generation config's, else the first EOS id), as model.generate does. Padding
+    of the prompt may be on either side.
 
     Args:
         model: a supported Hugging Face causal LM.
@@ -228,13 +228,13 @@ def generation_ids(model, eos_token_id, pad_token_id) -> tuple[set[int], int]:
     config = getattr(model, "generation_config", None)
     if eos_token_id is None:
         eos_token_id = getattr(config, "eos_token_id", None)
-    eos = set() if eos_token_id is None else {int(t) for t in ([eos_token_id] if isinstance(eos_token_id, int)
-                                                                  else eos_token_id)}
+    eos_ids = [] if eos_token_id is None else [int(t) for t in ([eos_token_id] if isinstance(eos_token_id, int)
+                                                                else eos_token_id)]
     if pad_token_id is None:
         pad_token_id = getattr(config, "pad_token_id", None)
-    if pad_token_id is None:
-        pad_token_id = min(eos) if eos else 0
-    return eos, int(pad_token_id)
+    if pad_token_id is None:  # model.generate pads with the first EOS id
+        pad_token_id = eos_ids[0] if eos_ids else 0
+    return set(eos_ids), int(pad_token_id)
 
 
 def assemble(input_ids: Tensor, tokens: list[list[int]], pad: int) -> Tensor:
