@@ -1,9 +1,13 @@
 """End to end: speculative_generate with each drafter against model.generate, greedy, on the
-real SmolLM2-135M (dequantised Q4_1) and 10 prompts of held-out Austen text (the last novel,
-which the heads of results/heads/ were not trained on), 128 new tokens each, one prompt at a
-time. speculative_generate runs the model's linears through small_batch_linear (a few rows per
-pass), so model.generate also runs a second time with them ("generate_small_linears"): the
-speed-up over that is what the drafts themselves bring. Skipped, saying why, where the model
+real SmolLM2-135M (dequantised Q4_1) and 10 prompts of held-out text, 128 new tokens each, one
+prompt at a time. $BENCH_TEXT picks the text: "austen" (default; the last novel, which the
+heads of results/heads/ and the token head were not trained on), "shakespeare" (the last
+play) or "bible" (the World English Bible, verses in order). speculative_generate runs the
+model's linears through small_batch_linears (a few rows per pass, each layer on whichever of
+small_batch_linear and F.linear is faster here), so model.generate also runs a second time
+with them ("small_linears"): the speed-up over that is what the drafts themselves bring. What a
+user of transformers would pick instead without training, prompt lookup decoding
+(`prompt_lookup_num_tokens` 3 and 10), runs both ways too. Skipped, saying why, where the model
 or the text is not prepared, for the heads drafter where no trained frozen-backbone heads are
 found in $MTP_EXT_HEADS_DIR (default results/heads/; each subdirectory one checkpoint, the
 first that loads is used), and for the token head drafter where $MTP_EXT_TOKEN_HEAD_DIR
@@ -26,8 +30,16 @@ import pytest
 import torch
 
 from mtp_ext.models.adapters import small_batch_linears
-from mtp_ext.speculative import HeadsDrafter, MarginalDrafter, TokenHeadDrafter, speculative_generate
+from mtp_ext.speculative import (
+    HeadsDrafter,
+    LookupDrafter,
+    LookupFirstDrafter,
+    MarginalDrafter,
+    TokenHeadDrafter,
+    speculative_generate,
+)
 
+TEXT = os.environ.get("BENCH_TEXT", "austen")
 PROMPTS = int(os.environ.get("BENCH_PROMPTS", 10))
 PROMPT_TOKENS = 64
 NEW_TOKENS = int(os.environ.get("BENCH_NEW_TOKENS", 128))
@@ -47,14 +59,25 @@ def model_and_prompts():
     if not (model_cache_dir("smollm2-135m") / "config.json").is_file():
         pytest.skip("SmolLM2-135M is not prepared (make prepare)")
     try:
-        novels = corpora.load_text("austen")
+        text = held_out_text(corpora)
     except corpora.MissingDependencyError as error:
-        pytest.skip(f"Austen text is not prepared: {error}")
+        pytest.skip(f"the {TEXT} text is not prepared: {error}")
     model, tokenizer = load_model("smollm2-135m")
-    ids = tokenizer(novels[-1][-60000:], add_special_tokens=False, verbose=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     stride = len(ids) // 10  # the same first prompts whatever PROMPTS is
     prompts = [torch.tensor([ids[i * stride: i * stride + PROMPT_TOKENS]]) for i in range(PROMPTS)]
     return model, prompts
+
+
+def held_out_text(corpora) -> str:
+    """About 60,000 characters of $BENCH_TEXT that no committed drafter was trained on."""
+    if TEXT == "austen":
+        return corpora.load_text("austen")[-1][-60000:]
+    if TEXT == "shakespeare":
+        return corpora.load_text("shakespeare")[-1][-60000:]
+    if TEXT == "bible":
+        return " ".join(english for english, _ in corpora.load_pairs("bible-en-es")[:600])
+    raise ValueError(f"BENCH_TEXT must be austen, shakespeare or bible, got {TEXT!r}")
 
 
 def tree_shape() -> dict:
@@ -91,15 +114,15 @@ def trained_token_head_drafter(model):
         pytest.skip(f"no trained token head for SmolLM2 in {TOKEN_HEAD_DIR}: {error}")
 
 
-def run_generate(model, prompts):
+def run_generate(model, prompts, **lookup):
     outputs = [model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
-                              do_sample=False) for prompt in prompts]
+                              do_sample=False, **lookup) for prompt in prompts]
     return outputs, None
 
 
-def run_generate_small_linears(model, prompts):
+def run_generate_small_linears(model, prompts, **lookup):
     with small_batch_linears(model):
-        return run_generate(model, prompts)
+        return run_generate(model, prompts, **lookup)
 
 
 def run_speculative(model, prompts, drafter):
@@ -108,21 +131,34 @@ def run_speculative(model, prompts, drafter):
     return [result.sequences for result in results], [result.stats for result in results]
 
 
-@pytest.mark.parametrize("contender", ["generate", "generate_small_linears", "marginal", "heads", "token_head"])
+def lookup_first_drafter(model):
+    token_head, name = trained_token_head_drafter(model)
+    return LookupFirstDrafter(token_head), f"lookup, else {name}"
+
+
+PEERS = {"generate": (run_generate, {}), "prompt_lookup_3": (run_generate, {"prompt_lookup_num_tokens": 3}),
+         "prompt_lookup_10": (run_generate, {"prompt_lookup_num_tokens": 10}),
+         "small_linears": (run_generate_small_linears, {}),
+         "small_linears_prompt_lookup_3": (run_generate_small_linears, {"prompt_lookup_num_tokens": 3}),
+         "small_linears_prompt_lookup_10": (run_generate_small_linears, {"prompt_lookup_num_tokens": 10})}
+DRAFTERS = {"marginal": lambda _: (MarginalDrafter(), "marginal"), "heads": trained_heads_drafter,
+            "token_head": trained_token_head_drafter, "lookup": lambda _: (LookupDrafter(), "lookup"),
+            "lookup_token_head": lookup_first_drafter}
+
+
+@pytest.mark.parametrize("contender", list(PEERS) + list(DRAFTERS))
 def test_speculative_vs_generate(benchmark, model_and_prompts, contender):
     model, prompts = model_and_prompts
-    if contender == "generate":
-        function, arguments = run_generate, (model, prompts)
-    elif contender == "generate_small_linears":
-        function, arguments = run_generate_small_linears, (model, prompts)
+    if contender in PEERS:
+        run, lookup = PEERS[contender]
+        function, arguments = (lambda *args: run(*args, **lookup)), (model, prompts)
     else:
-        drafter, name = {"marginal": lambda _: (MarginalDrafter(), "marginal"), "heads": trained_heads_drafter,
-                         "token_head": trained_token_head_drafter}[contender](model)
+        drafter, name = DRAFTERS[contender](model)
         function, arguments = run_speculative, (model, prompts, drafter)
         benchmark.extra_info["drafter"] = name
         if contender == "heads":
             benchmark.extra_info["tree"] = {"branching": drafter.branching, "max_nodes": drafter.max_nodes}
-    benchmark.group = f"SmolLM2-135M greedy, {PROMPTS} prompts x {NEW_TOKENS} new tokens"
+    benchmark.group = f"SmolLM2-135M greedy, {TEXT}, {PROMPTS} prompts x {NEW_TOKENS} new tokens"
     benchmark.extra_info.update(contender=contender, baseline="generate", threads=torch.get_num_threads())
     outputs, stats = benchmark.pedantic(function, args=arguments, rounds=1, iterations=1)
     new_tokens = sum(output.shape[1] - prompt.shape[1] for output, prompt in zip(outputs, prompts))

@@ -17,6 +17,8 @@ from mtp_ext.models.adapters import CausalLMAdapter, prefix_position_ids
 from mtp_ext.speculative import (
     Drafter,
     HeadsDrafter,
+    LookupDrafter,
+    LookupFirstDrafter,
     MarginalDrafter,
     resolve_drafter,
     SpeculativeDecoder,
@@ -98,7 +100,7 @@ def emitted_rows(sequences, prompt_width, eos):
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("drafter", ["marginal", "scripted", "token_head"])
+@pytest.mark.parametrize("drafter", ["marginal", "scripted", "token_head", "lookup", "lookup_token_head"])
 def test_greedy_equals_generate(architecture, batch, drafter):
     model = tiny_model(architecture, VOCAB, seed=batch).double()
     input_ids, mask = padded_batch(PROMPTS[:batch])
@@ -107,6 +109,10 @@ def test_greedy_equals_generate(architecture, batch, drafter):
         drafter = ScriptedDrafter(expected[:, input_ids.shape[1]:], seed=batch)
     elif drafter == "token_head":
         drafter = TokenHeadDrafter(random_token_head(model))
+    elif drafter == "lookup":
+        drafter = LookupDrafter(max_nodes=5)
+    elif drafter == "lookup_token_head":
+        drafter = LookupFirstDrafter(TokenHeadDrafter(random_token_head(model)))
     got = speculative_generate(model, input_ids, mask, drafter=drafter, max_new_tokens=24, pad_token_id=0)
     assert torch.equal(got.sequences, expected)
     stats = got.stats
@@ -480,3 +486,57 @@ def test_drafter_docstring_holds_a_complete_drafter():
     got = speculative_generate(model, globs["input_ids"], drafter=drafter, max_new_tokens=8, pad_token_id=0)
     expected = greedy_reference(model, globs["input_ids"], None, 8)
     assert torch.equal(got.sequences, expected)
+
+
+def lookup_pass(context: list[list[int]]):
+    """A VerifiedPass as the lookup drafter reads it: each row's context, the next root last."""
+    from mtp_ext.speculative import VerifiedPass
+
+    roots = torch.tensor([row[-1] for row in context])
+    return VerifiedPass(DraftForest.roots(roots), None, None, None, roots, None, context=context)
+
+
+def test_lookup_drafts_what_followed_the_latest_match():
+    # Row 0 repeats "5 6": the latest earlier "5 6" was followed by 9 4; row 1 has no repeat.
+    context = [[1, 5, 6, 7, 8, 5, 6, 9, 4, 3, 5, 6], [1, 2, 3, 4]]
+    forest = LookupDrafter(max_nodes=4).draft(lookup_pass(context))
+    assert forest.counts.tolist() == [4, 1]
+    assert forest.token_ids[0].tolist() == [6, 9, 4, 3] and forest.parents[0].tolist() == [-1, 0, 1, 2]
+    assert forest.depths()[0].tolist() == [0, 1, 2, 3]
+    # The rows grow in place between steps, as the decoder's context does: the index follows.
+    context[1] += [2, 3]
+    forest = LookupDrafter(max_nodes=3).draft(lookup_pass(context))
+    assert forest.token_ids[1, :forest.counts[1]].tolist() == [3, 4, 2]
+
+
+def test_lookup_prefers_the_longest_suffix_that_occurred():
+    # "3" alone last occurred before 9; "2 3" occurred before 7: the longer match wins.
+    context = [[2, 3, 7, 1, 3, 9, 2, 3]]
+    assert LookupDrafter(max_nodes=2, max_ngram=2).draft(lookup_pass(context)).token_ids.tolist() == [[3, 7]]
+    assert LookupDrafter(max_nodes=2, max_ngram=1).draft(lookup_pass(context)).token_ids.tolist() == [[3, 9]]
+
+
+def test_lookup_first_takes_the_chain_only_where_there_is_a_match():
+    class Wide(Drafter):
+        def draft(self, previous):
+            roots = previous.next_tokens
+            return DraftForest.roots(roots).grow(torch.zeros(len(roots), 2, dtype=torch.long),
+                                                 torch.tensor([[10, 11]] * len(roots)), torch.ones(len(roots), 2),
+                                                 max_nodes=3)
+
+    forest = LookupFirstDrafter(Wide()).draft(lookup_pass([[4, 5, 6, 4], [1, 2, 3]]))
+    assert forest.token_ids.tolist() == [[4, 5, 6], [3, 10, 11]]
+    assert forest.parents.tolist() == [[-1, 0, 1], [-1, 0, 0]] and forest.counts.tolist() == [3, 3]
+
+
+def test_lookup_by_name_and_its_errors(tmp_path):
+    model = tiny_model("llama", VOCAB)
+    assert isinstance(resolve_drafter("lookup", model, max_nodes=6), LookupDrafter)
+    merged = resolve_drafter("lookup:marginal", model, branching=[2])
+    assert isinstance(merged, LookupFirstDrafter) and merged.fallback.width(torch.device("cpu")) == 2
+    with pytest.raises(ValueError, match="drafts a chain"):
+        LookupDrafter(branching=[2, 1])
+    with pytest.raises(ValueError, match="holds no token head"):
+        resolve_drafter(f"lookup:token-head:{tmp_path / 'none'}", model)
+    with pytest.raises(ValueError, match="unknown drafter 'medusa'"):
+        resolve_drafter("lookup:medusa", model)

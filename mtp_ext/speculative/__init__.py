@@ -2,12 +2,15 @@
 continuations, one packed pass verifies it, and the model's own choices are kept.
 
     protocol.py   what a drafter is (Drafter, with a complete example), the types it speaks
-    drafters.py   the drafters (marginal, MTP heads, token head) and the registry of names
+    drafters.py   the drafters (marginal, MTP heads, token head, lookup in the context) and the
+                  registry of names
     decoder.py    the engine: speculative_generate, SpeculativeDecoder, the walk
 """
 from mtp_ext.speculative.decoder import GenerationStats, SpeculativeDecoder, SpeculativeOutput, speculative_generate
 from mtp_ext.speculative.drafters import (
     HeadsDrafter,
+    LookupDrafter,
+    LookupFirstDrafter,
     MarginalDrafter,
     TokenHeadDrafter,
     check_drafter,
@@ -31,6 +34,8 @@ __all__ = [
     "Drafter",
     "GenerationStats",
     "HeadsDrafter",
+    "LookupDrafter",
+    "LookupFirstDrafter",
     "MarginalDrafter",
     "ModelLogits",
     "NodeState",

@@ -193,6 +193,10 @@ class SpeculativeDecoder:
         self.cache = adapter.new_cache()
         self.slot_mask = attention_mask.bool()
         self.previous = prefill(adapter, drafter, self.cache, input_ids, self.slot_mask, rule)
+        # Each row's real tokens so far, the next root last: what drafters that look back read.
+        self.context = [row[real].tolist() + [root] for row, real, root
+                        in zip(input_ids, self.slot_mask, self.previous.next_tokens.tolist())]
+        self.previous.context = self.context
         self.steps = self.accepted_drafts = self.drafted_nodes = self.row_steps = 0
 
     def step(self, remaining: list[int]) -> list[list[int]]:
@@ -220,6 +224,8 @@ class SpeculativeDecoder:
                 self.drafted_nodes += int(forest.counts[row]) - 1
             drafted = forest.token_ids[row, path[1:length]].tolist()
             new_tokens.append(drafted + [int(self.previous.next_tokens[row])])
+            self.context[row].extend(new_tokens[-1])
+        self.previous.context = self.context
         return new_tokens
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from mtp_ext._checks import check_top_p
+from mtp_ext._checks import check_positive_int, check_top_p
 from mtp_ext.heads import check_finite_lse
 from mtp_ext.models.adapters import CausalLMAdapter
 from mtp_ext.ops import marginal_accumulate, multihead_unembed_topk, top_p_candidates
@@ -30,8 +30,9 @@ from mtp_ext.speculative.protocol import (
 )
 from mtp_ext.tree import DraftForest
 
-__all__ = ["DrafterEntry", "HeadsDrafter", "MarginalDrafter", "TokenHeadDrafter", "check_drafter", "drafter_help",
-           "register_drafter", "registered_drafters", "resolve_drafter"]
+__all__ = ["DrafterEntry", "HeadsDrafter", "LookupDrafter", "LookupFirstDrafter", "MarginalDrafter",
+           "TokenHeadDrafter", "check_drafter", "drafter_help", "register_drafter", "registered_drafters",
+           "resolve_drafter"]
 
 Branching = Union[int, Sequence[int], None]
 
@@ -378,6 +379,133 @@ class TokenHeadDrafter(Drafter):
         return forest.grow(torch.zeros_like(slots), self.head.vocab_ids[slots], probs, max_nodes=1 + width)
 
 
+# ----------------------------------------------------------------------------- lookup in the context
+
+
+class _NgramIndex:
+    """Where each n-gram (n <= max_ngram) of one row's tokens last occurred with a token after
+    it, kept up to date as the row grows."""
+
+    def __init__(self, tokens: list[int], max_ngram: int):
+        self.tokens = tokens  # the decoder's list of the row: it grows in place
+        self.max_ngram = max_ngram
+        self.follower = [{} for _ in range(max_ngram)]  # [n - 1]: n-gram -> index of the token after it
+        self.indexed = 1
+
+    def continuation(self, count: int) -> list[int]:
+        """Up to `count` tokens that followed the latest earlier occurrence of the longest suffix
+        of the row (at most max_ngram tokens) that occurred before; none without one."""
+        tokens = self.tokens
+        for end in range(self.indexed, len(tokens)):  # n-grams ending at end - 1 now have a follower
+            for n in range(1, min(self.max_ngram, end) + 1):
+                self.follower[n - 1][tuple(tokens[end - n:end])] = end
+        self.indexed = len(tokens)
+        for n in range(min(self.max_ngram, len(tokens)), 0, -1):
+            start = self.follower[n - 1].get(tuple(tokens[-n:]))
+            if start is not None:
+                return tokens[start:start + count]
+        return []
+
+
+class LookupDrafter(Drafter):
+    """Drafts from the context itself, as prompt lookup decoding does (Saxena's prompt lookup,
+    Hugging Face's `prompt_lookup_num_tokens`): the tokens that followed the latest earlier
+    occurrence of the context's last n tokens, the root last (the longest n <= max_ngram that
+    occurred before), as a chain under the root. A row without a match drafts nothing. Needs no
+    training and no extra model pass; it pays on text that repeats itself (code, names, quotes).
+
+    Args:
+        branching: only a chain: every count 1; its length is the chain's depth.
+        max_nodes: nodes of the chain, the root included; None (and no branching): 4 on a CPU,
+            11 elsewhere (10 drafted tokens, Hugging Face's usual setting).
+        max_ngram: the longest suffix looked up.
+    """
+
+    def __init__(self, branching: Branching = None, max_nodes: Optional[int] = None, max_ngram: int = 3):
+        self.shape = TreeShape.of(branching, max_nodes)
+        if self.shape.branching is not None and set(self.shape.branching) != {1}:
+            raise ValueError(f"the lookup drafter drafts a chain: its branching can only be 1 at every depth "
+                             f"(or give max_nodes), got {self.shape.branching}")
+        self.max_ngram = check_positive_int(max_ngram, "max_ngram")
+        self._context: Optional[list[list[int]]] = None
+        self._rows: list[_NgramIndex] = []
+
+    def chain_nodes(self, device: torch.device) -> int:
+        """Nodes of a drafted chain, the root included."""
+        if self.shape.max_nodes is not None:
+            return self.shape.max_nodes
+        if self.shape.branching is not None:
+            return 1 + self.shape.depth
+        return 4 if device.type == "cpu" else 11
+
+    def draft(self, previous: VerifiedPass, nodes: Optional[int] = None) -> DraftForest:
+        """The chains of every row; `nodes`: their size, the root included, in place of the shape's."""
+        if previous.context is None:
+            raise ValueError("the lookup drafter reads the decoder's context (VerifiedPass.context), which "
+                             "this pass does not hold")
+        if previous.context is not self._context:  # another generation: index its rows afresh
+            self._context = previous.context
+            self._rows = [_NgramIndex(tokens, self.max_ngram) for tokens in previous.context]
+        count = (nodes if nodes is not None else self.chain_nodes(previous.next_tokens.device)) - 1
+        return chain_forest(previous.next_tokens, [row.continuation(count) for row in self._rows])
+
+
+def chain_forest(roots: Tensor, chains: list[list[int]]) -> DraftForest:
+    """One chain per row: the root [B], then chains[b] (tokens, each the child of the one before)."""
+    batch, depth = roots.shape[0], max((len(chain) for chain in chains), default=0)
+    token_ids = torch.zeros((batch, 1 + depth), dtype=torch.long)
+    for row, chain in enumerate(chains):
+        token_ids[row, 1:1 + len(chain)] = torch.tensor(chain, dtype=torch.long)
+    token_ids = token_ids.to(roots.device)
+    token_ids[:, 0] = roots
+    counts = torch.tensor([1 + len(chain) for chain in chains], dtype=torch.long, device=roots.device)
+    slots = torch.arange(1 + depth, device=roots.device)
+    live = slots[None, :] < counts[:, None]
+    parents = torch.where(live, slots[None, :] - 1, -1).expand(batch, -1).contiguous()
+    return DraftForest(token_ids, parents, live.float(), counts, torch.ones_like(counts))
+
+
+class LookupFirstDrafter(Drafter):
+    """The lookup chain where the context holds a match, another drafter's tree where it does
+    not, in one pass of that drafter's size: text that repeats itself is drafted from itself,
+    the rest by the model-based drafter.
+
+    Args:
+        fallback: the drafter of rows without a match (its chooser serves the walk).
+        max_ngram: as for LookupDrafter.
+    """
+
+    def __init__(self, fallback: Drafter, max_ngram: int = 3):
+        self.fallback = fallback
+        self.lookup = LookupDrafter(max_ngram=max_ngram)
+        self.every_layer = fallback.every_layer
+
+    def chooser(self, adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule,
+                forest: DraftForest) -> Optional[Chooser]:
+        return self.fallback.chooser(adapter, hidden, rule, forest)
+
+    def draft(self, previous: VerifiedPass) -> DraftForest:
+        tree = self.fallback.draft(previous)
+        chain = self.lookup.draft(previous, nodes=max(tree.size, 2))
+        return select_rows(chain.counts > 1, chain, tree)
+
+
+def select_rows(take_first: Tensor, first: DraftForest, second: DraftForest) -> DraftForest:
+    """Row b of `first` where take_first[b], else of `second`."""
+    size = max(first.size, second.size)
+
+    def padded(forest: DraftForest, name: str, value) -> Tensor:
+        tensor = getattr(forest, name)
+        return torch.nn.functional.pad(tensor, (0, size - forest.size), value=value)
+
+    pick = take_first[:, None]
+    return DraftForest(torch.where(pick, padded(first, "token_ids", 0), padded(second, "token_ids", 0)),
+                       torch.where(pick, padded(first, "parents", -1), padded(second, "parents", -1)),
+                       torch.where(pick, padded(first, "weights", 0.0), padded(second, "weights", 0.0)),
+                       torch.where(take_first, first.counts, second.counts),
+                       torch.where(take_first, first.leaf_counts, second.leaf_counts))
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -392,6 +520,7 @@ class DrafterEntry:
         argument: what the text after "name:" is (e.g. "DIR"), or None if it takes none.
         check: (argument, label) -> None, raising a clear error for an argument that cannot
             work; cheap, so that the CLI runs it before loading any model.
+        optional: whether the argument may be left out.
     """
 
     name: str
@@ -399,17 +528,25 @@ class DrafterEntry:
     help: str
     argument: Optional[str] = None
     check: Optional[Callable[[str, str], None]] = None
+    optional: bool = False
 
     def usage(self) -> str:
-        """How the user names it: "name" or "name:ARGUMENT"."""
-        return f"{self.name}:{self.argument}" if self.argument else self.name
+        """How the user names it: "name", "name:ARGUMENT" or "name[:ARGUMENT]"."""
+        if not self.argument:
+            return self.name
+        return f"{self.name}[:{self.argument}]" if self.optional else f"{self.name}:{self.argument}"
+
+    def takes(self, argument: str) -> bool:
+        """Whether `argument` (the text after "name:", "" for none) fits the entry."""
+        return bool(argument) == bool(self.argument) or (self.optional and not argument)
 
 
 _REGISTRY: dict[str, DrafterEntry] = {}
 
 
 def register_drafter(name: str, build: Callable[[Optional[str], object, TreeShape], Drafter], help: str,
-                     argument: Optional[str] = None, check: Optional[Callable[[str, str], None]] = None) -> None:
+                     argument: Optional[str] = None, check: Optional[Callable[[str, str], None]] = None,
+                     optional: bool = False) -> None:
     """Makes `drafter=name` (or `name:ARGUMENT`) build a drafter, in speculative_generate and in
     `mtp-ext generate --drafter`.
 
@@ -420,10 +557,11 @@ def register_drafter(name: str, build: Callable[[Optional[str], object, TreeShap
         help: one line describing it.
         argument: what the text after "name:" is, e.g. "DIR"; None if it takes none.
         check: optionally, (argument, label) -> None raising for an argument that cannot work.
+        optional: whether the argument may be left out.
     """
     if not name or ":" in name:
         raise ValueError(f"a drafter name must be non-empty and hold no ':', got {name!r}")
-    _REGISTRY[name] = DrafterEntry(name, build, help, argument, check)
+    _REGISTRY[name] = DrafterEntry(name, build, help, argument, check, optional)
 
 
 def registered_drafters() -> list[DrafterEntry]:
@@ -449,10 +587,10 @@ def check_drafter(drafter: str, label: str = "drafter") -> tuple[DrafterEntry, O
     """
     name, _, argument = drafter.partition(":") if isinstance(drafter, str) else ("", "", "")
     entry = _REGISTRY.get(name)
-    if entry is None or (entry.argument is not None) != bool(argument):
+    if entry is None or not entry.takes(argument):
         usages = ", ".join(f"'{entry.usage()}'" for entry in registered_drafters())
         raise ValueError(f"unknown drafter {drafter!r}: use {usages} or a Drafter")
-    if entry.check is not None:
+    if entry.check is not None and argument:
         entry.check(argument, f"{label} {name}:")
     return entry, argument or None
 
@@ -499,3 +637,19 @@ register_drafter("token-head", lambda directory, model, shape: TokenHeadDrafter.
                                                                                      **shape.as_arguments()),
                  help="a TokenHead saved in DIR (mtp-ext train-token-head): drafts best", argument="DIR",
                  check=_check_token_head)
+
+
+def _build_lookup(fallback: Optional[str], model, shape: TreeShape) -> Drafter:
+    if fallback is None:
+        return LookupDrafter(**shape.as_arguments())
+    return LookupFirstDrafter(resolve_drafter(fallback, model, shape.branching, shape.max_nodes))
+
+
+def _check_lookup_fallback(fallback: str, label: str) -> None:
+    check_drafter(fallback, label.rstrip(":"))
+
+
+register_drafter("lookup", _build_lookup, help="prompt lookup: the continuation of the context's latest earlier "
+                 "match as a chain (no training); 'lookup:DRAFTER' drafts with DRAFTER where the context has "
+                 "no match, e.g. lookup:token-head:DIR", argument="DRAFTER", check=_check_lookup_fallback,
+                 optional=True)

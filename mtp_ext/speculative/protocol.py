@@ -130,6 +130,8 @@ class VerifiedPass(Generic[StateT]):
         stop_logits: [B, V] float32 model logits at the stop nodes, where the walk used the
             model's logits (no drafter chooser), else None.
         drafter_state: what the drafter's own chooser computed at the stop nodes, else None.
+        context: per row, the real tokens so far (prompt and emitted), the next root last;
+            set by the decoder (None outside it).
     """
 
     forest: DraftForest
@@ -140,6 +142,7 @@ class VerifiedPass(Generic[StateT]):
     adapter: CausalLMAdapter
     stop_logits: Optional[Tensor] = None
     drafter_state: Optional[StateT] = None
+    context: Optional[list[list[int]]] = None
 
     def stop_positions(self) -> Tensor:
         """[B] where each row's last accepted node lies along hidden's T."""
