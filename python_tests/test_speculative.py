@@ -540,3 +540,112 @@ def test_lookup_by_name_and_its_errors(tmp_path):
         resolve_drafter(f"lookup:token-head:{tmp_path / 'none'}", model)
     with pytest.raises(ValueError, match="unknown drafter 'medusa'"):
         resolve_drafter("lookup:medusa", model)
+
+
+# ----------------------------------------------------------------------------- generate's interface
+
+
+class BanToken:
+    """A user's logits processor: token `token` is never chosen."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        return scores.index_fill(1, torch.tensor([self.token]), float("-inf"))
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+@pytest.mark.parametrize("drafter", ["marginal", "lookup", "scripted"])
+def test_greedy_with_processors_equals_generate(architecture, drafter):
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    model = tiny_model(architecture, VOCAB, seed=3).double()
+    input_ids, mask = padded_batch(PROMPTS)
+    plain = greedy_reference(model, input_ids, mask, 20)
+    banned = int(plain[0, -1])  # a token plain decoding emits
+    processors = LogitsProcessorList([BanToken(banned)])
+    expected = model.generate(input_ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                              repetition_penalty=3.0, logits_processor=processors)
+    assert not torch.equal(expected, plain)  # the processors matter here
+    drafter = ScriptedDrafter(expected[:, input_ids.shape[1]:]) if drafter == "scripted" else drafter
+    config = GenerationConfig(max_new_tokens=20, do_sample=False, repetition_penalty=3.0, pad_token_id=0)
+    got = speculative_generate(model, input_ids, mask, drafter=drafter, generation_config=config,
+                               logits_processor=processors)
+    assert torch.equal(got.sequences, expected)
+
+
+def processed_distribution(model, prompt, length, penalty, banned, temperature, top_k, top_p):
+    """p(first `length` tokens) under the chain model.generate applies: repetition penalty, the
+    user's processor, temperature, top-k, top-p; by enumeration."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    probabilities = {(): 1.0}
+    for _ in range(length):
+        grown = {}
+        for prefix, probability in probabilities.items():
+            ids = torch.tensor([prompt + list(prefix)])
+            with torch.no_grad():
+                scores = model(ids).logits[:, -1].float()
+            scores = BanToken(banned)(ids, RepetitionPenaltyLogitsProcessor(penalty)(ids, scores)) / temperature
+            scores = scores.masked_fill(scores < scores.topk(top_k, -1).values[:, -1:], float("-inf"))
+            probs = torch.softmax(mtp_ext.top_p_mask(scores, top_p), -1)[0]
+            for token in range(VOCAB):
+                if probs[token] > 0:
+                    grown[prefix + (token,)] = probability * float(probs[token])
+        probabilities = grown
+    return probabilities
+
+
+def test_sampling_with_a_processor_chain_draws_from_the_processed_distribution():
+    model = sampling_model()
+    prompt, draws = SAMPLING["prompt"], SAMPLING["draws"]
+    expected = processed_distribution(model, prompt, SAMPLING["length"], 1.5, 4, 0.8, 6, 0.9)
+    output = speculative_generate(model, torch.tensor([prompt] * draws), drafter=FullTreeDrafter(),
+                                  max_new_tokens=SAMPLING["length"], do_sample=True, temperature=0.8, top_k=6,
+                                  top_p=0.9, repetition_penalty=1.5, logits_processor=[BanToken(4)],
+                                  eos_token_id=[], generator=torch.Generator().manual_seed(99))
+    counts = {}
+    for row in output.sequences[:, len(prompt):].tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    assert all(4 not in key for key in counts)
+    statistic, degrees = chi_square_statistic(counts, expected, draws)
+    assert degrees >= 30
+    assert statistic < chi_square_critical(degrees)
+
+
+class RecordingStreamer:
+    """What model.generate's streamer protocol delivers: put(tokens) calls, then end()."""
+
+    def __init__(self):
+        self.chunks, self.ended = [], 0
+
+    def put(self, tokens):
+        self.chunks.append(tokens.flatten().tolist())
+
+    def end(self):
+        self.ended += 1
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "scripted"])
+def test_the_streamer_receives_exactly_the_output_tokens_in_order(drafter):
+    model = tiny_model("llama", VOCAB, seed=2).double()
+    prompt = torch.tensor([PROMPTS[0]])
+    expected = greedy_reference(model, prompt, None, 18)
+    drafter = ScriptedDrafter(expected[:, prompt.shape[1]:]) if drafter == "scripted" else drafter
+    streamer = RecordingStreamer()
+    got = speculative_generate(model, prompt, drafter=drafter, max_new_tokens=18, streamer=streamer, pad_token_id=0)
+    assert streamer.chunks[0] == PROMPTS[0] and streamer.ended == 1
+    emitted = [token for chunk in streamer.chunks[1:] for token in chunk]
+    assert emitted == emitted_rows(got.sequences, prompt.shape[1], model.generation_config.eos_token_id)[0]
+    assert len(streamer.chunks) - 1 == got.stats.verification_steps + 1  # the first token, then one put per step
+
+
+def test_generation_config_it_cannot_honour_is_refused():
+    from transformers import GenerationConfig
+
+    model = tiny_model("llama", VOCAB)
+    with pytest.raises(ValueError, match="cannot honour generation_config's num_beams"):
+        speculative_generate(model, torch.tensor([[1, 2]]), generation_config=GenerationConfig(num_beams=2))
+    with pytest.raises(ValueError, match="a streamer takes one sequence at a time"):
+        speculative_generate(model, torch.tensor([[1, 2], [3, 4]]), streamer=RecordingStreamer())

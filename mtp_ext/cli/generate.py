@@ -33,6 +33,10 @@ def add_parser(commands) -> None:
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=common.positive_float, default=1.0)
     parser.add_argument("--top-p", type=common.probability, default=1.0)
+    parser.add_argument("--top-k", type=common.non_negative_int, default=0,
+                        help="sample from the k most likely tokens only (0: all)")
+    parser.add_argument("--repetition-penalty", type=common.positive_float, default=1.0,
+                        help="Hugging Face's repetition penalty (1: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     parser.add_argument("--compare", action="store_true",
                         help="also run model.generate with the same settings and print the speed-up")
@@ -40,7 +44,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Runs `mtp-ext generate`: prints the continuation and its speed.
+    """Runs `mtp-ext generate`: streams the continuation as it is accepted, then its speed.
 
     Args:
         args: the parsed arguments.
@@ -50,6 +54,7 @@ def run(args: argparse.Namespace) -> dict:
         speed (and, greedy, whether the outputs are identical)}.
     """
     import torch
+    from transformers import TextStreamer
 
     from mtp_ext.speculative import check_drafter, resolve_drafter, speculative_generate
 
@@ -62,9 +67,9 @@ def run(args: argparse.Namespace) -> dict:
     drafter = resolve_drafter(args.drafter, model, branching=args.branching, max_nodes=args.max_nodes)
     output = speculative_generate(model, input_ids, drafter=drafter, max_new_tokens=args.max_new_tokens,
                                   do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
-                                  generator=torch.Generator().manual_seed(args.seed))
+                                  top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                                  generator=torch.Generator().manual_seed(args.seed), streamer=TextStreamer(tokenizer))
     stats = output.stats
-    print(tokenizer.decode(output.sequences[0]))
     print(f"\n{stats.new_tokens[0]} tokens in {stats.seconds:.2f} s: {stats.tokens_per_second:.2f} tokens/s, "
           f"{stats.verification_steps} verification steps, {stats.mean_accepted_per_step:.2f} tokens per step "
           f"(drafter {args.drafter})")
@@ -92,11 +97,12 @@ def compare_with_generate(args: argparse.Namespace, model, input_ids, sequences,
 
     import torch
 
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=None) if args.do_sample else {}
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None) if args.do_sample else {}
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     plain = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                           max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, **sampling)
+                           max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                           repetition_penalty=args.repetition_penalty, **sampling)
     plain_rate = (plain.shape[1] - input_ids.shape[1]) / (time.perf_counter() - start)
     print(f"model.generate: {plain_rate:.2f} tokens/s; speed-up {speculative_rate / plain_rate:.2f}x")
     report = {"tokens_per_second": plain_rate}

@@ -101,77 +101,142 @@ class SpeculativeOutput:
 
 
 class _Rows:
-    """What each row has produced so far, and whether it is done (EOS or `limit` tokens)."""
+    """What each row has produced so far, and whether it is done (EOS or `limit` tokens); a
+    streamer gets the tokens as they are added."""
 
-    def __init__(self, batch: int, limit: int, eos: set[int]):
+    def __init__(self, batch: int, limit: int, eos: set[int], streamer=None):
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.done = [False] * batch
-        self.limit, self.eos = limit, eos
+        self.limit, self.eos, self.streamer = limit, eos, streamer
 
     def add(self, row: int, new: Sequence[int]) -> None:
+        before = len(self.tokens[row])
         for token in new:
             if self.done[row]:
-                return
+                break
             self.tokens[row].append(token)
             self.done[row] = token in self.eos or len(self.tokens[row]) >= self.limit
+        if self.streamer is not None and len(self.tokens[row]) > before:
+            self.streamer.put(torch.tensor(self.tokens[row][before:]))
 
     def remaining(self) -> list[int]:
         return [0 if done else self.limit - len(tokens) for tokens, done in zip(self.tokens, self.done)]
 
 
+# generation_config fields the engine honours (the rest must stay at their defaults), and the
+# ones that carry no instruction for it.
+_HONOURED = {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "eos_token_id",
+             "pad_token_id"}
+_BOOKKEEPING = {"transformers_version", "_from_model_config", "bos_token_id", "use_cache", "max_length"}
+_DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+             "repetition_penalty": 1.0}
+
+
 @torch.no_grad()
 def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                         drafter: Union[str, Drafter] = "marginal", max_new_tokens: int = 32,
-                         do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                         eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
-                         generator: Optional[torch.Generator] = None) -> SpeculativeOutput:
-    """Generate up to `max_new_tokens` per row with drafts verified in one packed pass per step.
+                         drafter: Union[str, Drafter] = "marginal", max_new_tokens: Optional[int] = None,
+                         do_sample: Optional[bool] = None, temperature: Optional[float] = None,
+                         top_p: Optional[float] = None, eos_token_id: Union[int, Sequence[int], None] = None,
+                         pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                         generation_config=None, logits_processor=None, streamer=None,
+                         top_k: Optional[int] = None, repetition_penalty: Optional[float] = None) -> SpeculativeOutput:
+    """Generate up to `max_new_tokens` per row with drafts verified in one packed pass per step,
+    as model.generate would (greedy: the same tokens; sampling: draws from the same distribution).
 
-    Greedy (do_sample=False) gives model.generate(do_sample=False)'s tokens; sampling draws from
-    the model's distribution at `temperature`, restricted to the top-p nucleus. Rows stop at
-    `eos_token_id` (default: the model's generation config) and are padded with `pad_token_id`
-    (default: the generation config's, else the first EOS id), as model.generate does. Padding
-    of the prompt may be on either side.
+    The token at every step is chosen as model.generate chooses it: the repetition penalty and
+    `logits_processor` first (each reads the row's sequence up to the node), then argmax, or a
+    draw at `temperature` from the `top_k` tokens and the `top_p` nucleus. Settings come from
+    the arguments, else from `generation_config`, else the defaults below; a generation_config
+    asking for anything else (beams, minimum lengths, ...) is refused with the fields named.
+    Rows stop at `eos_token_id` (default: the model's generation config) and are padded with
+    `pad_token_id` (default: the generation config's, else the first EOS id), as model.generate
+    does. Padding of the prompt may be on either side.
 
     Args:
         model: a supported Hugging Face causal LM.
         input_ids: [B, T] int64, the prompts.
         attention_mask: [B, T] (1: real token), or None: every token is real.
         drafter: a Drafter, or a registered name (see register_drafter).
-        max_new_tokens: the most tokens generated per row, >= 1.
-        do_sample: False: greedy decoding.
-        temperature: finite, > 0 (sampling only).
-        top_p: in (0, 1] (sampling only).
+        max_new_tokens: the most tokens generated per row, >= 1; default 32.
+        do_sample: False (default): greedy decoding.
+        temperature: finite, > 0 (sampling only); default 1.
+        top_p: in (0, 1] (sampling only); default 1.
         eos_token_id: an id or ids that end a row; None: the generation config's.
         pad_token_id: the id after a row's EOS; None: as above.
         generator: the random draws' generator; None: torch's default.
+        generation_config: a transformers GenerationConfig, as model.generate takes it.
+        logits_processor: a LogitsProcessorList (or list) of processors (input_ids, scores) ->
+            scores, applied after the repetition penalty.
+        streamer: receives the tokens as model.generate's streamer does (`put` the prompt, then
+            each step's accepted tokens, `end` at the end); batch size 1 only, e.g. TextStreamer.
+        top_k: keep the k most likely tokens when sampling; 0 (default): all.
+        repetition_penalty: Hugging Face's repetition penalty; 1 (default): none.
 
     Returns:
         SpeculativeOutput.
     """
-    max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
+    settings = generation_settings(generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                   temperature=temperature, top_p=top_p, top_k=top_k,
+                                   repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                                   pad_token_id=pad_token_id)
+    max_new_tokens = check_positive_int(settings["max_new_tokens"], "max_new_tokens")
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise ValueError(f"a streamer takes one sequence at a time, as in model.generate; got a batch of "
+                         f"{input_ids.shape[0]}")
     drafter = resolve_drafter(drafter, model)
-    rule = TokenRule(do_sample, float(temperature), float(top_p), generator)
+    rule = TokenRule(bool(settings["do_sample"]), float(settings["temperature"]), float(settings["top_p"]),
+                     generator, int(settings["top_k"] or 0), processors(settings["repetition_penalty"], logits_processor))
     adapter = CausalLMAdapter(model)
     attention_mask = check_inputs(adapter, input_ids, attention_mask, steps=1)
-    eos, pad = generation_ids(model, eos_token_id, pad_token_id)
+    eos, pad = generation_ids(model, settings["eos_token_id"], settings["pad_token_id"])
     longest = int(attention_mask.sum(1).max()) + max_new_tokens
     if longest > adapter.context_length:
         raise ValueError(f"a prompt of {longest - max_new_tokens} tokens plus {max_new_tokens} new ones exceeds "
                          f"the model's context of {adapter.context_length}")
 
     start = time.perf_counter()
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     with small_batch_linears(model):  # a tree of a few nodes is bound by reading the weights
         decoder = SpeculativeDecoder(adapter, drafter, rule, input_ids, attention_mask)
-        rows = _Rows(input_ids.shape[0], max_new_tokens, eos)
+        rows = _Rows(input_ids.shape[0], max_new_tokens, eos, streamer)
         for row, token in enumerate(decoder.previous.next_tokens.tolist()):
             rows.add(row, [token])
         while not all(rows.done):
             for row, new in enumerate(decoder.step(rows.remaining())):
                 rows.add(row, new)
+    if streamer is not None:
+        streamer.end()
     stats = GenerationStats([len(tokens) for tokens in rows.tokens], decoder.steps, decoder.accepted_drafts,
                             decoder.drafted_nodes, decoder.row_steps, time.perf_counter() - start)
     return SpeculativeOutput(assemble(input_ids, rows.tokens, pad), stats)
+
+
+def generation_settings(generation_config, **given) -> dict:
+    """The generation settings: each given one (not None), else generation_config's, else the
+    engine's default; a ValueError naming what generation_config asks for that the engine cannot
+    honour."""
+    settings = dict(_DEFAULTS, eos_token_id=None, pad_token_id=None)
+    if generation_config is not None:
+        unhonoured = sorted(set(generation_config.to_diff_dict()) - _HONOURED - _BOOKKEEPING)
+        if unhonoured:
+            raise ValueError(f"speculative_generate cannot honour generation_config's {', '.join(unhonoured)}: it "
+                             f"decodes one sequence per prompt, choosing each token by {', '.join(sorted(_HONOURED))}")
+        settings.update({name: getattr(generation_config, name) for name in settings
+                         if getattr(generation_config, name, None) is not None})
+    settings.update({name: value for name, value in given.items() if value is not None})
+    return settings
+
+
+def processors(repetition_penalty: float, logits_processor) -> tuple:
+    """The processors model.generate would apply before choosing: the repetition penalty, then
+    the user's."""
+    chain = []
+    if repetition_penalty != 1.0:
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        chain.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty)))
+    return tuple(chain) + tuple(logits_processor or ())
 
 
 class SpeculativeDecoder:
@@ -192,7 +257,11 @@ class SpeculativeDecoder:
         self.adapter, self.drafter, self.rule = adapter, drafter, rule
         self.cache = adapter.new_cache()
         self.slot_mask = attention_mask.bool()
+        # Each row as model.generate holds it (padding included), for the rule's processors.
+        rule.sequences, rule.forest = input_ids.tolist(), None
         self.previous = prefill(adapter, drafter, self.cache, input_ids, self.slot_mask, rule)
+        for sequence, root in zip(rule.sequences, self.previous.next_tokens.tolist()):
+            sequence.append(root)
         # Each row's real tokens so far, the next root last: what drafters that look back read.
         self.context = [row[real].tolist() + [root] for row, real, root
                         in zip(input_ids, self.slot_mask, self.previous.next_tokens.tolist())]
@@ -225,6 +294,7 @@ class SpeculativeDecoder:
             drafted = forest.token_ids[row, path[1:length]].tolist()
             new_tokens.append(drafted + [int(self.previous.next_tokens[row])])
             self.context[row].extend(new_tokens[-1])
+            self.rule.sequences[row].extend(new_tokens[-1])
         self.previous.context = self.context
         return new_tokens
 
@@ -273,6 +343,7 @@ def verify(adapter: CausalLMAdapter, drafter: Drafter, cache, slot_mask: Tensor,
     packed = pack_forest(adapter, forest, slot_mask)
     hidden = adapter.hidden_states(packed.input_ids, packed.mask, packed.position_ids, cache,
                                    every_layer=drafter.every_layer)
+    rule.forest = forest
     own_chooser = drafter.chooser(adapter, hidden, rule, forest)
     paths, stop_state, next_tokens = walk(forest, own_chooser or logits_chooser(adapter, final_hidden(hidden), rule))
     lengths = (paths != -1).sum(1)
@@ -291,7 +362,7 @@ def logits_chooser(adapter: CausalLMAdapter, hidden: Tensor, rule: TokenRule) ->
 
     def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, ModelLogits]:
         logits = adapter.logits(hidden[rows, slots])
-        return rule.choose(logits), ModelLogits(logits)
+        return rule.choose(logits, rows, slots), ModelLogits(logits)
 
     return choose
 

@@ -146,7 +146,7 @@ def every_node_chooser(adapter: CausalLMAdapter, hidden: HiddenStates, rule: Tok
 
     def choose(rows: Tensor, slots: Tensor) -> tuple[Tensor, NodeState]:
         logits = every_node[rows, slots]
-        tokens = rule.choose(logits)
+        tokens = rule.choose(logits, rows, slots)
         return tokens, (at_node(rows, slots, logits, tokens, every_node) if at_node else ModelLogits(logits))
 
     return choose
@@ -254,7 +254,7 @@ class HeadsDrafter(Drafter):
         Args and Returns: as Drafter.chooser; the state is a HeadsTopk.
         """
         final = final_hidden(hidden)
-        if rule.do_sample or final.dtype != torch.float32:
+        if rule.do_sample or rule.processors or final.dtype != torch.float32:
             return None
         every_position = self.drafting_hidden(hidden)
         weight, width = self.heads.unembed_weight, max(self.branching)

@@ -10,6 +10,7 @@ computes what the drafter needs there (its `NodeState`), handed back in the next
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Generic, Optional, Sequence, TypeVar, Union
 
@@ -30,41 +31,88 @@ HiddenStates = Union[Tensor, tuple[Tensor, ...]]
 
 @dataclass
 class TokenRule:
-    """How the model chooses a token from logits: argmax, or one draw from softmax(logits /
-    temperature) restricted to the top-p nucleus (top_p_mask).
+    """How the model chooses a token from logits, as model.generate does: the logits processors
+    (repetition penalty, user processors: they read the sequence so far), then argmax, or one
+    draw from softmax(scores / temperature) restricted to the top-k tokens and the top-p nucleus
+    (top_p_mask).
 
     Attributes:
         do_sample: False: argmax.
         temperature: finite, > 0 (sampling only).
         top_p: in (0, 1] (sampling only).
         generator: the random draws' generator; None: torch's default.
+        top_k: keep the k most likely tokens (sampling only); 0: all.
+        processors: Hugging Face logits processors applied first, each row with its own
+            sequence (see `sequences`); empty: none.
     """
 
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     generator: Optional[torch.Generator] = None
+    top_k: int = 0
+    processors: Sequence[Callable[[Tensor, Tensor], Tensor]] = ()
+    # What the processors read: per batch row, the tokens so far as model.generate holds them
+    # (the prompt with its padding, then every emitted token, the next root last), and the forest
+    # being walked, whose paths extend them. Kept up to date by the decoder.
+    sequences: Optional[list[list[int]]] = None
+    forest: Optional[DraftForest] = None
 
     def __post_init__(self):
         self.temperature = check_temperature(self.temperature)
         self.top_p = check_top_p(self.top_p)
+        if self.top_k:
+            self.top_k = check_positive_int(self.top_k, "top_k")
 
-    def choose(self, logits: Tensor) -> Tensor:
+    def choose(self, logits: Tensor, rows: Optional[Tensor] = None, slots: Optional[Tensor] = None) -> Tensor:
         """One token per row.
 
         Args:
             logits: [R, V] float.
+            rows, slots: [R] int64, the batch row and forest slot each row of logits is at
+                (needed where there are processors; None before the first tree).
 
         Returns:
             [R] int64; one random draw per row when sampling.
         """
+        if self.processors:
+            logits = self._processed(logits, rows, slots)
         if not self.do_sample:
             return logits.argmax(-1)
         scores = logits / self.temperature
+        if self.top_k and self.top_k < scores.shape[-1]:
+            kth = scores.topk(self.top_k, -1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, -math.inf)
         if self.top_p < 1.0:
             scores = top_p_mask(scores, self.top_p)
         probs = torch.softmax(scores, -1)
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+    def _processed(self, logits: Tensor, rows: Optional[Tensor], slots: Optional[Tensor]) -> Tensor:
+        """The processors' scores, each row of logits with the sequence that ends at its node."""
+        if self.sequences is None:
+            raise ValueError("a TokenRule with logits processors needs the sequences so far (set by the decoder)")
+        processed = []
+        for index in range(logits.shape[0]):
+            row = int(rows[index]) if rows is not None else index
+            tokens = list(self.sequences[row])
+            if slots is not None and self.forest is not None:
+                tokens += self._path_tokens(row, int(slots[index]))
+            scores = logits[index:index + 1].float()
+            ids = torch.tensor([tokens], dtype=torch.long, device=logits.device)
+            for processor in self.processors:
+                scores = processor(ids, scores)
+            processed.append(scores)
+        return torch.cat(processed)
+
+    def _path_tokens(self, row: int, slot: int) -> list[int]:
+        """The drafted tokens from the root's child down to `slot` (the root is the sequence's last)."""
+        parents, tokens = self.forest.parents[row].tolist(), self.forest.token_ids[row].tolist()
+        path = []
+        while parents[slot] >= 0:
+            path.append(tokens[slot])
+            slot = parents[slot]
+        return path[::-1]
 
 
 @dataclass
