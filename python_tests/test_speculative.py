@@ -174,15 +174,17 @@ def test_cache_holds_exactly_the_emitted_tokens(architecture):
                                        atol=1e-5, rtol=0)
 
 
-def exact_distribution(model, prompt, length, temperature, top_p):
-    """p(first `length` tokens) for every sequence of that length, by enumeration."""
+def exact_distribution(model, prompt, length, temperature, top_p, process=lambda ids, scores: scores):
+    """p(first `length` tokens) for every sequence of that length, by enumeration: `process`
+    (input ids, logits) -> scores, then temperature and top-p."""
     probabilities = {(): 1.0}
     for _ in range(length):
         grown = {}
         for prefix, probability in probabilities.items():
+            ids = torch.tensor([prompt + list(prefix)])
             with torch.no_grad():
-                logits = model(torch.tensor([prompt + list(prefix)])).logits[:, -1].float() / temperature
-            probs = torch.softmax(mtp_ext.top_p_mask(logits, top_p), -1)[0]
+                scores = process(ids, model(ids).logits[:, -1].float()) / temperature
+            probs = torch.softmax(mtp_ext.top_p_mask(scores, top_p), -1)[0]
             for token in range(VOCAB):
                 if probs[token] > 0:
                     grown[prefix + (token,)] = probability * float(probs[token])
@@ -575,32 +577,17 @@ def test_greedy_with_processors_equals_generate(architecture, drafter):
     assert torch.equal(got.sequences, expected)
 
 
-def processed_distribution(model, prompt, length, penalty, banned, temperature, top_k, top_p):
-    """p(first `length` tokens) under the chain model.generate applies: repetition penalty, the
-    user's processor, temperature, top-k, top-p; by enumeration."""
-    from transformers import RepetitionPenaltyLogitsProcessor
-
-    probabilities = {(): 1.0}
-    for _ in range(length):
-        grown = {}
-        for prefix, probability in probabilities.items():
-            ids = torch.tensor([prompt + list(prefix)])
-            with torch.no_grad():
-                scores = model(ids).logits[:, -1].float()
-            scores = BanToken(banned)(ids, RepetitionPenaltyLogitsProcessor(penalty)(ids, scores)) / temperature
-            scores = scores.masked_fill(scores < scores.topk(top_k, -1).values[:, -1:], float("-inf"))
-            probs = torch.softmax(mtp_ext.top_p_mask(scores, top_p), -1)[0]
-            for token in range(VOCAB):
-                if probs[token] > 0:
-                    grown[prefix + (token,)] = probability * float(probs[token])
-        probabilities = grown
-    return probabilities
-
-
 def test_sampling_with_a_processor_chain_draws_from_the_processed_distribution():
     model = sampling_model()
     prompt, draws = SAMPLING["prompt"], SAMPLING["draws"]
-    expected = processed_distribution(model, prompt, SAMPLING["length"], 1.5, 4, 0.8, 6, 0.9)
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    def chain(ids, scores):  # what model.generate applies before top-p: penalty, the user's, top-k
+        scores = BanToken(4)(ids, RepetitionPenaltyLogitsProcessor(1.5)(ids, scores))
+        kth = scores.topk(6, -1).values[:, -1:]  # the same 6 as after the temperature
+        return scores.masked_fill(scores < kth, float("-inf"))
+
+    expected = exact_distribution(model, prompt, SAMPLING["length"], 0.8, 0.9, chain)
     output = speculative_generate(model, torch.tensor([prompt] * draws), drafter=FullTreeDrafter(),
                                   max_new_tokens=SAMPLING["length"], do_sample=True, temperature=0.8, top_k=6,
                                   top_p=0.9, repetition_penalty=1.5, logits_processor=[BanToken(4)],
