@@ -264,16 +264,7 @@ def multihead_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, hea
 
 
 def small_batch_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Reference for mtp_ext.small_batch_linear: torch.nn.functional.linear.
-
-    Args:
-        input: [..., K] float32.
-        weight: [N, K] float32.
-        bias: [N] float32, or None.
-
-    Returns:
-        [..., N] float32.
-    """
+    """Reference for mtp_ext.small_batch_linear (same arguments and result): F.linear."""
     return torch.nn.functional.linear(input, weight, bias)
 
 

@@ -14,11 +14,7 @@ NAME = "analyze"
 
 
 def add_parser(commands) -> None:
-    """Adds the `mtp-ext analyze` subcommand.
-
-    Args:
-        commands: the subparsers of the `mtp-ext` parser.
-    """
+    """Adds the `mtp-ext analyze` subcommand to `commands`, the subparsers of `mtp-ext`."""
     parser = commands.add_parser(NAME, help="logit-lens KL, entropy and nucleus sizes (Figs. 2-4)")
     common.add_model_arguments(parser)
     parser.add_argument("--data", default=common.DEFAULT_DATA)
@@ -31,9 +27,6 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Runs `mtp-ext analyze`: writes analysis.json and the plots into --out.
-
-    Args:
-        args: the parsed arguments.
 
     Returns:
         The report written to analysis.json.

@@ -15,11 +15,7 @@ NAME = "eval-heads"
 
 
 def add_parser(commands) -> None:
-    """Adds the `mtp-ext eval-heads` subcommand.
-
-    Args:
-        commands: the subparsers of the `mtp-ext` parser.
-    """
+    """Adds the `mtp-ext eval-heads` subcommand to `commands`, the subparsers of `mtp-ext`."""
     parser = commands.add_parser(NAME, help="held-out top-k accuracy of MTP heads beside marginalisation")
     common.add_heads_data_arguments(parser)
     parser.add_argument("--heads-dir", type=Path, nargs="+", required=True, help="train-heads checkpoints")
@@ -35,9 +31,6 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Runs `mtp-ext eval-heads`: prints the table, and writes the report to --json if given.
-
-    Args:
-        args: the parsed arguments.
 
     Returns:
         The report.

@@ -14,11 +14,7 @@ NAME = "eval"
 
 
 def add_parser(commands) -> None:
-    """Adds the `mtp-ext eval` subcommand.
-
-    Args:
-        commands: the subparsers of the `mtp-ext` parser.
-    """
+    """Adds the `mtp-ext eval` subcommand to `commands`, the subparsers of `mtp-ext`."""
     parser = commands.add_parser(NAME, help="teacher-forced top-k accuracy of marginalisation MTP")
     common.add_model_arguments(parser, help="built-in name (smollm2-135m, gemma3-270m), checkpoint directory, or "
                                      "a hub id with --allow-download")
@@ -39,9 +35,6 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Runs `mtp-ext eval`: prints the table, and writes --json and --plot if given.
-
-    Args:
-        args: the parsed arguments.
 
     Returns:
         The report (what --json holds).

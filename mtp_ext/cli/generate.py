@@ -13,11 +13,7 @@ NAME = "generate"
 
 
 def add_parser(commands) -> None:
-    """Adds the `mtp-ext generate` subcommand.
-
-    Args:
-        commands: the subparsers of the `mtp-ext` parser.
-    """
+    """Adds the `mtp-ext generate` subcommand to `commands`, the subparsers of `mtp-ext`."""
     from mtp_ext.speculative import drafter_help
 
     parser = commands.add_parser(NAME, help="self-speculative decoding with MTP drafts")
@@ -45,9 +41,6 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Runs `mtp-ext generate`: streams the continuation as it is accepted, then its speed.
-
-    Args:
-        args: the parsed arguments.
 
     Returns:
         {"speculative": GenerationStats.to_dict(), and with --compare "generate": model.generate's
@@ -82,9 +75,6 @@ def run(args: argparse.Namespace) -> dict:
 
 def compare_with_generate(args: argparse.Namespace, model, input_ids, sequences, speculative_rate: float) -> dict:
     """model.generate with the same settings: its speed, and (greedy) whether the outputs match.
-
-    Args:
-        args: the parsed arguments.
         model: the model.
         input_ids: [1, T] int64, the prompt.
         sequences: [1, T + new] int64, speculative_generate's output.

@@ -18,11 +18,7 @@ ANALYSIS_SUMMARY_KEYS = ("positions", "mean_entropy", "mean_nucleus_size")
 
 
 def add_parser(commands) -> None:
-    """Adds the `mtp-ext report` subcommand.
-
-    Args:
-        commands: the subparsers of the `mtp-ext` parser.
-    """
+    """Adds the `mtp-ext report` subcommand to `commands`, the subparsers of `mtp-ext`."""
     parser = commands.add_parser(NAME, help="one table and the Fig. 1 chart from eval / analyze results")
     parser.add_argument("dirs", type=Path, nargs="+", help="directories holding eval.json and/or analysis.json")
     parser.add_argument("--out", type=Path, required=True, help="directory for report.md and fig1.png")
@@ -31,9 +27,6 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> str:
     """Runs `mtp-ext report`: writes report.md (and fig1.png, given evaluations) into --out.
-
-    Args:
-        args: the parsed arguments.
 
     Returns:
         The Markdown table.

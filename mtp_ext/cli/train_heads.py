@@ -15,11 +15,7 @@ NAME = "train-heads"
 
 
 def add_parser(commands) -> None:
-    """Adds the `mtp-ext train-heads` subcommand.
-
-    Args:
-        commands: the subparsers of the `mtp-ext` parser.
-    """
+    """Adds the `mtp-ext train-heads` subcommand to `commands`, the subparsers of `mtp-ext`."""
     parser = commands.add_parser(NAME, help="train MTP heads on a frozen or jointly trained backbone")
     common.add_heads_data_arguments(parser)
     parser.add_argument("--heads", type=int, default=3, help="number of heads (head j predicts x_{t+j+2})")
@@ -56,9 +52,6 @@ def interrupted(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     """Runs `mtp-ext train-heads`: trains (or resumes) into --out, then scores the held-out text.
-
-    Args:
-        args: the parsed arguments.
 
     Returns:
         The report written to --out/train.json.
@@ -99,9 +92,6 @@ def run(args: argparse.Namespace) -> dict:
 
 def initial_heads(args: argparse.Namespace, backbone):
     """The heads saved in --init-from, on `backbone`, if they are the heads the arguments ask for.
-
-    Args:
-        args: the parsed arguments.
         backbone: the model.
 
     Returns:

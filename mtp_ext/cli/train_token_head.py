@@ -13,11 +13,7 @@ NAME = "train-token-head"
 
 
 def add_parser(commands) -> None:
-    """Adds the `mtp-ext train-token-head` subcommand.
-
-    Args:
-        commands: the subparsers of the `mtp-ext` parser.
-    """
+    """Adds the `mtp-ext train-token-head` subcommand to `commands`, the subparsers of `mtp-ext`."""
     parser = commands.add_parser(NAME, help="train a drafting head that reads the next token too (TokenHead)")
     common.add_heads_data_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="directory for the head")
@@ -34,9 +30,6 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> dict:
     """Runs `mtp-ext train-token-head`: trains a TokenHead, scores it on the held-out text and
     saves both in --out.
-
-    Args:
-        args: the parsed arguments.
 
     Returns:
         The report, saved in the head's config.

@@ -344,17 +344,9 @@ class TokenHeadDrafter(Drafter):
 
     @classmethod
     def load(cls, directory, model, branching: Branching = None, max_nodes: Optional[int] = None) -> "TokenHeadDrafter":
-        """A drafter from the head saved by TokenHead.save (`mtp-ext train-token-head`).
-
-        Args:
-            directory: the head's checkpoint directory.
-            model: the decoding model (a UserError if the head was trained for another).
-            branching: as for the constructor.
-            max_nodes: as for the constructor.
-
-        Returns:
-            TokenHeadDrafter.
-        """
+        """A drafter from the head that TokenHead.save (`mtp-ext train-token-head`) wrote in
+        `directory`, for `model` (a UserError if it was trained for another); the tree
+        arguments as for the constructor."""
         from mtp_ext.heads import TokenHead
 
         return cls(TokenHead.load(directory, model), branching, max_nodes)
