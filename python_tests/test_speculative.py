@@ -636,3 +636,19 @@ def test_generation_config_it_cannot_honour_is_refused():
         speculative_generate(model, torch.tensor([[1, 2]]), generation_config=GenerationConfig(num_beams=2))
     with pytest.raises(ValueError, match="a streamer takes one sequence at a time"):
         speculative_generate(model, torch.tensor([[1, 2], [3, 4]]), streamer=RecordingStreamer())
+
+
+@pytest.mark.parametrize("fallback", ["heads", "scripted_without_chooser"])
+def test_lookup_first_hands_the_fallback_its_own_view_of_the_pass(fallback):
+    # Sampling turns the heads' chooser off: the fallback must then see the model's logits, not
+    # the chains' state; a fallback without a chooser likewise.
+    model = tiny_model("llama", VOCAB, seed=6)
+    prompt = torch.tensor([PROMPTS[0] * 3])
+    plain = greedy_reference(model, prompt, None, 12)
+    inner = HeadsDrafter(random_heads(model)) if fallback == "heads" else ScriptedDrafter(plain[:, prompt.shape[1]:])
+    for do_sample in (False, True):
+        got = speculative_generate(model, prompt, drafter=LookupFirstDrafter(inner), max_new_tokens=12,
+                                   do_sample=do_sample, generator=torch.Generator().manual_seed(0), pad_token_id=0)
+        assert got.sequences.shape == plain.shape
+        if not do_sample:
+            assert torch.equal(got.sequences, plain)

@@ -7,6 +7,7 @@ also reads the next root (mtp_ext.heads.TokenHead). The protocol they follow: pr
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -422,6 +423,12 @@ class LookupDrafter(Drafter):
         self._context: Optional[list[list[int]]] = None
         self._rows: list[_NgramIndex] = []
 
+    def chooser(self, adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule,
+                forest: DraftForest) -> Chooser:
+        """Every node's logits at once: a chain accepted to its end visits every node, and one
+        read of the unembedding for all of them costs about one for a single node."""
+        return every_node_chooser(adapter, hidden, rule, forest)
+
     def chain_nodes(self, device: torch.device) -> int:
         """Nodes of a drafted chain, the root included."""
         if self.shape.max_nodes is not None:
@@ -471,12 +478,19 @@ class LookupFirstDrafter(Drafter):
         self.fallback = fallback
         self.lookup = LookupDrafter(max_ngram=max_ngram)
         self.every_layer = fallback.every_layer
+        self._fallback_chose = True  # whether the last pass's state is the fallback's own
 
     def chooser(self, adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule,
-                forest: DraftForest) -> Optional[Chooser]:
-        return self.fallback.chooser(adapter, hidden, rule, forest)
+                forest: DraftForest) -> Chooser:
+        """The fallback's chooser, or else every node's logits at once (for the chains)."""
+        own = self.fallback.chooser(adapter, hidden, rule, forest)
+        self._fallback_chose = own is not None
+        return own or every_node_chooser(adapter, hidden, rule, forest)
 
     def draft(self, previous: VerifiedPass) -> DraftForest:
+        if not self._fallback_chose and isinstance(previous.drafter_state, ModelLogits):
+            # The fallback sees the pass as if the walk had used the model's logits.
+            previous = dataclasses.replace(previous, stop_logits=previous.drafter_state.logits, drafter_state=None)
         tree = self.fallback.draft(previous)
         chain = self.lookup.draft(previous, nodes=max(tree.size, 2))
         return select_rows(chain.counts > 1, chain, tree)
