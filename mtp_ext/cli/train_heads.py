@@ -9,7 +9,7 @@ from pathlib import Path
 from mtp_ext._io import UserError, atomic_write_text
 from mtp_ext.cli import common
 
-__all__ = ["NAME", "add_parser", "run"]
+__all__ = ["NAME", "add_parser", "plot_training", "run"]
 
 NAME = "train-heads"
 
@@ -41,7 +41,23 @@ def add_parser(commands) -> None:
     parser.add_argument("--time-budget", type=common.positive_float, default=None,
                         help="stop (and checkpoint) after this many seconds of training; rerun to go on")
     parser.add_argument("--eval-tokens", type=common.positive_int, default=1024,
-                        help="held-out positions scored after training")
+                        help="held-out positions scored after training (and for the curve of --eval-every)")
+    parser.add_argument("--train-windows", type=common.positive_int, default=None,
+                        help="distinct training windows, visited in epochs (default: --steps x --batch-size, "
+                             "each once)")
+    parser.add_argument("--shuffle", action="store_true", help="visit the windows in a fresh order each epoch")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                        help="cosine: linear warmup over --warmup-steps, then a decay to 0.1x at --steps")
+    parser.add_argument("--warmup-steps", type=common.non_negative_int, default=0)
+    parser.add_argument("--eval-every", type=common.non_negative_int, default=0,
+                        help="score the held-out text every this many steps: the curve in train.json and "
+                             "train.png (0: only after training)")
+    parser.add_argument("--features", type=Path, default=None,
+                        help="frozen backbone: cache the states the heads read here (memory-mapped; built on "
+                             "first use, completed if cut short) and train on them, so epochs cost the heads "
+                             "alone; a cache built with --whs serves heads without it too")
+    parser.add_argument("--features-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="of the cached states (bfloat16: half the disk)")
     parser.set_defaults(run=run, interrupted=interrupted)
 
 
@@ -56,6 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     Returns:
         The report written to --out/train.json.
     """
+    from mtp_ext.heads.features import cache_features
     from mtp_ext.heads.model import MTPHeadsModel, check_heads_dir
     from mtp_ext.heads.training import TrainingSettings, evaluate_heads, train_heads
     from mtp_ext.models import describe_weights
@@ -63,26 +80,43 @@ def run(args: argparse.Namespace) -> dict:
     common.set_threads(args)
     settings = TrainingSettings(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                                 whs_lr=args.whs_lr, backbone_lr=args.backbone_lr, ntp_weight=args.ntp_weight,
-                                checkpoint_every=args.checkpoint_every, targets=args.targets)
+                                checkpoint_every=args.checkpoint_every, targets=args.targets, shuffle=args.shuffle,
+                                lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+                                eval_every=args.eval_every)
     settings.check()
+    if args.features is not None and args.joint:
+        raise UserError("--features caches a frozen backbone's states; joint training (--joint) changes them "
+                        "every step")
     if args.init_from is not None:
         check_heads_dir(args.init_from, "--init-from")
     documents = common.read_documents(args.data)
     out = common.output_dir(args.out)
+    if args.features is not None:
+        common.output_dir(args.features)
     backbone, tokenizer = common.load_model_for(args)
-    windows, held_out, split = common.heads_data(args, documents, tokenizer, max(1, args.steps * args.batch_size),
-                                          args.eval_tokens)
+    training_windows = args.train_windows or max(1, args.steps * args.batch_size)
+    windows, held_out, split = common.heads_data(args, documents, tokenizer, training_windows, args.eval_tokens)
     if args.init_from is not None:
         heads = initial_heads(args, backbone)
     else:
         heads = MTPHeadsModel(backbone, args.heads, args.head_type, args.whs, freeze_backbone=not args.joint)
-    record = train_heads(heads, windows, settings, out, time_budget_s=args.time_budget)
+    training_data, curve_data = windows, held_out
+    if args.features is not None:
+        training_data = cache_features(heads, windows, args.features, args.features_dtype)
+        full_windows = [sequence for sequence in held_out if len(sequence) == args.seq_len]
+        if args.eval_every and full_windows:  # a cache holds windows of one length: the curve skips a short last one
+            curve_data = cache_features(heads, full_windows, args.features / "held-out", args.features_dtype)
+    record = train_heads(heads, training_data, settings, out, time_budget_s=args.time_budget,
+                         held_out=lambda model: evaluate_heads(model, curve_data, batch_size=1, progress=False))
     accuracies = evaluate_heads(heads, held_out, batch_size=1)
     report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
               "settings": vars(settings), "init_from": str(args.init_from) if args.init_from else None,
               "heads": heads.config_dict(), "training": record,
               "held_out": [vars(accuracy) for accuracy in accuracies]}
     atomic_write_text(out / "train.json", json.dumps(report, indent=2))
+    if len(record["curve"]) > 1:
+        plot_training(record, f"{args.model}, {'WHS' if args.whs else 'joint' if args.joint else 'frozen'} heads",
+                      out / "train.png")
     print(f"\ntrained to step {record['step']} ({record['tokens_seen']} tokens, {record['seconds']:.0f} s); "
           f"held-out ({split['by']} split):")
     print(common.heads_table({"heads": accuracies}))
@@ -106,3 +140,35 @@ def initial_heads(args: argparse.Namespace, backbone):
         raise UserError(f"--init-from {args.init_from} holds other heads: (heads, head type, WHS, frozen) = "
                         f"{saved}, the arguments ask for {asked}")
     return heads
+
+
+def plot_training(record: dict, title: str, path: Path) -> None:
+    """The training loss (a moving mean over 5% of the steps) and each step's held-out loss
+    against the tokens seen, as a PNG.
+
+    Args:
+        record: train_heads' record, with its "curve".
+        title: the figure's title.
+        path: the PNG written.
+    """
+    import numpy as np
+
+    plt = common.pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4))
+    losses = np.asarray(record["losses"], dtype=float)
+    tokens_per_step = record["tokens_seen"] / max(record["step"], 1)
+    if losses.size:
+        width = max(1, losses.size // 20)
+        smoothed = np.convolve(losses, np.ones(width) / width, mode="valid")
+        axis.plot((np.arange(smoothed.size) + width) * tokens_per_step, smoothed, color="0.6",
+                  label=f"training (mean of {width} steps)")
+    curve = record["curve"]
+    tokens = [point["tokens_seen"] for point in curve]
+    for row, first in enumerate(curve[0]["held_out"]):
+        axis.plot(tokens, [point["held_out"][row]["loss"] for point in curve], marker=".",
+                  label=f"held out, step {first['step']} ({first['positions']} positions)")
+    axis.set_xlabel("training tokens seen")
+    axis.set_ylabel("cross-entropy (nats)")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    common.save_figure(plt, figure, path)

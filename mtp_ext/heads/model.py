@@ -163,6 +163,52 @@ class MTPHeadsModel(nn.Module):
             raise ValueError("this model reads the final hidden state only (weighted_hidden_states=False)")
         return torch.softmax(self.layer_logits.float(), dim=-1)
 
+    @property
+    def num_read_states(self) -> int:
+        """S, the backbone states the heads read (states_for_heads): L + 1 with WHS, else 1."""
+        return self.backbone.config.num_hidden_layers + 1 if self.layer_logits is not None else 1
+
+    def states_for_heads(self, hidden_states: Sequence[Tensor], all_layers: bool | None = None) -> Tensor:
+        """What the heads read of the backbone's latest forward pass: the last layer's output
+        (before the final norm) and, with WHS, the embeddings and every earlier layer's output
+        before it. A frozen backbone's states can be cached (mtp_ext.heads.features).
+
+        Args:
+            hidden_states: the L + 1 states [B, T, H] (embeddings and every layer) of the
+                backbone's latest forward pass (output_hidden_states=True).
+            all_layers: every state (S = L + 1) or the last only (S = 1); None: what these
+                heads read.
+
+        Returns:
+            [S, B, T, H] (S = num_read_states unless all_layers says) of the backbone's dtype.
+        """
+        last = self._last_layer_output(hidden_states)
+        if not (self.layer_logits is not None if all_layers is None else all_layers):
+            return last[None]
+        return torch.stack(list(hidden_states[:-1]) + [last])
+
+    def heads_from_states(self, states: Tensor, which: Optional[Sequence[int]] = None) -> Tensor:
+        """Every head's output after the final norm, from the states the heads read.
+
+        Args:
+            states: [S, ..., H], what states_for_heads returns (or a cache of it).
+            which: only these heads, in this order; None: all.
+
+        Returns:
+            [N, ..., H] (N = len(which)) of the states' dtype.
+        """
+        if states.shape[0] != self.num_read_states:
+            raise ValueError(f"these heads read {self.num_read_states} backbone state(s) per position, "
+                             f"got {states.shape[0]}")
+        which = list(range(self.num_heads)) if which is None else list(which)
+        if self.layer_logits is None:
+            inputs = [states[0]] * len(which)
+        else:
+            weights = self.layer_weights()[which].to(states.dtype)
+            inputs = list(torch.einsum("nl,l...->n...", weights, states))
+        norm = self.final_norm
+        return torch.stack([norm(self.heads[head](state)) for head, state in zip(which, inputs)])
+
     def head_hidden(self, hidden_states: Sequence[Tensor], which: Optional[Sequence[int]] = None) -> Tensor:
         """Every head's output after the final norm, from the backbone's latest forward pass.
 
@@ -178,16 +224,7 @@ class MTPHeadsModel(nn.Module):
         Returns:
             [N, B, T, H] (N = len(which)) of the backbone's dtype.
         """
-        which = list(range(self.num_heads)) if which is None else list(which)
-        last = self._last_layer_output(hidden_states)
-        if self.layer_logits is None:
-            inputs = [last] * len(which)
-        else:
-            layers = torch.stack(list(hidden_states[:-1]) + [last])  # [L + 1, B, T, H]
-            weights = self.layer_weights()[which].to(last.dtype)
-            inputs = list(torch.einsum("nl,lbth->nbth", weights, layers))
-        norm = self.final_norm
-        return torch.stack([norm(self.heads[head](state)) for head, state in zip(which, inputs)])
+        return self.heads_from_states(self.states_for_heads(hidden_states), which)
 
     def _last_layer_output(self, hidden_states: Sequence[Tensor]) -> Tensor:
         expected = self.backbone.config.num_hidden_layers + 1

@@ -1,9 +1,12 @@
 """Training MTP heads (frozen backbone, weighted hidden states, or jointly with the backbone) and
 scoring them on held-out text.
 
-Training windows come from the training documents, in order, `batch_size` per step and cycling,
-so that the data position is a function of the step and a resumed run sees exactly the windows
-an uninterrupted one would. Checkpoints are written atomically every `checkpoint_every` steps, at
+Training windows come from the training documents, `batch_size` per step, cycling in epochs
+(in order, or shuffled anew each epoch from the epoch's number), so that the data position is a
+function of the step and a resumed run sees exactly the windows an uninterrupted one would. With
+a frozen backbone the windows can be a FeatureCache (mtp_ext.heads.features): the backbone's
+states computed once, so that each further epoch costs the heads alone. The learning rate is
+constant or follows a warmup and a cosine decay, a function of the step too. Checkpoints are written atomically every `checkpoint_every` steps, at
 the end and on Ctrl-C: the heads as safetensors (`MTPHeadsModel.save`) and `training_state.pt`
 (weights, optimizer, step, RNG, loss history) from which training resumes.
 
@@ -14,6 +17,7 @@ the last checkpoint stays the one to resume from.
 """
 from __future__ import annotations
 
+import math
 import pickle
 import signal
 import sys
@@ -21,7 +25,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -29,14 +33,24 @@ from tqdm.auto import tqdm
 
 from mtp_ext._checks import check_positive_int
 from mtp_ext._io import UserError, atomic_write, unreadable
+from mtp_ext.heads.features import FeatureCache
 from mtp_ext.heads.model import MTPHeadsModel, check_finite_lse
 from mtp_ext.ops import multihead_cross_entropy, multihead_unembed_topk
 
 __all__ = ["HeadAccuracy", "IGNORE_INDEX", "TrainingSettings", "build_optimizer", "evaluate_heads", "greedy_sequence",
-           "head_targets", "heads_loss", "split_documents", "train_heads"]
+           "head_targets", "heads_loss", "heads_loss_from_states", "learning_rate_factor", "split_documents",
+           "train_heads", "window_rows"]
 
 IGNORE_INDEX = -100  # the target of positions that are not scored
 TARGETS = ("text", "model")
+LR_SCHEDULES = ("constant", "cosine")
+# The cosine decay ends at this share of the learning rate, not at 0: the last steps still learn.
+FINAL_LR_SHARE = 0.1
+# Settings a resumed run must share with the checkpoint (the data and the step's meaning), with
+# the value a checkpoint written before the setting existed had.
+RESUME_KEYS = {"seq_len": None, "batch_size": None, "targets": "text", "shuffle": False}
+# Training windows: token id lists, or their states cached on disk.
+TrainingData = Union[Sequence[Sequence[int]], FeatureCache]
 STATE_FILE = "training_state.pt"
 STATE_KEYS = ("record", "settings", "config", "model", "optimizer", "rng")
 
@@ -56,6 +70,12 @@ class TrainingSettings:
         checkpoint_every: steps between checkpoints.
         targets: what the heads learn to predict: the text ("text"), or the backbone's own
             greedy choices ("model", self-distillation).
+        shuffle: each epoch visits the windows in a fresh order (seeded by the epoch).
+        lr_schedule: "constant", or "cosine": linear warmup over warmup_steps, then a cosine
+            decay to FINAL_LR_SHARE of each learning rate at step `steps`.
+        warmup_steps: see lr_schedule.
+        eval_every: score the held-out text every this many steps (and at the first and last
+            step), recorded as the training record's "curve"; 0: never.
     """
 
     steps: int
@@ -69,6 +89,10 @@ class TrainingSettings:
     # Heads that draft for speculative decoding are right when they agree with the model,
     # whatever the text says: hence "model".
     targets: str = "text"
+    shuffle: bool = False
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    eval_every: int = 0
 
     def check(self) -> None:
         """Raises a ValueError for a setting out of range."""
@@ -78,6 +102,10 @@ class TrainingSettings:
             check_positive_int(getattr(self, name), name)
         if self.seq_len < 3:
             raise ValueError(f"seq_len must be >= 3 (a head predicts at least two tokens ahead), got {self.seq_len}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0 or self.eval_every < 0:
+            raise ValueError("warmup_steps and eval_every must be >= 0")
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
         if not (self.lr > 0 and self.whs_lr > 0 and self.backbone_lr > 0 and self.ntp_weight >= 0):
@@ -162,6 +190,29 @@ def heads_loss(model: MTPHeadsModel, input_ids: Tensor, ntp_weight: float = 1.0,
         A scalar float32 tensor (float64 for a float64 model), differentiable.
     """
     final, heads = model(input_ids)
+    return _heads_cross_entropy(model, final, heads, input_ids, ntp_weight, targets)
+
+
+def heads_loss_from_states(model: MTPHeadsModel, states: Tensor, input_ids: Tensor, targets: str = "text") -> Tensor:
+    """heads_loss of a frozen backbone, from the states its heads read (a FeatureCache's).
+
+    Args:
+        model: the heads, on a frozen backbone.
+        states: [S, B, T, H], as model.states_for_heads gives (S = model.num_read_states).
+        input_ids: [B, T] int64, the windows the states belong to.
+        targets: "text" or "model" (the greedy choices from the final norm of the last state).
+
+    Returns:
+        A scalar tensor, differentiable in the heads (and WHS weights).
+    """
+    if not model.freeze_backbone:
+        raise ValueError("cached states serve a frozen backbone only")
+    final = model.final_norm(states[-1]) if targets == "model" else None
+    return _heads_cross_entropy(model, final, model.heads_from_states(states), input_ids, 1.0, targets)
+
+
+def _heads_cross_entropy(model: MTPHeadsModel, final: Tensor | None, heads: Tensor, input_ids: Tensor,
+                         ntp_weight: float, targets: str) -> Tensor:
     steps, head_weights = model.steps, [1.0 / model.num_heads] * model.num_heads
     head_sequence = greedy_sequence(model, final, input_ids) if targets == "model" else input_ids
     step_targets = head_targets(head_sequence, steps)
@@ -184,77 +235,158 @@ def build_optimizer(model: MTPHeadsModel, settings: TrainingSettings) -> torch.o
     Returns:
         The optimizer, one parameter group each.
     """
-    groups = [{"params": list(model.heads.parameters()), "lr": settings.lr}]
-    if model.layer_logits is not None:
-        groups.append({"params": [model.layer_logits], "lr": settings.whs_lr})
-    if not model.freeze_backbone:
-        groups.append({"params": list(model.backbone.parameters()), "lr": settings.backbone_lr})
+    parameters = ([list(model.heads.parameters())] + ([[model.layer_logits]] if model.layer_logits is not None else [])
+                  + ([list(model.backbone.parameters())] if not model.freeze_backbone else []))
+    # base_lr: what the schedule scales
+    groups = [{"params": group, "lr": lr, "base_lr": lr}
+              for group, lr in zip(parameters, _base_learning_rates(settings, model))]
     return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
-def _batch_for_step(windows: Sequence[Sequence[int]], step: int, batch_size: int, device) -> Tensor:
-    first = step * batch_size
-    rows = [windows[(first + index) % len(windows)] for index in range(batch_size)]
-    return torch.tensor(rows, device=device)
+def window_rows(step: int, batch_size: int, count: int, shuffle: bool) -> list[int]:
+    """The windows of a step: positions step * batch_size onwards of the sequence of epochs,
+    each epoch all `count` windows, in order or (shuffle) in the order torch.randperm draws
+    from a generator seeded with the epoch's number.
+
+    Args:
+        step: the optimizer step (>= 0).
+        batch_size: windows per step.
+        count: windows in an epoch.
+        shuffle: whether each epoch has its own order.
+
+    Returns:
+        batch_size window indices in [0, count).
+    """
+    rows, orders = [], {}
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, index = divmod(position, count)
+        if shuffle and epoch not in orders:
+            orders[epoch] = torch.randperm(count, generator=torch.Generator().manual_seed(epoch)).tolist()
+        rows.append(orders[epoch][index] if shuffle else index)
+    return rows
 
 
-def _training_step(model: MTPHeadsModel, optimizer: torch.optim.Optimizer, input_ids: Tensor,
+def learning_rate_factor(step: int, settings: TrainingSettings) -> float:
+    """The share of each group's learning rate at `step` (0-based) under settings.lr_schedule."""
+    if settings.lr_schedule == "constant":
+        return 1.0
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    progress = min(1.0, (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps))
+    return FINAL_LR_SHARE + (1 - FINAL_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _step_loss(model: MTPHeadsModel, data: TrainingData, step: int, settings: TrainingSettings) -> Tensor:
+    count = len(data)
+    rows = window_rows(step, settings.batch_size, count, settings.shuffle)
+    device = model.unembed_weight.device
+    if isinstance(data, FeatureCache):
+        states, input_ids = data.read(rows, model.num_read_states, model.unembed_weight.dtype)
+        return heads_loss_from_states(model, states.to(device), input_ids.to(device), settings.targets)
+    input_ids = torch.tensor([data[row] for row in rows], device=device)
+    return heads_loss(model, input_ids, settings.ntp_weight, settings.targets)
+
+
+def _training_step(model: MTPHeadsModel, optimizer: torch.optim.Optimizer, data: TrainingData, step: int,
                    settings: TrainingSettings) -> float:
+    factor = learning_rate_factor(step, settings)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
     optimizer.zero_grad(set_to_none=True)
-    loss = heads_loss(model, input_ids, settings.ntp_weight, settings.targets)
+    loss = _step_loss(model, data, step, settings)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
 
 
-def train_heads(model: MTPHeadsModel, windows: Sequence[Sequence[int]], settings: TrainingSettings, out: Path,
-                progress: bool = True, time_budget_s: float | None = None) -> dict:
+def train_heads(model: MTPHeadsModel, windows: TrainingData, settings: TrainingSettings, out: Path,
+                progress: bool = True, time_budget_s: float | None = None,
+                held_out: Callable[[MTPHeadsModel], list["HeadAccuracy"]] | None = None) -> dict:
     """Trains `model` up to settings.steps steps, resuming from the checkpoint in `out` if there
     is one.
 
     Args:
         model: the heads and their backbone.
-        windows: token id lists of exactly settings.seq_len tokens.
+        windows: token id lists of exactly settings.seq_len tokens, or a complete FeatureCache
+            of such windows (frozen backbone only).
         settings: TrainingSettings.
         out: the checkpoint directory.
         progress: show a progress bar.
         time_budget_s: start no step once this run has taken that many seconds (and
             checkpoint); None: no limit.
+        held_out: the held-out scores of the model as it is (e.g. evaluate_heads on held-out
+            text), taken every settings.eval_every steps; None: no curve.
 
     Returns:
         The training record: step, losses (per step), seconds (wall time of all runs),
-        tokens_seen.
+        tokens_seen, epochs (windows seen / distinct windows), and with held_out the "curve":
+        [{"step", "tokens_seen", "held_out": [HeadAccuracy as a dict per step]}].
     """
     settings.check()
-    if not windows or any(len(window) != settings.seq_len for window in windows):
-        raise ValueError(f"training needs windows of exactly {settings.seq_len} tokens")
+    _check_training_data(model, windows, settings)
     out = Path(out)
     optimizer = build_optimizer(model, settings)
     record = _resume(model, optimizer, settings, out)
     model.backbone.eval()  # no dropout: a resumed run repeats an uninterrupted one exactly
-    device = model.unembed_weight.device
     started = time.perf_counter()
     step = first_step = record["step"]
+    curve = _Curve(held_out, settings, record)
     update = _UpdateWatch(optimizer)
     with tqdm(total=settings.steps, initial=step, desc="train heads", unit="step", disable=not progress) as bar, \
             _HeldSignals() as held:
         try:
+            curve.point(model, step, final=step >= settings.steps)
             while (step < settings.steps and held.received is None
                    and not (time_budget_s and time.perf_counter() - started > time_budget_s)):
-                batch = _batch_for_step(windows, step, settings.batch_size, device)
-                record["losses"].append(_training_step(model, optimizer, batch, settings))
+                record["losses"].append(_training_step(model, optimizer, windows, step, settings))
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['losses'][-1]:.3f}")
+                curve.point(model, step, final=step == settings.steps)
                 if step % settings.checkpoint_every == 0 and step < settings.steps:
-                    _save_checkpoint(model, optimizer, settings, out, record, step, started)
+                    _save_checkpoint(model, optimizer, settings, out, record, step, started, len(windows))
         finally:  # also on Ctrl-C: no finished step is lost, and no half-applied one is saved
             update.remove()
             if not update.torn and (step > first_step or not (out / STATE_FILE).is_file()):
-                _save_checkpoint(model, optimizer, settings, out, record, step, started)
+                _save_checkpoint(model, optimizer, settings, out, record, step, started, len(windows))
     held.deliver()
     return record
 
+
+def _check_training_data(model: MTPHeadsModel, windows: TrainingData, settings: TrainingSettings) -> None:
+    if isinstance(windows, FeatureCache):
+        if not windows.complete:
+            raise ValueError(f"the feature cache {windows.directory} is not complete")
+        if windows.tokens.shape[1] != settings.seq_len:
+            raise ValueError(f"the feature cache holds windows of {windows.tokens.shape[1]} tokens, "
+                             f"not seq_len={settings.seq_len}")
+        if not model.freeze_backbone:
+            raise ValueError("cached features serve a frozen backbone only")
+    elif not windows or any(len(window) != settings.seq_len for window in windows):
+        raise ValueError(f"training needs windows of exactly {settings.seq_len} tokens")
+
+
+class _Curve:
+    """The held-out curve of a training record: a point at the first step of a run when the
+    record has none for it, every eval_every steps and at the last step."""
+
+    def __init__(self, held_out, settings: TrainingSettings, record: dict):
+        self.held_out, self.settings = held_out, settings
+        self.points = record.setdefault("curve", [])
+
+    def point(self, model: MTPHeadsModel, step: int, final: bool) -> None:
+        every = self.settings.eval_every
+        if self.held_out is None or not every or any(point["step"] == step for point in self.points):
+            return
+        if step % every and not final and self.points:
+            return
+        was_training = model.training
+        model.eval()
+        scores = self.held_out(model)
+        model.train(was_training)
+        model.backbone.eval()
+        self.points.append({"step": step, "tokens_seen": step * self.settings.batch_size * self.settings.seq_len,
+                            "held_out": [asdict(score) for score in scores]})
 
 class _UpdateWatch:
     """Whether an optimizer.step() began and did not finish (`torn`): its update may be partly
@@ -311,8 +443,10 @@ class _HeldSignals:
             signal.raise_signal(number)
 
 
-def _save_checkpoint(model, optimizer, settings, out: Path, record: dict, step: int, started: float) -> None:
-    record.update(step=step, tokens_seen=step * settings.batch_size * settings.seq_len)
+def _save_checkpoint(model, optimizer, settings, out: Path, record: dict, step: int, started: float,
+                     distinct_windows: int) -> None:
+    record.update(step=step, tokens_seen=step * settings.batch_size * settings.seq_len,
+                  distinct_windows=distinct_windows, epochs=step * settings.batch_size / distinct_windows)
     record["seconds"] = record.get("seconds_before", 0.0) + time.perf_counter() - started
     model.save(out)
     state = {"record": record, "settings": asdict(settings), "config": model.config_dict(),
@@ -338,17 +472,24 @@ def _resume(model: MTPHeadsModel, optimizer, settings: TrainingSettings, out: Pa
     if saved != current:
         raise ValueError(f"{out} holds a checkpoint of other heads or another model: {saved} (checkpoint) "
                          f"vs {current} (now); use another --out")
-    for key in ("seq_len", "batch_size", "targets"):
-        saved_value = state["settings"].get(key, "text")  # checkpoints before `targets` learnt the text
+    for key, default in RESUME_KEYS.items():
+        saved_value = state["settings"].get(key, default)
         if saved_value != getattr(settings, key):
             raise ValueError(f"{out} was trained with {key}={saved_value}, not "
                              f"{getattr(settings, key)}: resuming must keep the data the same")
     model.load_state_dict(state["model"], strict=not model.freeze_backbone)
     optimizer.load_state_dict(state["optimizer"])
+    for group, base_lr in zip(optimizer.param_groups, _base_learning_rates(settings, model)):
+        group.setdefault("base_lr", base_lr)  # checkpoints from before the schedule
     torch.set_rng_state(state["rng"])
     record = state["record"]
     record["seconds_before"] = record["seconds"]
     return record
+
+
+def _base_learning_rates(settings: TrainingSettings, model: MTPHeadsModel) -> list[float]:
+    return ([settings.lr] + ([settings.whs_lr] if model.layer_logits is not None else [])
+            + ([settings.backbone_lr] if not model.freeze_backbone else []))
 
 
 @dataclass
@@ -369,7 +510,7 @@ class HeadAccuracy:
 
 
 @torch.no_grad()
-def evaluate_heads(model: MTPHeadsModel, sequences: Sequence[Sequence[int]], top_k: Sequence[int] = (1, 5),
+def evaluate_heads(model: MTPHeadsModel, sequences: TrainingData, top_k: Sequence[int] = (1, 5),
                    batch_size: int = 4, progress: bool = True) -> list[HeadAccuracy]:
     """Teacher-forced top-k accuracy and cross-entropy of every head, and of the backbone's own
     next-token prediction (step 1, first), on `sequences` (equal lengths within a batch).
@@ -378,7 +519,8 @@ def evaluate_heads(model: MTPHeadsModel, sequences: Sequence[Sequence[int]], top
 
     Args:
         model: the heads and their backbone.
-        sequences: token id lists.
+        sequences: token id lists, or a complete FeatureCache of them (frozen backbone; its
+            step 1 is the final norm of the cached last state).
         top_k: the k whose accuracy is counted.
         batch_size: sequences per forward pass.
         progress: show a progress bar.
@@ -395,8 +537,8 @@ def evaluate_heads(model: MTPHeadsModel, sequences: Sequence[Sequence[int]], top
     device = model.unembed_weight.device
     for first in tqdm(range(0, len(sequences), batch_size), desc="evaluate heads", unit="batch",
                       disable=not progress):
-        input_ids = torch.tensor(list(sequences[first:first + batch_size]), device=device)
-        final, heads = model(input_ids)
+        final, heads, input_ids = _evaluated_states(model, sequences, range(first, min(first + batch_size,
+                                                                                     len(sequences))))
         hidden = torch.cat([final[None], heads]).flatten(1, 2)  # [S, B * T, H]
         targets = head_targets(input_ids, steps).flatten(1)
         _, ids, lse = multihead_unembed_topk(hidden, model.unembed_weight, max(top_k))
@@ -412,3 +554,16 @@ def evaluate_heads(model: MTPHeadsModel, sequences: Sequence[Sequence[int]], top
     return [HeadAccuracy(step, int(count), {f"top{k}": int(hits[row, index]) / max(int(count), 1)
                                             for index, k in enumerate(top_k)}, float(losses[row] / max(int(count), 1)))
             for row, (step, count) in enumerate(zip(steps, positions))]
+
+
+def _evaluated_states(model: MTPHeadsModel, sequences: TrainingData, rows: range) -> tuple[Tensor, Tensor, Tensor]:
+    """(final-normed states [B, T, H], head states [N, B, T, H], token ids [B, T]) of some
+    sequences, live or from a cache."""
+    device = model.unembed_weight.device
+    if isinstance(sequences, FeatureCache):
+        states, input_ids = sequences.read(rows, model.num_read_states, model.unembed_weight.dtype)
+        states, input_ids = states.to(device), input_ids.to(device)
+        return model.final_norm(states[-1]), model.heads_from_states(states), input_ids
+    input_ids = torch.tensor([list(sequences[row]) for row in rows], device=device)
+    final, heads = model(input_ids)
+    return final, heads, input_ids
