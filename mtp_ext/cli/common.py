@@ -157,11 +157,13 @@ def heads_data(args: argparse.Namespace, documents: list[str], tokenizer, traini
     return windows, held_out, split
 
 
-def heads_table(results: dict, marginal_steps: list[dict] | None = None) -> str:
+def heads_table(results: dict, marginal_steps: list[dict] | None = None, intervals: dict | None = None) -> str:
     """Markdown: one line per step, top-1 / top-5 of marginalisation (with the top-5 bounds) and
-    of each set of heads."""
+    of each set of heads, each top-5 followed by its interval [low-high] where one is given
+    (a marginal step's "interval", or intervals[name][row]["top5"])."""
     names = list(results)
     marginal_steps = marginal_steps or []
+    intervals = intervals or {}
     head = "| step | positions |" + (" marginalisation top-1 / top-5 (bounds) |" if marginal_steps else "")
     lines = [head + "".join(f" {name} top-1 / top-5 |" for name in names),
              "|" + "---|" * (2 + bool(marginal_steps) + len(names))]
@@ -170,13 +172,19 @@ def heads_table(results: dict, marginal_steps: list[dict] | None = None) -> str:
         if marginal_steps:
             step = marginal_steps[row] if row < len(marginal_steps) else None
             cells.append("-" if step is None else
-                         f"{step['accuracy']['top1']:.3f} / {step['accuracy']['top5']:.3f} "
+                         f"{step['accuracy']['top1']:.3f} / {step['accuracy']['top5']:.3f}"
+                         f"{_interval_text(step.get('interval'))} "
                          f"({step['accuracy_lower']['top5']:.3f}-{step['accuracy_upper']['top5']:.3f})")
         for name in names:
             values = results[name][row].accuracy
-            cells.append(f"{values['top1']:.3f} / {values['top5']:.3f}")
+            interval = intervals[name][row] if name in intervals else None
+            cells.append(f"{values['top1']:.3f} / {values['top5']:.3f}{_interval_text(interval)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _interval_text(interval: dict | None) -> str:
+    return "" if interval is None else f" [{interval['top5'][0]:.3f}-{interval['top5'][1]:.3f}]"
 
 
 # ----------------------------------------------------------------------------- outputs
