@@ -242,3 +242,93 @@ def test_cli_trains_on_cached_features_with_a_curve_and_a_plot(tmp_path, tiny_ch
     assert main(["train-heads", *common, "--joint", "--steps", "1", "--features", str(features),
                  "--out", str(tmp_path / "joint")]) == 2
     assert "joint training (--joint) changes them" in capsys.readouterr().err
+
+
+def test_eval_heads_goes_on_from_the_sequences_it_scored_and_gives_intervals(tmp_path, tiny_checkpoint, capsys,
+                                                                           monkeypatch):
+    from mtp_ext.cli import eval_heads
+    from mtp_ext.evaluate import evaluate_mtp
+    from mtp_ext.models import load_model
+
+    model, text = tiny_checkpoint
+    common = ["--model", str(model), "--data", str(text), "--seq-len", "16"]
+    heads = tmp_path / "heads"
+    assert main(["train-heads", *common, "--heads", "2", "--whs", "--steps", "2", "--out", str(heads)]) == 0
+    evaluation = [*common, "--heads-dir", str(heads), "--tokens", "60", "--max-candidates", "4", "--max-nodes", "8"]
+    straight = tmp_path / "straight.json"
+    assert main(["eval-heads", *evaluation, "--json", str(straight), "--plot", str(tmp_path / "fig5.png")]) == 0
+    report = json.loads(straight.read_text())
+    assert report["sequences"] == 4 and not (tmp_path / "straight.json.parts.jsonl").exists()
+    assert (tmp_path / "fig5.png").stat().st_size > 1000 and (tmp_path / "fig5-whs-heads.png").stat().st_size > 1000
+
+    # merged per-sequence counts equal one evaluation of every sequence at once
+    from mtp_ext import data as corpora
+    from mtp_ext.heads.training import split_documents
+    backbone, tokenizer = load_model(str(model))
+    _, held_documents, _ = split_documents([text.read_text()])
+    held_out = corpora.token_sequences(tokenizer, held_documents, 16, max_tokens=60)
+    whole = evaluate_mtp(backbone, held_out, steps=3, max_candidates=4, max_nodes=8, batch_size=1, progress=False)
+    for merged, want in zip(report["marginalisation"]["steps"], whole.steps):
+        assert merged["positions"] == want["positions"]
+        for field in ("accuracy", "accuracy_lower", "accuracy_upper", "certain_topk_share"):
+            assert merged[field] == pytest.approx(want[field], abs=1e-12)
+        assert merged["captured_mass"] == pytest.approx(want["captured_mass"], rel=1e-6)
+        for k in ("top1", "top5"):
+            low, high = merged["interval"][k]
+            assert low <= merged["accuracy"][k] <= high
+    whole_heads = evaluate_heads(load_heads_for(heads, model), held_out, progress=False)
+    for merged, want in zip(report["heads"][str(heads)]["steps"], whole_heads):
+        assert merged["positions"] == want.positions and merged["accuracy"] == pytest.approx(want.accuracy)
+        assert merged["loss"] == pytest.approx(want.loss, rel=1e-5)
+        assert merged["interval"]["top5"][0] <= merged["accuracy"]["top5"] <= merged["interval"]["top5"][1]
+    assert "[" in capsys.readouterr().out  # the table shows the intervals
+
+    # stopped after two sequences (the second one's line cut short), then run again
+    resumed = tmp_path / "resumed.json"
+    real_score, scored = eval_heads._score_sequence, []
+
+    def stop_at_the_third(*args):
+        if len(scored) == 2:
+            with open(tmp_path / "resumed.json.parts.jsonl", "a") as file:
+                file.write('{"key": ')  # a line cut short
+            raise KeyboardInterrupt
+        scored.append(1)
+        return real_score(*args)
+
+    monkeypatch.setattr(eval_heads, "_score_sequence", stop_at_the_third)
+    assert main(["eval-heads", *evaluation, "--json", str(resumed)]) == 130
+    assert "the same command goes on from them" in capsys.readouterr().err
+    monkeypatch.setattr(eval_heads, "_score_sequence", counting(real_score, calls := []))
+    assert main(["eval-heads", *evaluation, "--json", str(resumed)]) == 0
+    assert len(calls) == 2  # sequences 3 and 4 only
+    again = json.loads(resumed.read_text())
+    assert again["marginalisation"]["steps"] == report["marginalisation"]["steps"]
+    assert again["heads"] == report["heads"]
+
+    # a parts file of other arguments is refused, not merged
+    (tmp_path / "other.json.parts.jsonl").write_text(json.dumps({"key": {"model": "x"}, "sequence": 0,
+                                                                 "scores": {}}) + "\n")
+    assert main(["eval-heads", *evaluation, "--json", str(tmp_path / "other.json")]) == 2
+    assert "partial results of another evaluation" in capsys.readouterr().err
+
+
+def load_heads_for(directory, model_path):
+    from mtp_ext.heads import load_heads
+    from mtp_ext.models import load_model
+
+    return load_heads(directory, load_model(str(model_path))[0])
+
+
+def test_the_bootstrap_interval_widens_with_the_spread_between_sequences():
+    from mtp_ext._stats import bootstrap_share_interval
+
+    even = bootstrap_share_interval([5] * 20, [10] * 20)
+    assert even == pytest.approx((0.5, 0.5))  # every sequence at 0.5: no spread to tell
+    spread = bootstrap_share_interval([0, 10] * 10, [10] * 20)
+    assert spread[0] < 0.5 < spread[1] and spread[1] - spread[0] > 0.2
+    assert bootstrap_share_interval([0, 10] * 10, [10] * 20) == spread  # seeded: reproducible
+    assert bootstrap_share_interval([3], [4]) == (0.75, 0.75)
+    with pytest.raises(ValueError, match="one non-zero length"):
+        bootstrap_share_interval([], [])
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_share_interval([1, 2], [3, 3], level=1.0)
