@@ -19,7 +19,8 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(NAME, help="train MTP heads on a frozen or jointly trained backbone")
     common.add_heads_data_arguments(parser)
     parser.add_argument("--heads", type=int, default=3, help="number of heads (head j predicts x_{t+j+2})")
-    parser.add_argument("--head-type", choices=["resblock", "block"], default="resblock")
+    parser.add_argument("--head-type", choices=["resblock", "block", "medusa"], default="resblock",
+                        help="medusa: vLLM's Medusa layout (mtp-ext export-heads --format vllm-medusa)")
     parser.add_argument("--whs", action="store_true", help="weighted hidden states: each head mixes every layer")
     parser.add_argument("--joint", action="store_true", help="train the backbone too (loss adds the NTP loss)")
     parser.add_argument("--steps", type=common.non_negative_int, required=True,

@@ -3,7 +3,9 @@
 N independent heads read the backbone's final hidden state (before its final norm), or, with
 weighted hidden states (WHS), each its own softmax-normalised learned mix of every layer's
 hidden state; each head's output goes through the backbone's final norm and the shared
-unembedding. Head j (0-based) predicts x_{t+j+2}: the backbone itself predicts x_{t+1}, so
+unembedding. "medusa" heads are laid out as vLLM serves Medusa heads (mtp_ext.integrations.vllm):
+the same residual block, applied to the final-normed state, whose output the unembedding reads
+directly. Head j (0-based) predicts x_{t+j+2}: the backbone itself predicts x_{t+1}, so
 three heads give steps 2, 3 and 4 (`MTPHeadsModel.steps`).
 
 Hugging Face's `hidden_states` tuple ends with the final-normed state, not the last layer's
@@ -28,7 +30,7 @@ from mtp_ext.models.introspection import decoder_layers, final_norm, model_finge
 
 __all__ = ["HEAD_TYPES", "MTPHeadsModel", "check_finite_lse", "check_heads_dir", "load_heads"]
 
-HEAD_TYPES = ("resblock", "block")
+HEAD_TYPES = ("resblock", "block", "medusa")
 CONFIG_FILE = "heads_config.json"
 HEADS_FILE = "heads.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
@@ -97,10 +99,13 @@ class MTPHeadsModel(nn.Module):
     Args:
         backbone: a supported Hugging Face causal LM (no final logit soft-capping).
         num_heads: N; head j (0-based) predicts x_{t+j+2}.
-        head_type: "resblock" (Medusa's x + SiLU(Linear(x)), zero-initialised) or "block" (a
-            copy of the backbone's last decoder layer, run over whole sequences without a cache).
+        head_type: "resblock" (Medusa's x + SiLU(Linear(x)), zero-initialised, then the final
+            norm), "block" (a copy of the backbone's last decoder layer, run over whole
+            sequences without a cache, then the final norm) or "medusa" (the resblock on the
+            final-normed state, no norm after: vLLM's Medusa layout, exportable to it).
         weighted_hidden_states: each head reads its own softmax-normalised mix of the
-            embeddings and every layer's output instead of the last layer's output.
+            embeddings and every layer's output instead of the last layer's output (not with
+            "medusa": vLLM's heads read the final state only).
         freeze_backbone: False for joint training (backbone and unembedding get gradients).
     """
 
@@ -113,6 +118,9 @@ class MTPHeadsModel(nn.Module):
             raise ValueError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {head_type!r}")
         if getattr(backbone.config, "final_logit_softcapping", None):
             raise ValueError("backbones with final logit soft-capping are not supported by the MTP heads")
+        if head_type == "medusa" and weighted_hidden_states:
+            raise ValueError("medusa heads read the final hidden state only, as vLLM's Medusa does: "
+                             "weighted hidden states do not apply to them")
         self.backbone = backbone
         self.num_heads = num_heads
         self.head_type = head_type
@@ -121,7 +129,7 @@ class MTPHeadsModel(nn.Module):
         self.source: str | None = None  # the checkpoint directory the heads were loaded from, for messages
         hidden_size = self.unembed_weight.shape[1]
         self.heads = nn.ModuleList(
-            ResBlockHead(hidden_size) if head_type == "resblock" else DecoderBlockHead(backbone)
+            DecoderBlockHead(backbone) if head_type == "block" else ResBlockHead(hidden_size)
             for _ in range(num_heads)
         )
         self.heads.to(device=self.unembed_weight.device, dtype=self.unembed_weight.dtype)
@@ -188,7 +196,8 @@ class MTPHeadsModel(nn.Module):
         return torch.stack(list(hidden_states[:-1]) + [last])
 
     def heads_from_states(self, states: Tensor, which: Optional[Sequence[int]] = None) -> Tensor:
-        """Every head's output after the final norm, from the states the heads read.
+        """Every head's state that the unembedding reads (after the final norm; "medusa" heads
+        norm first), from the states the heads read.
 
         Args:
             states: [S, ..., H], what states_for_heads returns (or a cache of it).
@@ -201,16 +210,19 @@ class MTPHeadsModel(nn.Module):
             raise ValueError(f"these heads read {self.num_read_states} backbone state(s) per position, "
                              f"got {states.shape[0]}")
         which = list(range(self.num_heads)) if which is None else list(which)
+        norm = self.final_norm
+        if self.head_type == "medusa":
+            normed = norm(states[0])
+            return torch.stack([self.heads[head](normed) for head in which])
         if self.layer_logits is None:
             inputs = [states[0]] * len(which)
         else:
             weights = self.layer_weights()[which].to(states.dtype)
             inputs = list(torch.einsum("nl,l...->n...", weights, states))
-        norm = self.final_norm
         return torch.stack([norm(self.heads[head](state)) for head, state in zip(which, inputs)])
 
     def head_hidden(self, hidden_states: Sequence[Tensor], which: Optional[Sequence[int]] = None) -> Tensor:
-        """Every head's output after the final norm, from the backbone's latest forward pass.
+        """Every head's state that the unembedding reads, from the backbone's latest forward pass.
 
         Feeding element j through the unembedding gives head j's logits for x_{t+j+2}. "block"
         heads attend over the tokens of this pass only, so they need a pass over whole
