@@ -462,3 +462,41 @@ def test_cli_ctrl_c_says_how_to_resume(tmp_path, tiny_checkpoint, capsys, monkey
     assert main(["train-heads", "--model", str(model), "--data", str(text), "--seq-len", "16", "--steps", "1",
                  "--out", str(out)]) == 130
     assert f"the checkpoint in {out} resumes on a rerun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_medusa_heads_read_the_final_normed_state_and_feed_the_unembedding(architecture):
+    """vLLM's Medusa layout: the block on the post-norm state, no norm after; untrained, a head
+    gives the backbone's own logits."""
+    backbone = tiny_model(architecture, VOCAB)
+    model = MTPHeadsModel(backbone, num_heads=3, head_type="medusa")
+    outputs = backbone(random_ids(2, LENGTH, seed=12), output_hidden_states=True)
+    for head in model.head_hidden(outputs.hidden_states):
+        torch.testing.assert_close(head @ model.unembed_weight.T, outputs.logits)
+    perturb(model)
+    outputs = backbone(random_ids(2, LENGTH, seed=13), output_hidden_states=True)
+    heads = model.head_hidden(outputs.hidden_states)
+    post_norm = outputs.hidden_states[-1]
+    for index, block in enumerate(model.heads):
+        expected = post_norm + torch.nn.functional.silu(block.linear(post_norm))
+        torch.testing.assert_close(heads[index], expected)
+    torch.testing.assert_close(model.head_hidden(outputs.hidden_states, which=[2, 0]), heads[[2, 0]])
+    with pytest.raises(ValueError, match="final hidden state only"):
+        MTPHeadsModel(backbone, head_type="medusa", weighted_hidden_states=True)
+
+
+@pytest.mark.parametrize("targets", ["text", "model"])
+def test_medusa_heads_train_alike_on_cached_states(targets):
+    """The cached-features path (states before the final norm) gives the live loss."""
+    from mtp_ext.heads.training import heads_loss_from_states
+
+    backbone = tiny_model("llama", VOCAB)
+    model = MTPHeadsModel(backbone, num_heads=2, head_type="medusa")
+    perturb(model)
+    input_ids = random_ids(2, LENGTH, seed=14)
+    live = heads_loss(model, input_ids, targets=targets)
+    outputs = backbone.base_model(input_ids=input_ids, output_hidden_states=True)
+    cached = heads_loss_from_states(model, model.states_for_heads(outputs.hidden_states), input_ids, targets)
+    torch.testing.assert_close(cached, live)
+    cached.backward()
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in model.heads.parameters())

@@ -285,9 +285,10 @@ def random_token_head(model) -> TokenHead:
     return head
 
 
-def random_heads(model, num_heads: int = 3, weighted_hidden_states: bool = False):
+def random_heads(model, num_heads: int = 3, weighted_hidden_states: bool = False, head_type: str = "resblock"):
     """MTPHeadsModel with random (not zero) head weights, so that each head drafts differently."""
-    heads = mtp_ext.MTPHeadsModel(model, num_heads=num_heads, weighted_hidden_states=weighted_hidden_states)
+    heads = mtp_ext.MTPHeadsModel(model, num_heads=num_heads, head_type=head_type,
+                                  weighted_hidden_states=weighted_hidden_states)
     torch.manual_seed(11)
     with torch.no_grad():
         for parameter in heads.heads.parameters():
@@ -295,12 +296,14 @@ def random_heads(model, num_heads: int = 3, weighted_hidden_states: bool = False
     return heads
 
 
-@pytest.mark.parametrize("architecture,whs", [("llama", False), ("gemma3", True), ("gpt2", True)])
-def test_heads_drafter_is_lossless(architecture, whs):
+@pytest.mark.parametrize("architecture,whs,head_type", [("llama", False, "resblock"), ("gemma3", True, "resblock"),
+                                                        ("gpt2", True, "resblock"), ("gemma3", False, "medusa")])
+def test_heads_drafter_is_lossless(architecture, whs, head_type):
     model = tiny_model(architecture, VOCAB, seed=8).double()
     input_ids, mask = padded_batch(PROMPTS)
     expected = greedy_reference(model, input_ids, mask, 16)
-    drafter = HeadsDrafter(random_heads(model, weighted_hidden_states=whs), branching=(3, 2), max_nodes=7)
+    drafter = HeadsDrafter(random_heads(model, weighted_hidden_states=whs, head_type=head_type), branching=(3, 2),
+                           max_nodes=7)
     got = speculative_generate(model, input_ids, mask, drafter=drafter, max_new_tokens=16, pad_token_id=0)
     assert torch.equal(got.sequences, expected)
     assert got.stats.drafted_nodes > 0
@@ -314,12 +317,13 @@ class HeadsDrafterWithoutChooser(HeadsDrafter):
         return None
 
 
-@pytest.mark.parametrize("architecture,whs", [("llama", False), ("gpt2", True)])
-def test_heads_chooser_matches_the_separate_passes(architecture, whs):
+@pytest.mark.parametrize("architecture,whs,head_type", [("llama", False, "resblock"), ("gpt2", True, "resblock"),
+                                                        ("llama", False, "medusa")])
+def test_heads_chooser_matches_the_separate_passes(architecture, whs, head_type):
     """float32 greedy: the walk unembeds each node once for the model's top-1 and the heads'
     top-k; that must choose the model's argmax and draft what a separate heads pass drafts."""
     model = tiny_model(architecture, VOCAB, seed=8)
-    heads = random_heads(model, weighted_hidden_states=whs)
+    heads = random_heads(model, weighted_hidden_states=whs, head_type=head_type)
     input_ids, mask = padded_batch(PROMPTS)
     tree = dict(branching=(3, 2), max_nodes=7)
     adapter = CausalLMAdapter(model)
