@@ -8,6 +8,7 @@
     mtp-ext train-heads --model smollm2-135m --data austen --heads 3 --whs --steps 200 --out runs/whs
     mtp-ext eval-heads --model smollm2-135m --data austen --heads-dir runs/frozen runs/whs --json heads.json
     mtp-ext train-token-head --model smollm2-135m --data austen --out runs/token-head
+    mtp-ext export-heads runs/medusa --format vllm-medusa --out runs/medusa-vllm
 
 Every user error (a bad argument, a missing or damaged file) ends the command with one line on
 stderr, `error: ...`, naming what is wrong, and exit status 2 (argparse's own errors: its usage
@@ -19,14 +20,14 @@ import argparse
 import sys
 
 from mtp_ext._io import UserError
-from mtp_ext.cli import analyze, eval_heads, eval_mtp, generate, report, train_heads, train_token_head
+from mtp_ext.cli import analyze, eval_heads, eval_mtp, export_heads, generate, report, train_heads, train_token_head
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 # In the order `mtp-ext --help` lists them.
-COMMANDS = (eval_mtp, analyze, generate, report, train_heads, train_token_head, eval_heads)
+COMMANDS = (eval_mtp, analyze, generate, report, train_heads, train_token_head, eval_heads, export_heads)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,277 @@
+"""vLLM serves heads trained with mtp_ext: their export to vLLM's Medusa checkpoint layout, and
+the `speculative_config` that points vLLM at an exported directory.
+
+vLLM's Medusa (vllm/model_executor/models/medusa.py) runs, for each head, residual layers
+x + SiLU(W x + b) on the target model's final, post-norm hidden state and unembeds the result:
+with `original_lm_head` one unembedding (`lm_heads.0.weight`) serves every head, and with
+`truncated_vocab_size` K < V and a `token_map` of K token ids it covers those tokens only (the
+others are never drafted; the unembedding read per head shrinks by V / K). Its proposer drafts a
+chain, each head's argmax. mtp_ext's "medusa" heads (MTPHeadsModel(head_type="medusa")) are that
+layout with one layer per head and the backbone's own unembedding, so the export renames their
+tensors. Only greedy_generate needs vLLM installed (`make vllm-env`); the export does not.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from mtp_ext._checks import check_positive_int
+from mtp_ext._io import MissingFileError, UserError, read_json, required_keys
+from mtp_ext.heads.checkpoint import write_config, write_tensors
+from mtp_ext.heads.model import MTPHeadsModel
+from mtp_ext.heads.token_head import draft_vocabulary
+from mtp_ext.models.introspection import model_fingerprint
+
+__all__ = ["CONFIG_FILE", "VllmRun", "WEIGHTS_FILE", "check_exportable", "export_medusa", "greedy_generate",
+           "medusa_config", "medusa_tensors", "speculative_config", "text_draft_vocabulary"]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+# vLLM's Medusa reads these; the rest of its MedusaConfig (max_paths, topk) serves tree
+# drafting, which its proposer does not do.
+LAYERS_PER_HEAD = 1
+
+
+def check_exportable(config: dict, source: str | os.PathLike[str]) -> None:
+    """Raises a UserError, saying why, for heads that vLLM's Medusa cannot run as they were
+    trained; cheap (the heads' saved config only), so callers check before loading a model.
+
+    Args:
+        config: the heads' checkpoint config (heads_config.json: head_type,
+            weighted_hidden_states, freeze_backbone).
+        source: the checkpoint directory, for the message.
+    """
+    why = None
+    if not config["freeze_backbone"]:
+        why = ("they were trained jointly with the backbone, whose changed weights vLLM would not serve "
+               "(it drafts from the target model it runs)")
+    elif config["weighted_hidden_states"]:
+        why = "they mix every layer's hidden state (WHS), and vLLM's Medusa heads read the final hidden state only"
+    elif config["head_type"] == "block":
+        why = "'block' heads are decoder layers attending over the sequence, and vLLM's Medusa heads are residual blocks"
+    elif config["head_type"] == "resblock":
+        why = ("'resblock' heads apply the final norm after their block, and vLLM's Medusa heads read the "
+               "normed state and unembed their output directly: train with --head-type medusa")
+    if why is not None:
+        raise UserError(f"cannot export the heads in {source} to vLLM's Medusa: {why}")
+
+
+def medusa_tensors(heads: MTPHeadsModel, vocab_ids: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """The heads' tensors under vLLM's Medusa parameter names.
+
+    Args:
+        heads: "medusa" heads on a frozen backbone (check_exportable).
+        vocab_ids: [K] int64 distinct token ids, the draft vocabulary (vLLM's token_map); None:
+            the whole vocabulary.
+
+    Returns:
+        blocks.{j}.layers.0.weight / .bias, lm_heads.0.weight (the backbone's unembedding, its
+        vocab_ids rows only), and token_map with vocab_ids; in the backbone's dtype.
+    """
+    check_exportable(heads.config_dict(), heads.source or "these heads")
+    tensors = {}
+    for index, head in enumerate(heads.heads):
+        tensors[f"blocks.{index}.layers.0.weight"] = head.linear.weight
+        tensors[f"blocks.{index}.layers.0.bias"] = head.linear.bias
+    unembed = heads.unembed_weight
+    if vocab_ids is None:
+        tensors["lm_heads.0.weight"] = unembed
+    else:
+        vocab_ids = _checked_vocab(vocab_ids, unembed.shape[0])
+        tensors["lm_heads.0.weight"] = unembed[vocab_ids.to(unembed.device)]
+        tensors["token_map"] = vocab_ids
+    return {name: tensor.detach().cpu() for name, tensor in tensors.items()}
+
+
+def medusa_config(heads: MTPHeadsModel, vocab_ids: Optional[Tensor] = None) -> dict:
+    """The config.json of vLLM's MedusaConfig for the heads (see medusa_tensors), with the
+    backbone's fingerprint under "mtp_ext" (vLLM keeps unknown keys and ignores them).
+
+    Args:
+        heads: as for medusa_tensors.
+        vocab_ids: as for medusa_tensors.
+
+    Returns:
+        JSON-ready values.
+    """
+    hidden_size = int(heads.unembed_weight.shape[1])
+    vocab_size = int(heads.unembed_weight.shape[0])
+    return {"model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": hidden_size,
+            "vocab_size": vocab_size, "num_heads": heads.num_heads, "num_hidden_layers": LAYERS_PER_HEAD,
+            "truncated_vocab_size": vocab_size if vocab_ids is None else int(vocab_ids.numel()),
+            "original_lm_head": True, "medusa_fc_bias": True,
+            "mtp_ext": {"model": model_fingerprint(heads.backbone), "heads": heads.source}}
+
+
+def export_medusa(heads: MTPHeadsModel, out: str | os.PathLike[str], vocab_ids: Optional[Tensor] = None) -> dict:
+    """Writes the heads as a vLLM Medusa checkpoint: `out`/model.safetensors and `out`/config.json
+    (last: it marks a whole export), each replaced atomically.
+
+    Args:
+        heads: as for medusa_tensors.
+        out: the directory (created if need be).
+        vocab_ids: as for medusa_tensors.
+
+    Returns:
+        The config written.
+    """
+    out = Path(out)
+    tensors = medusa_tensors(heads, vocab_ids)
+    config = medusa_config(heads, vocab_ids)
+    write_tensors(out / WEIGHTS_FILE, tensors)
+    write_config(out / CONFIG_FILE, config)
+    return config
+
+
+def speculative_config(directory: str | os.PathLike[str], num_speculative_tokens: Optional[int] = None) -> dict:
+    """vLLM's `speculative_config` for a directory written by export_medusa:
+    `LLM(model=..., speculative_config=speculative_config(directory))`, or as JSON for
+    `vllm serve --speculative-config`.
+
+    Args:
+        directory: the exported directory.
+        num_speculative_tokens: tokens drafted per step, at most the heads' count; None: all
+            heads.
+
+    Returns:
+        {"method": "medusa", "model": the absolute directory, "num_speculative_tokens": n}.
+    """
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise MissingFileError(f"{directory} holds no vLLM Medusa export ({CONFIG_FILE} is missing): "
+                               "write one with mtp-ext export-heads DIR --format vllm-medusa --out OUT")
+    config = required_keys(read_json(path, "the Medusa config"), ("model_type", "num_heads"), path, "the Medusa config")
+    if config["model_type"] != "medusa":
+        raise UserError(f"{path} is not a Medusa config (model_type {config['model_type']!r})")
+    heads = int(config["num_heads"])
+    count = heads if num_speculative_tokens is None else check_positive_int(num_speculative_tokens,
+                                                                           "num_speculative_tokens")
+    if count > heads:
+        raise UserError(f"num_speculative_tokens={count}, but the export in {directory} has {heads} heads "
+                        "(one drafted token each)")
+    return {"method": "medusa", "model": str(directory.resolve()), "num_speculative_tokens": count}
+
+
+def text_draft_vocabulary(tokenizer, documents: Iterable[str], size: int, vocab_size: int) -> Tensor:
+    """The `size` most frequent tokens of the documents, as a draft vocabulary (lower id first
+    on ties): what a model writes is mostly its most frequent tokens.
+
+    Args:
+        tokenizer: the backbone's tokenizer.
+        documents: texts.
+        size: K, at most vocab_size.
+        vocab_size: the backbone's V.
+
+    Returns:
+        [K] int64, most frequent first.
+    """
+    size = check_positive_int(size, "size")
+    if size > vocab_size:
+        raise ValueError(f"a draft vocabulary of {size} tokens is larger than the model's {vocab_size}")
+    ids = [token for text in documents
+           for token in tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]]
+    return draft_vocabulary(torch.tensor(ids, dtype=torch.long), vocab_size, size)
+
+
+def _checked_vocab(vocab_ids: Tensor, vocab_size: int) -> Tensor:
+    vocab_ids = torch.as_tensor(vocab_ids, dtype=torch.long).cpu()
+    if vocab_ids.dim() != 1 or vocab_ids.numel() < 1:
+        raise ValueError("vocab_ids must be a non-empty 1-D tensor of token ids")
+    if int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= vocab_size or vocab_ids.unique().numel() != vocab_ids.numel():
+        raise ValueError(f"vocab_ids must be distinct token ids in [0, {vocab_size})")
+    return vocab_ids
+
+
+@dataclass
+class VllmRun:
+    """What greedy_generate measured.
+
+    Attributes:
+        token_ids: per prompt, the generated token ids.
+        seconds: wall time of the timed generation (the warm-up excluded).
+        drafts: vLLM's spec-decode drafts (0 without speculation).
+        draft_tokens: the tokens they proposed.
+        accepted_tokens: those the target model accepted.
+    """
+
+    token_ids: list[list[int]]
+    seconds: float
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens per target pass, vLLM's definition: 1 + accepted tokens per draft (1.0
+        without speculation)."""
+        return 1.0 + self.accepted_tokens / self.drafts if self.drafts else 1.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens of every prompt per second."""
+        return sum(map(len, self.token_ids)) / max(self.seconds, 1e-12)
+
+
+def greedy_generate(model: str | os.PathLike[str], prompts: Sequence[Sequence[int]], max_tokens: int,
+                    speculative: Optional[dict] = None, batch_size: Optional[int] = None,
+                    kv_cache_gib: int = 2, max_model_len: int = 1024) -> VllmRun:
+    """Greedy decoding of token-id prompts with vLLM (which must be installed: `make vllm-env`),
+    offline: float32, eager, nothing fetched from the hub. vLLM's engine runs in a process of
+    its own, so the calling script needs an `if __name__ == "__main__":` guard.
+
+    Args:
+        model: the model's local directory (a Hugging Face checkpoint).
+        prompts: token id lists.
+        max_tokens: new tokens per prompt (fewer where EOS comes first).
+        speculative: vLLM's speculative_config (e.g. speculative_config(directory)); None: none.
+        batch_size: prompts decoded at once (vLLM's max_num_seqs), in order, each group after the
+            last; None: all at once.
+        kv_cache_gib: the CPU KV cache (VLLM_CPU_KVCACHE_SPACE).
+        max_model_len: the longest prompt + generation.
+
+    Returns:
+        VllmRun: the outputs, the time of one pass over the prompts after a warm-up pass over the
+        first group, and the spec-decode counters of the timed pass.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    from vllm import LLM, SamplingParams
+
+    batch_size = batch_size or len(prompts)
+    llm = LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=max_model_len,
+              max_num_seqs=batch_size, speculative_config=speculative, disable_log_stats=False, seed=0)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        groups = [[{"prompt_token_ids": list(prompt)} for prompt in prompts[first:first + batch_size]]
+                  for first in range(0, len(prompts), batch_size)]
+        llm.generate(groups[0], params, use_tqdm=False)
+        before = _spec_counters(llm)
+        started = time.perf_counter()
+        outputs = [output for group in groups for output in llm.generate(group, params, use_tqdm=False)]
+        seconds = time.perf_counter() - started
+        after = _spec_counters(llm)
+    finally:
+        del llm
+        gc.collect()
+    counts = [after[name] - before[name] for name in _SPEC_COUNTERS]
+    return VllmRun([list(output.outputs[0].token_ids) for output in outputs], seconds, *counts)
+
+
+_SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+                  "vllm:spec_decode_num_accepted_tokens")
+
+
+def _spec_counters(llm) -> dict[str, int]:
+    values = dict.fromkeys(_SPEC_COUNTERS, 0)
+    for metric in llm.get_metrics():
+        if metric.name in values:
+            values[metric.name] += int(metric.value)
+    return values
