@@ -12,15 +12,16 @@ it even with all of m added to the true token.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence, Union
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mtp_ext._checks import check_positive_int, check_positive_ints, check_top_p
+from mtp_ext.integrations.distributed import World
 from mtp_ext.marginal import score_leaves
 from mtp_ext.models.adapters import CausalLMAdapter
 from mtp_ext.ops import top_p_candidates, tree_pack_teacher
@@ -80,6 +81,35 @@ class StepAccuracy:
             else:
                 certain = torch.ones_like(left_out, dtype=torch.bool)
             self.certain_sets[k] = self.certain_sets.get(k, 0) + int(certain.sum())
+
+    def counts(self, top_k: Sequence[int]) -> list[int]:
+        """positions, then hits, certain_hits, possible_hits and certain_sets of each k in
+        `top_k`: what from_counts takes back (to sum them over ranks)."""
+        return [self.positions] + [counts.get(k, 0) for counts in self._count_dicts() for k in top_k]
+
+    @classmethod
+    def from_counts(cls, step: int, top_k: Sequence[int], counts: Sequence[int],
+                    captured_mass_sum: float) -> "StepAccuracy":
+        """The StepAccuracy whose counts(top_k) are `counts` (no k is counted without a position).
+
+        Args:
+            step: k, the token x_{t+k} scored.
+            top_k: the k counted.
+            counts: as counts(top_k) gives them.
+            captured_mass_sum: the captured mass, summed over positions.
+
+        Returns:
+            StepAccuracy.
+        """
+        accuracy = cls(step, int(counts[0]), captured_mass_sum=float(captured_mass_sum))
+        if accuracy.positions:
+            values = iter(int(value) for value in counts[1:])
+            for counted in accuracy._count_dicts():
+                counted.update({k: next(values) for k in top_k})
+        return accuracy
+
+    def _count_dicts(self) -> tuple[dict, dict, dict, dict]:
+        return self.hits, self.certain_hits, self.possible_hits, self.certain_sets
 
     def summary(self) -> dict:
         """The counts as shares of the positions: step, positions, accuracy, accuracy_lower,
@@ -163,11 +193,14 @@ def evaluate_mtp(
     batch_size: int = 4,
     tokens_per_pass: int = 2048,
     progress: bool = True,
+    world: World | None = None,
 ) -> EvaluationResult:
     """Top-k accuracy of the marginal of x_{t+1} .. x_{t+steps} against the true tokens.
 
     Sequences are right-padded into batches of `batch_size`; each packed pass holds at most
-    about `tokens_per_pass` tree tokens.
+    about `tokens_per_pass` tree tokens. In a distributed run every rank scores its own share
+    of the windows of positions (each window as one process would, so the counts are the same)
+    and the counts and sums are added up over the ranks: every rank returns the whole result.
 
     Args:
         model: a supported Hugging Face causal LM.
@@ -180,7 +213,8 @@ def evaluate_mtp(
         max_nodes: cap on the nodes of a draft tree.
         batch_size: sequences per forward pass.
         tokens_per_pass: about the most tree tokens in one packed pass.
-        progress: show a progress bar.
+        progress: show a progress bar (rank 0 only: of every rank's positions).
+        world: the ranks sharing the work (mtp_ext.integrations.distributed); None: this process.
 
     Returns:
         EvaluationResult.
@@ -190,58 +224,101 @@ def evaluate_mtp(
     for name, value in (("max_candidates", max_candidates), ("max_nodes", max_nodes), ("batch_size", batch_size),
                         ("tokens_per_pass", tokens_per_pass)):
         check_positive_int(value, name)
-    device = adapter.device
-    accuracies = [StepAccuracy(step) for step in range(1, steps + 1)]
-    nucleus_sizes, nucleus_masses = [], []
+    world = world or World()
+    tally = _Tally(steps, top_k)
     started = time.perf_counter()
-    batches = [sequences[i:i + batch_size] for i in range(0, len(sequences), batch_size)]
-    with tqdm(total=sum(_scored_count(batch) for batch in batches), unit="tok", disable=not progress,
-              desc=f"evaluate steps 1-{steps}") as bar:
-        for batch in batches:
-            input_ids, seq_mask, scored = _pad_batch(batch, device)
-            _evaluate_batch(adapter, input_ids, seq_mask, scored, steps, top_k, top_p, max_candidates,
-                            max_nodes, tokens_per_pass, accuracies, nucleus_sizes, nucleus_masses, bar)
+    batches = [_pad_batch(sequences[i:i + batch_size]) for i in range(0, len(sequences), batch_size)]
+    # The unit of work: one window of positions of one batch, as one process scores it.
+    tree_size = max_candidates if steps == 2 else max_nodes
+    windows = [(index, first, last) for index, (input_ids, _, _) in enumerate(batches)
+               for first, last in _windows(input_ids.shape, tree_size, tokens_per_pass)]
+    weights = [int(batches[index][2][:, first + 1:last + 1].sum()) for index, first, last in windows]
+    with world.progress(weights, unit="tok", disable=not progress, desc=f"evaluate steps 1-{steps}") as bar:
+        for index, units in itertools.groupby(world.share(weights), key=lambda unit: windows[unit][0]):
+            input_ids, seq_mask, scored = (tensor.to(adapter.device) for tensor in batches[index])
+            cache = adapter.new_cache()
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+            hidden = adapter.hidden_states(input_ids, seq_mask, positions, cache)
+            for unit in units:
+                _, first, last = windows[unit]
+                _evaluate_window(adapter, cache, hidden, input_ids, seq_mask, scored, first, last, steps, top_k,
+                                 top_p, max_candidates, max_nodes, tally)
+                bar.update(weights[unit])
+        bar.wait()
+    tally = tally.reduced(world)
     seconds = time.perf_counter() - started
     settings = dict(steps=steps, top_k=list(top_k), top_p=top_p, max_candidates=max_candidates,
                     max_nodes=max_nodes, sequences=len(sequences))
-    sizes, masses = torch.cat(nucleus_sizes).float(), torch.cat(nucleus_masses)
-    return EvaluationResult([a.summary() for a in accuracies], float(sizes.mean()), float(masses.mean()),
-                            accuracies[0].positions, seconds, settings)
+    accuracies = tally.accuracies
+    return EvaluationResult([a.summary() for a in accuracies], tally.nucleus_size_sum / max(tally.nucleus_count, 1),
+                            tally.nucleus_mass_sum / max(tally.nucleus_count, 1), accuracies[0].positions, seconds,
+                            settings)
 
 
-def _evaluate_batch(adapter, input_ids, seq_mask, scored, steps, top_k, top_p, max_candidates, max_nodes,
-                    tokens_per_pass, accuracies, nucleus_sizes, nucleus_masses, bar) -> None:
-    batch, length = input_ids.shape
-    cache = adapter.new_cache()
-    positions = torch.arange(length, device=input_ids.device).expand(batch, -1)
-    hidden = adapter.hidden_states(input_ids, seq_mask, positions, cache)
-    tree_size = max_candidates if steps == 2 else max_nodes
+class _Tally:
+    """What evaluate_mtp adds up: each step's StepAccuracy, and the size and mass of the step-1
+    nuclei where the next token is scored."""
+
+    def __init__(self, steps: int, top_k: Sequence[int]):
+        self.top_k = tuple(top_k)
+        self.accuracies = [StepAccuracy(step) for step in range(1, steps + 1)]
+        self.nucleus_count = self.nucleus_size_sum = 0
+        self.nucleus_mass_sum = 0.0
+
+    def add_nuclei(self, counts: Tensor, mass: Tensor) -> None:
+        self.nucleus_count += counts.numel()
+        self.nucleus_size_sum += int(counts.sum())
+        self.nucleus_mass_sum += float(mass.double().sum())
+
+    def reduced(self, world: World) -> "_Tally":
+        """The tally summed over the ranks (integers exactly); itself in one process."""
+        if not world.distributed:
+            return self
+        counts = world.sum(torch.tensor([value for accuracy in self.accuracies for value in accuracy.counts(self.top_k)]
+                                        + [self.nucleus_count, self.nucleus_size_sum], dtype=torch.long), "the counts")
+        sums = world.sum(torch.tensor([accuracy.captured_mass_sum for accuracy in self.accuracies]
+                                      + [self.nucleus_mass_sum], dtype=torch.float64), "the masses").tolist()
+        width = 1 + 4 * len(self.top_k)
+        total = _Tally(len(self.accuracies), self.top_k)
+        total.accuracies = [StepAccuracy.from_counts(accuracy.step, self.top_k, counts[row * width:(row + 1) * width],
+                                                     sums[row])
+                            for row, accuracy in enumerate(self.accuracies)]
+        total.nucleus_count, total.nucleus_size_sum = (int(value) for value in counts[-2:])
+        total.nucleus_mass_sum = sums[-1]
+        return total
+
+
+def _windows(shape: torch.Size, tree_size: int, tokens_per_pass: int) -> list[tuple[int, int]]:
+    """The windows [first, last) of anchors of a [B, L] batch, each scored in one packed pass per level."""
+    batch, length = shape
     window = max(1, tokens_per_pass // (batch * tree_size))
-    for first in range(0, length - 1, window):
-        last = min(first + window, length - 1)
-        bar.update(int(scored[:, first + 1:last + 1].sum()))
-        logits = adapter.logits(hidden[:, first:last]).reshape(-1, adapter.vocab_size)
-        _score(accuracies[0], logits, input_ids, scored, first, last, 1, torch.zeros(logits.shape[0]), top_k)
-        if steps == 1:
-            continue
-        ids, probs, counts, mass = top_p_candidates(logits, top_p, max_candidates)
-        # Nucleus sizes count where the next token is scored.
-        anchored = scored[:, first + 1:last + 1].reshape(-1)
-        nucleus_sizes.append(counts[anchored])
-        nucleus_masses.append(mass[anchored])
-        forest = DraftForest.from_candidates(ids, probs, counts)
-        for step in range(2, steps + 1):
-            shape = (input_ids.shape[0], last - first, forest.size)
-            packed = pack_for_model(adapter, lambda window: tree_pack_teacher(
-                forest.token_ids.reshape(shape), forest.parents.reshape(shape), forest.counts.reshape(shape[:2]),
-                seq_mask, first_position=first, sliding_window=window))
-            node_hidden = adapter.hidden_states(packed.input_ids, packed.mask, packed.position_ids, cache)
-            adapter.trim_cache(cache, length)
-            scores = score_leaves(adapter, forest, node_hidden, top_p, max_candidates, expand=step < steps)
-            left_out = (1.0 - scores.captured_mass).clamp(min=0.0)
-            _score(accuracies[step - 1], scores.marginal, input_ids, scored, first, last, step, left_out, top_k)
-            if step < steps:
-                forest = forest.grow(*scores.children, max_nodes=max_nodes)
+    return [(first, min(first + window, length - 1)) for first in range(0, length - 1, window)]
+
+
+def _evaluate_window(adapter, cache, hidden, input_ids, seq_mask, scored, first, last, steps, top_k, top_p,
+                     max_candidates, max_nodes, tally: _Tally) -> None:
+    length = input_ids.shape[1]
+    logits = adapter.logits(hidden[:, first:last]).reshape(-1, adapter.vocab_size)
+    _score(tally.accuracies[0], logits, input_ids, scored, first, last, 1, torch.zeros(logits.shape[0]), top_k)
+    ids, probs, counts, mass = top_p_candidates(logits, top_p, max_candidates)
+    # Nucleus sizes count where the next token is scored.
+    anchored = scored[:, first + 1:last + 1].reshape(-1)
+    tally.add_nuclei(counts[anchored], mass[anchored])
+    if steps == 1:
+        return
+    forest = DraftForest.from_candidates(ids, probs, counts)
+    for step in range(2, steps + 1):
+        shape = (input_ids.shape[0], last - first, forest.size)
+        packed = pack_for_model(adapter, lambda window: tree_pack_teacher(
+            forest.token_ids.reshape(shape), forest.parents.reshape(shape), forest.counts.reshape(shape[:2]),
+            seq_mask, first_position=first, sliding_window=window))
+        node_hidden = adapter.hidden_states(packed.input_ids, packed.mask, packed.position_ids, cache)
+        adapter.trim_cache(cache, length)
+        scores = score_leaves(adapter, forest, node_hidden, top_p, max_candidates, expand=step < steps)
+        left_out = (1.0 - scores.captured_mass).clamp(min=0.0)
+        _score(tally.accuracies[step - 1], scores.marginal, input_ids, scored, first, last, step, left_out, top_k)
+        if step < steps:
+            forest = forest.grow(*scores.children, max_nodes=max_nodes)
 
 
 def _score(accuracy: StepAccuracy, distributions: Tensor, input_ids: Tensor, scored: Tensor, first: int,
@@ -259,7 +336,7 @@ def _score(accuracy: StepAccuracy, distributions: Tensor, input_ids: Tensor, sco
                      top_k)
 
 
-def _pad_batch(batch: Sequence[Example], device) -> tuple[Tensor, Tensor, Tensor]:
+def _pad_batch(batch: Sequence[Example]) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded input ids, attention mask and which tokens are scored, [B, L] each."""
     rows, scored_rows = [], []
     for example in batch:
@@ -279,11 +356,7 @@ def _pad_batch(batch: Sequence[Example], device) -> tuple[Tensor, Tensor, Tensor
         seq_mask[index, :len(row)] = 1
         scored[index, :len(row)] = torch.tensor(scored_row)
     scored[:, 0] = False  # nothing predicts the first token
-    return input_ids.to(device), seq_mask.to(device), scored.to(device)
-
-
-def _scored_count(batch: Sequence[Example]) -> int:
-    return sum(len(example[1]) if isinstance(example, tuple) else len(example) - 1 for example in batch)
+    return input_ids, seq_mask, scored
 
 
 def _check_request(adapter: CausalLMAdapter, sequences, steps, top_k, top_p) -> None:

@@ -38,16 +38,21 @@ def test_entropy_and_nucleus_sizes_match_direct_computation(architecture):
     model = tiny_model(architecture, VOCAB, seed=3)
     result = analyze(model, SEQUENCES, top_ps=(0.99, 0.9, 0.5), progress=False)
     assert result.positions == sum(map(len, SEQUENCES))
-    for index, sequence in enumerate(SEQUENCES):
+    entropies, sizes = [], {p: [] for p in (0.99, 0.9, 0.5)}
+    for sequence in SEQUENCES:
         logits = model_logits(model, sequence)
         log_probs = torch.log_softmax(logits, -1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-        torch.testing.assert_close(torch.tensor(result.entropy[index]), entropy, atol=1e-5, rtol=1e-5)
-        for p in (0.99, 0.9, 0.5):
-            expected = reference.nucleus_in_order(logits, p)[-1]
-            assert result.nucleus_sizes[str(p)][index] == expected.tolist(), p
-    sizes = result.summary()["mean_nucleus_size"]
-    assert sizes["0.99"] >= sizes["0.9"] >= sizes["0.5"] >= 1
+        entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+        for p in sizes:
+            sizes[p] += reference.nucleus_in_order(logits, p)[-1].tolist()
+    torch.testing.assert_close(torch.tensor(result.first_entropy, dtype=torch.float64), entropies[0].double(),
+                               atol=1e-5, rtol=1e-5)
+    assert result.entropy_sum == pytest.approx(float(torch.cat(entropies).sum()), rel=1e-5)
+    for p, values in sizes.items():
+        assert result.nucleus_size_histogram[str(p)] == [[size, values.count(size)] for size in sorted(set(values))], p
+    mean_sizes = result.summary()["mean_nucleus_size"]
+    assert mean_sizes["0.99"] >= mean_sizes["0.9"] >= mean_sizes["0.5"] >= 1
+    assert mean_sizes["0.9"] == pytest.approx(sum(sizes[0.9]) / len(sizes[0.9]))
 
 
 def test_plots_are_written(tmp_path):

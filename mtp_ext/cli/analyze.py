@@ -1,4 +1,5 @@
-"""`mtp-ext analyze`: the paper's diagnostics, logit-lens KL, entropy and nucleus sizes (Figs. 2-4)."""
+"""`mtp-ext analyze`: the paper's diagnostics, logit-lens KL, entropy and nucleus sizes (Figs. 2-4);
+under torchrun every rank analyses its share and rank 0 prints and writes."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--seq-len", type=common.positive_int, default=512)
     parser.add_argument("--top-p", type=common.probability, nargs="+", default=[0.99, 0.9])
     parser.add_argument("--out", type=Path, required=True, help="directory for analysis.json and the plots")
+    common.add_world_arguments(parser)
+    common.add_placement_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -37,15 +40,18 @@ def run(args: argparse.Namespace) -> dict:
     common.set_threads(args)
     out = common.output_dir(args.out)
     corpus = common.read_corpus(args.data)
-    model, tokenizer = common.load_model_for(args)
-    examples, task = common.sequences_for(args.data, tokenizer, args.tokens, args.seq_len, corpus)
-    sequences = [list(e[0]) + list(e[1]) if isinstance(e, tuple) else e for e in examples]
-    available = sum(len(sequence) for sequence in sequences)
-    if available < args.tokens:
-        raise UserError(f"{args.data!r} gave {available} tokens but --tokens asks for {args.tokens}")
-    result = analyze(model, sequences, top_ps=tuple(args.top_p))
-    report = {"model": args.model, "weights": describe_weights(model), "data": args.data, "task": task,
-              **result.to_dict()}
+    with common.world_for(args) as world:
+        model, tokenizer = common.load_model_for(args, world)
+        examples, task = common.sequences_for(args.data, tokenizer, args.tokens, args.seq_len, corpus)
+        sequences = [list(e[0]) + list(e[1]) if isinstance(e, tuple) else e for e in examples]
+        available = sum(len(sequence) for sequence in sequences)
+        if available < args.tokens:
+            raise UserError(f"{args.data!r} gave {available} tokens but --tokens asks for {args.tokens}")
+        result = analyze(model, sequences, top_ps=tuple(args.top_p), world=world)
+        report = {"model": args.model, "weights": describe_weights(model), "data": args.data, "task": task,
+                  "world": world.describe(), **result.to_dict()}
+        if not world.main:
+            return report
     atomic_write_text(out / "analysis.json", json.dumps(report))
     plot_analysis(report, out)
     summary = result.summary()
@@ -74,16 +80,17 @@ def plot_analysis(report: dict, out: Path) -> None:
     common.save_figure(plt, figure, out / "logit_lens_kl.png")
 
     figure, axes = plt.subplots(figsize=(7, 3.5))
-    first = report["entropy"][0]
+    first = report["first_entropy"]
     axes.plot(range(len(first)), first, linewidth=0.8)
     axes.set(xlabel="position in the first sequence", ylabel="entropy (nats)",
              title=f"Next-token entropy: {label}")
     common.save_figure(plt, figure, out / "entropy.png")
 
     figure, axes = plt.subplots(figsize=(5, 3.5))
-    for p, rows in report["nucleus_sizes"].items():
-        values = [value for row in rows for value in row]
-        axes.hist(values, bins=50, alpha=0.6, label=f"top-{p}: mean {sum(values) / len(values):.1f}")
+    for p, pairs in report["nucleus_size_histogram"].items():
+        sizes, counts = [size for size, _ in pairs], [count for _, count in pairs]
+        axes.hist(sizes, bins=50, weights=counts, alpha=0.6,
+                  label=f"top-{p}: mean {report['summary']['mean_nucleus_size'][p]:.1f}")
     axes.set(xlabel="tokens in the nucleus", ylabel="positions", yscale="log", title=f"Nucleus sizes: {label}")
     axes.legend(fontsize=8)
     common.save_figure(plt, figure, out / "nucleus_sizes.png")

@@ -1,5 +1,6 @@
-"""What the commands share: argument types, the model and data arguments, reading the user's
-data and checkpoints before any model is loaded, output paths checked before the work, plots."""
+"""What the commands share: argument types, the model and data arguments, where the model runs
+(the ranks of a torchrun launch, a device map), reading the user's data and checkpoints before
+any model is loaded, output paths checked before the work, plots."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +9,10 @@ from pathlib import Path
 
 from mtp_ext._io import UserError
 
-__all__ = ["DEFAULT_DATA", "DEFAULT_MODEL", "add_heads_data_arguments", "add_model_arguments", "check_output_file",
-           "heads_data", "heads_table", "load_model_for", "non_negative_int", "open_share", "output_dir",
-           "positive_float", "positive_int", "probability", "pyplot", "read_corpus", "read_documents", "save_figure",
-           "sequences_for", "set_threads"]
+__all__ = ["DEFAULT_DATA", "DEFAULT_MODEL", "add_heads_data_arguments", "add_model_arguments", "add_placement_arguments",
+           "add_world_arguments", "check_output_file", "heads_data", "heads_table", "load_model_for", "memory_budget",
+           "non_negative_int", "open_share", "output_dir", "positive_float", "positive_int", "probability", "pyplot",
+           "read_corpus", "read_documents", "save_figure", "sequences_for", "set_threads", "world_for"]
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = "austen"
@@ -64,6 +65,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def memory_budget(text: str) -> tuple[int | str, str]:
+    """argparse type: DEVICE=SIZE of --max-memory, e.g. 0=20GiB (GPU 0) or cpu=60GiB."""
+    device, _, size = text.partition("=")
+    if not size or not (device.isdigit() or device in ("cpu", "mps")):
+        raise argparse.ArgumentTypeError(f"must be DEVICE=SIZE with DEVICE a GPU index or cpu, e.g. 0=20GiB or "
+                                         f"cpu=60GiB, got {text!r}")
+    return (int(device) if device.isdigit() else device), size
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -91,19 +101,73 @@ def add_heads_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window")
 
 
+def add_world_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --dist-timeout: where each rank of a torchrun launch computes, and how long
+    it waits for the others."""
+    from mtp_ext.integrations.distributed import DEFAULT_TIMEOUT_S
+
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the model runs (cuda: each rank of a torchrun launch its own GPU, NCCL between "
+                             "them; cpu: gloo)")
+    parser.add_argument("--dist-timeout", type=positive_float, default=DEFAULT_TIMEOUT_S,
+                        help="seconds a rank of a torchrun launch waits for the others (the rendezvous, each "
+                             "collective) before it stops with an error naming them")
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device-map, --max-memory and --offload-folder: a model larger than one device."""
+    from mtp_ext.models import DEVICE_MAPS
+
+    parser.add_argument("--device-map", choices=DEVICE_MAPS, default=None,
+                        help="spread the model over the GPUs, the CPU and the disk with accelerate (a model larger "
+                             "than one device)")
+    parser.add_argument("--max-memory", type=memory_budget, nargs="+", default=None, metavar="DEVICE=SIZE",
+                        help="with --device-map: the most each device holds, e.g. 0=20GiB 1=20GiB cpu=60GiB")
+    parser.add_argument("--offload-folder", type=Path, default=None,
+                        help="with --device-map: where the layers that fit in no device's memory are kept")
+
+
 def set_threads(args: argparse.Namespace) -> None:
-    """torch's thread count from --threads, if given."""
-    if args.threads:
+    """torch's thread count: --threads if given, else, for several ranks of a torchrun launch
+    on one machine, an equal share of its cores each."""
+    from mtp_ext.integrations.distributed import launched_ranks, threads_per_rank
+
+    threads = args.threads or (threads_per_rank() if launched_ranks()[0] > 1 else None)
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
 
 
-def load_model_for(args: argparse.Namespace):
-    """(model, tokenizer) of --model; hub ids only with --allow-download (or HF_HUB_OFFLINE=0)."""
+def world_for(args: argparse.Namespace):
+    """The World of this rank (mtp_ext.integrations.distributed.world_session), as a context
+    manager, from --device and --dist-timeout."""
+    from mtp_ext.integrations.distributed import world_session
+
+    return world_session(args.device, args.dist_timeout)
+
+
+def load_model_for(args: argparse.Namespace, world=None):
+    """(model, tokenizer) of --model; hub ids only with --allow-download (or HF_HUB_OFFLINE=0);
+    placed by --device-map (if the command has it), else on `world`'s device (the CPU without one)."""
     from mtp_ext.models import load_model
 
-    return load_model(args.model, allow_download=True if args.allow_download else None)
+    placement = {}
+    if getattr(args, "device_map", None):
+        if world is not None and world.local_size > 1 and world.device.type == "cuda":
+            raise UserError("--device-map spreads one model over every GPU of the machine: start one rank per "
+                            "machine (torchrun --nproc-per-node 1)")
+        folder = args.offload_folder
+        if folder is not None and world is not None and world.distributed:  # each rank writes its own copy
+            folder = folder / f"rank-{world.rank}"
+        placement = dict(device_map=args.device_map, offload_folder=folder,
+                         max_memory=dict(args.max_memory) if args.max_memory else None)
+    elif getattr(args, "max_memory", None) or getattr(args, "offload_folder", None):
+        raise UserError("--max-memory and --offload-folder go with --device-map")
+    model, tokenizer = load_model(args.model, allow_download=True if args.allow_download else None, **placement)
+    if not placement and world is not None and world.device.type != "cpu":
+        model.to(world.device)
+    return model, tokenizer
 
 
 def read_corpus(data: str) -> tuple[str, list]:

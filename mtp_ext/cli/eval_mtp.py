@@ -1,4 +1,5 @@
-"""`mtp-ext eval`: teacher-forced top-k accuracy of MTP by marginalisation (the paper's Fig. 1)."""
+"""`mtp-ext eval`: teacher-forced top-k accuracy of MTP by marginalisation (the paper's Fig. 1);
+under torchrun every rank scores its share and rank 0 prints and writes."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--top-k", type=common.positive_int, nargs="+", default=[1, 5])
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--plot", type=Path, help="draw the accuracy per step (Fig. 1 style) here (PNG)")
+    common.add_world_arguments(parser)
+    common.add_placement_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -46,16 +49,20 @@ def run(args: argparse.Namespace) -> dict:
     common.check_output_file(args.json, "--json")
     common.check_output_file(args.plot, "--plot")
     corpus = common.read_corpus(args.data)
-    model, tokenizer = common.load_model_for(args)
-    sequences, task = common.sequences_for(args.data, tokenizer, args.tokens, args.seq_len, corpus)
-    if not sequences:
-        raise UserError(f"{args.data!r} holds too little text for one sequence of {args.seq_len} tokens")
-    result = evaluate_mtp(model, sequences, steps=args.steps, top_k=tuple(args.top_k), top_p=args.top_p,
-                          max_candidates=args.max_candidates, max_nodes=args.max_nodes,
-                          batch_size=args.batch_size)
-    report = {"model": args.model, "weights": describe_weights(model), "data": args.data, "task": task,
-              **result.to_dict()}
-    print(f"\nmodel {args.model} ({report['weights']}), data {args.data} ({task})\n")
+    with common.world_for(args) as world:
+        model, tokenizer = common.load_model_for(args, world)
+        sequences, task = common.sequences_for(args.data, tokenizer, args.tokens, args.seq_len, corpus)
+        if not sequences:
+            raise UserError(f"{args.data!r} holds too little text for one sequence of {args.seq_len} tokens")
+        result = evaluate_mtp(model, sequences, steps=args.steps, top_k=tuple(args.top_k), top_p=args.top_p,
+                              max_candidates=args.max_candidates, max_nodes=args.max_nodes,
+                              batch_size=args.batch_size, world=world)
+        report = {"model": args.model, "weights": describe_weights(model), "data": args.data, "task": task,
+                  "world": world.describe(), **result.to_dict()}
+        if not world.main:
+            return report
+    print(f"\nmodel {args.model} ({report['weights']}), data {args.data} ({task})"
+          + (f", {world.size} ranks" if world.distributed else "") + "\n")
     print(result.table(tuple(args.top_k)))
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2))

@@ -15,10 +15,16 @@ else ~/.cache/mtp_ext/models; one subdirectory per model) and later loads read t
 
 Any other name is a local checkpoint directory (with a config.json) or, only when downloads are
 allowed (load_model's `allow_download`, or HF_HUB_OFFLINE=0 set explicitly), a Hugging Face hub id.
+
+A model larger than one device loads with a device map (load_model's `device_map`): accelerate
+spreads the layers over the GPUs, the CPU and, past `max_memory`, the disk, and its hooks bring
+each layer's weights to where it runs. The input and output embeddings stay on the main device
+(the first GPU, else the CPU): inputs start there, and the unembedding is read every step.
 """
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import shutil
 import tempfile
@@ -33,6 +39,7 @@ from ..data._common import MissingDependencyError, cache_root, require_modules
 
 __all__ = [
     "BUILTIN_MODELS",
+    "DEVICE_MAPS",
     "GGUFModel",
     "MissingDependencyError",
     "describe_weights",
@@ -42,6 +49,8 @@ __all__ = [
 ]
 
 NOTE_ATTR = "mtp_ext_weights_note"
+# accelerate's strategies for placing a model's layers (from_pretrained's device_map).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 NAME_ATTR = "mtp_ext_model_name"
 
 
@@ -187,11 +196,69 @@ def prepare_model(name: str, cache_dir: str | os.PathLike[str] | None = None, fo
     return target
 
 
-def _load_checkpoint(path: str, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
+@dataclass(frozen=True)
+class _Placement:
+    """Where load_model puts the weights: one device (device_map None), or a device map."""
+
+    device_map: str | None = None
+    max_memory: dict | None = None
+    offload_folder: str | None = None
+
+    def kwargs(self, path: str, dtype: torch.dtype, **hub: Any) -> dict:
+        """from_pretrained's placement arguments for the checkpoint at `path`."""
+        if self.device_map is None:
+            return {}
+        device_map = _device_map(path, dtype, self.device_map, self.max_memory, **hub)
+        if "disk" in device_map.values() and self.offload_folder is None:
+            raise UserError(f"device map {self.device_map!r} with max_memory {self.max_memory} puts part of the "
+                            "model on the disk: give a folder for it (--offload-folder DIR, load_model(..., "
+                            "offload_folder=DIR)) or more memory")
+        return {"device_map": device_map, "offload_folder": self.offload_folder}
+
+
+def _device_map(path: str, dtype: torch.dtype, strategy: str, max_memory: dict | None, **hub: Any) -> dict:
+    """accelerate's device map of `strategy` for the checkpoint at `path`, with the input and
+    output embeddings on the main device (the first GPU in the map, else the CPU)."""
+    require_modules({"accelerate": "accelerate"}, "A device map")
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **hub), dtype=dtype)
+    empty.tie_weights()
+    no_split = list(empty._no_split_modules or [])
+    max_memory = dict(max_memory) if max_memory else None  # accelerate rewrites the sizes in place
+    if strategy != "sequential":
+        max_memory = get_balanced_memory(empty, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
+                                         low_zero=strategy == "balanced_low_0")
+    device_map = infer_auto_device_map(empty, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    gpus = sorted(device for device in device_map.values() if isinstance(device, int))
+    main = gpus[0] if gpus else "cpu"
+    names = {module: name for name, module in empty.named_modules()}
+    for module in (empty.get_input_embeddings(), empty.get_output_embeddings()):
+        _place(device_map, names[module], main, empty)
+    return device_map
+
+
+def _place(device_map: dict, name: str, device: int | str, model: torch.nn.Module) -> None:
+    """Puts module `name` on `device` in `device_map`, first splitting the entry that holds it
+    into its children (and its own parameters and buffers), as often as needed."""
+    while name not in device_map:
+        key = next(key for key in device_map if key == "" or name.startswith(key + "."))
+        parent, held, prefix = model.get_submodule(key), device_map.pop(key), f"{key}." if key else ""
+        for child, _ in parent.named_children():
+            device_map[prefix + child] = held
+        for tensor, _ in itertools.chain(parent.named_parameters(recurse=False), parent.named_buffers(recurse=False)):
+            device_map[prefix + tensor] = held
+    device_map[name] = device
+
+
+def _load_checkpoint(path: str, dtype: torch.dtype, placement: _Placement, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement.kwargs(path, dtype, **kwargs), **kwargs)
     return model, tokenizer
 
 
@@ -216,6 +283,9 @@ def load_model(
     cache_dir: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
     allow_download: bool | None = None,
+    device_map: str | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> tuple[Any, Any]:
     """Load a model and its tokenizer by name, in eval mode.
 
@@ -229,37 +299,51 @@ def load_model(
         cache_dir: the model cache of built-in models, as for model_cache_dir.
         dtype: the dtype the weights are loaded in.
         allow_download: whether a hub id may be downloaded; None: as the environment says.
+        device_map: None: the CPU; else an accelerate strategy of DEVICE_MAPS ("auto", ...)
+            that spreads the model over the GPUs, the CPU and the disk (see the module
+            docstring).
+        max_memory: with device_map: the most each device may hold, e.g. {0: "20GiB", "cpu":
+            "60GiB"} (accelerate's format); None: what the devices have.
+        offload_folder: with device_map: where the layers that fit nowhere else are kept.
 
     Returns:
         (model, tokenizer). The model carries `mtp_ext_weights_note` (see describe_weights)
         saying where its weights are from.
     """
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAPS)}, got {device_map!r}")
+    placement = _Placement(device_map, max_memory, None if offload_folder is None else str(offload_folder))
     if name in BUILTIN_MODELS:
         path = prepare_model(name, cache_dir)
         try:
-            model, tokenizer = _load_checkpoint(str(path), dtype)
+            model, tokenizer = _load_checkpoint(str(path), dtype, placement)
+        except UserError:  # about the placement, not the checkpoint
+            raise
         except _checkpoint_errors() as err:
             raise unreadable(path, f"the cached checkpoint of {name!r}", err,
                              f"delete that directory or call mtp_ext.models.prepare_model({name!r}, force=True) "
                              "to convert it again") from err
     elif Path(name).expanduser().is_dir():
-        model, tokenizer = _load_local(Path(name).expanduser(), dtype)
+        model, tokenizer = _load_local(Path(name).expanduser(), dtype, placement)
         setattr(model, NOTE_ATTR, getattr(model.config, NOTE_ATTR, None) or f"checkpoint from {name}")
     else:
-        model, tokenizer = _load_hub(name, dtype, _hub_allowed() if allow_download is None else allow_download)
+        model, tokenizer = _load_hub(name, dtype, _hub_allowed() if allow_download is None else allow_download,
+                                     placement)
     setattr(model, NOTE_ATTR, getattr(model, NOTE_ATTR, None) or getattr(model.config, NOTE_ATTR, None))
     model.eval()
     return model, tokenizer
 
 
-def _load_local(directory: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_local(directory: Path, dtype: torch.dtype, placement: _Placement) -> tuple[Any, Any]:
     """A local checkpoint directory; a UserError naming it when it holds no config.json or a
     corrupt file."""
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} is not a model checkpoint directory: it holds no config.json (give a "
                         f"directory written by save_pretrained, or a built-in model: {', '.join(BUILTIN_MODELS)})")
     try:
-        return _load_checkpoint(str(directory), dtype)
+        return _load_checkpoint(str(directory), dtype, placement)
+    except UserError:  # about the placement, not the checkpoint
+        raise
     except _checkpoint_errors() as err:
         raise unreadable(directory, "the model checkpoint", err,
                          "its config.json, tokenizer or weights are corrupt: save the checkpoint again") from err
@@ -272,21 +356,21 @@ def _looks_like_hub_id(name: str) -> bool:
         all(char.isalnum() or char in "-_." for part in parts for char in part)
 
 
-def _load_hub(name: str, dtype: torch.dtype, allow_download: bool) -> tuple[Any, Any]:
+def _load_hub(name: str, dtype: torch.dtype, allow_download: bool, placement: _Placement) -> tuple[Any, Any]:
     unknown = (f"unknown model {name!r}: not a built-in model ({', '.join(BUILTIN_MODELS)}) and not a local "
                "checkpoint directory (give the path of a directory holding config.json, e.g. --model ./my-model)")
     if not _looks_like_hub_id(name):
         raise UserError(unknown)
     snapshot = _cached_hub_snapshot(name)
     if snapshot is not None:
-        model, tokenizer = _load_local(snapshot, dtype)
+        model, tokenizer = _load_local(snapshot, dtype, placement)
     elif not allow_download:
         raise UserError(f"{unknown}; it is not in the local Hugging Face cache either, and hub downloads are off: "
                         "to download a hub id pass --allow-download (load_model(..., allow_download=True)) "
                         "or set HF_HUB_OFFLINE=0")
     else:
         try:
-            model, tokenizer = _load_checkpoint(name, dtype)
+            model, tokenizer = _load_checkpoint(name, dtype, placement)
         except (OSError, ValueError) as err:  # transformers reports a missing repo/file as either
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UserError(f"{unknown}, and not loadable as a Hugging Face hub id: {reason}") from err
