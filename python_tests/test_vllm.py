@@ -23,7 +23,7 @@ from mtp_ext.integrations.vllm import (  # noqa: E402
     WEIGHTS_FILE,
     export_medusa,
     greedy_generate,
-    speculative_config,
+    llm_arguments,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_smollm2_with_the_committed_heads_is_lossless_and_accepts_drafts():
     stride = len(ids) // PROMPTS
     prompts = [ids[i * stride:i * stride + PROMPT_TOKENS] for i in range(PROMPTS)]
     plain = greedy_generate(model_dir, prompts, NEW_TOKENS)
-    medusa = greedy_generate(model_dir, prompts, NEW_TOKENS, speculative=speculative_config(EXPORT))
+    medusa = greedy_generate(model_dir, prompts, NEW_TOKENS, engine=llm_arguments(EXPORT))
     assert medusa.token_ids == plain.token_ids
     assert sum(map(len, plain.token_ids)) >= PROMPTS * NEW_TOKENS // 2
     assert medusa.drafts > 0 and plain.drafts == 0

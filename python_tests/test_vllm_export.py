@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from mtp_ext.cli import main
 from mtp_ext.heads import MTPHeadsModel
-from mtp_ext.integrations.vllm import CONFIG_FILE, WEIGHTS_FILE, speculative_config
+from mtp_ext.integrations.vllm import CONFIG_FILE, WEIGHTS_FILE, llm_arguments, speculative_config
 from mtp_ext.models import load_model
 
 from tiny_models import tiny_model
@@ -62,8 +62,11 @@ def test_export_writes_vllm_medusa_names_and_config(tmp_path, tiny_checkpoint, c
     else:
         assert "token_map" not in tensors and torch.equal(tensors["lm_heads.0.weight"], heads.unembed_weight)
     printed = capsys.readouterr().out.splitlines()[-1]
-    assert json.loads(printed) == speculative_config(out) == {"method": "medusa", "model": str(out.resolve()),
-                                                              "num_speculative_tokens": 2}
+    assert json.loads(printed) == llm_arguments(out)
+    assert llm_arguments(out)["speculative_config"] == speculative_config(out) == {
+        "method": "medusa", "model": str(out.resolve()), "num_speculative_tokens": 2}
+    # vLLM 0.32's loader needs its strict check off for a token map (llm_arguments' docstring)
+    assert ("model_loader_extra_config" in llm_arguments(out)) == bool(draft_vocab)
 
 
 @pytest.mark.parametrize("options,reason", [

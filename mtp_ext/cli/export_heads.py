@@ -30,14 +30,14 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Runs `mtp-ext export-heads`: checks the heads can be served as they are, writes --out and
-    prints vLLM's speculative_config for it.
+    prints vLLM's engine arguments for it (mtp_ext.integrations.vllm.llm_arguments).
 
     Returns:
         The config written to --out/config.json.
     """
     from mtp_ext._io import read_json, required_keys
     from mtp_ext.heads.model import CONFIG_FILE, CONFIG_KEYS, MTPHeadsModel, check_heads_dir
-    from mtp_ext.integrations.vllm import check_exportable, export_medusa, speculative_config, text_draft_vocabulary
+    from mtp_ext.integrations.vllm import check_exportable, export_medusa, llm_arguments, text_draft_vocabulary
 
     common.set_threads(args)
     check_heads_dir(args.heads_dir, "export-heads")
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> dict:
     if documents is not None:
         vocab_ids = text_draft_vocabulary(tokenizer, documents, args.draft_vocab, heads.unembed_weight.shape[0])
     config = export_medusa(heads, out, vocab_ids)
-    print(f"wrote {out}; serve with vLLM's speculative_config:")
-    print(json.dumps(speculative_config(out)))
+    print(f"wrote {out}; vLLM's engine arguments for it (vllm.LLM(model=..., **arguments); vllm serve "
+          "--speculative-config / --model-loader-extra-config):")
+    print(json.dumps(llm_arguments(out)))
     return config

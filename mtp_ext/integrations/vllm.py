@@ -30,7 +30,7 @@ from mtp_ext.heads.token_head import draft_vocabulary
 from mtp_ext.models.introspection import model_fingerprint
 
 __all__ = ["CONFIG_FILE", "VllmRun", "WEIGHTS_FILE", "check_exportable", "export_medusa", "greedy_generate",
-           "medusa_config", "medusa_tensors", "speculative_config", "text_draft_vocabulary"]
+           "llm_arguments", "medusa_config", "medusa_tensors", "speculative_config", "text_draft_vocabulary"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -131,9 +131,8 @@ def export_medusa(heads: MTPHeadsModel, out: str | os.PathLike[str], vocab_ids: 
 
 
 def speculative_config(directory: str | os.PathLike[str], num_speculative_tokens: Optional[int] = None) -> dict:
-    """vLLM's `speculative_config` for a directory written by export_medusa:
-    `LLM(model=..., speculative_config=speculative_config(directory))`, or as JSON for
-    `vllm serve --speculative-config`.
+    """vLLM's `speculative_config` for a directory written by export_medusa (as JSON, for
+    `vllm serve --speculative-config`); llm_arguments gives every engine argument it needs.
 
     Args:
         directory: the exported directory.
@@ -144,13 +143,7 @@ def speculative_config(directory: str | os.PathLike[str], num_speculative_tokens
         {"method": "medusa", "model": the absolute directory, "num_speculative_tokens": n}.
     """
     directory = Path(directory)
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise MissingFileError(f"{directory} holds no vLLM Medusa export ({CONFIG_FILE} is missing): "
-                               "write one with mtp-ext export-heads DIR --format vllm-medusa --out OUT")
-    config = required_keys(read_json(path, "the Medusa config"), ("model_type", "num_heads"), path, "the Medusa config")
-    if config["model_type"] != "medusa":
-        raise UserError(f"{path} is not a Medusa config (model_type {config['model_type']!r})")
+    config = _export_config(directory)
     heads = int(config["num_heads"])
     count = heads if num_speculative_tokens is None else check_positive_int(num_speculative_tokens,
                                                                            "num_speculative_tokens")
@@ -158,6 +151,38 @@ def speculative_config(directory: str | os.PathLike[str], num_speculative_tokens
         raise UserError(f"num_speculative_tokens={count}, but the export in {directory} has {heads} heads "
                         "(one drafted token each)")
     return {"method": "medusa", "model": str(directory.resolve()), "num_speculative_tokens": count}
+
+
+def llm_arguments(directory: str | os.PathLike[str], num_speculative_tokens: Optional[int] = None) -> dict:
+    """The engine arguments that serve the heads exported in `directory`:
+    `vllm.LLM(model=..., **llm_arguments(directory))`.
+
+    Args:
+        directory: the exported directory.
+        num_speculative_tokens: as for speculative_config.
+
+    Returns:
+        {"speculative_config": ...}, and with a draft vocabulary {"model_loader_extra_config":
+        {"enable_weights_track": False}} (`vllm serve --model-loader-extra-config`): vLLM 0.32's
+        loader counts every parameter of the draft model as one the checkpoint must fill, and
+        its Medusa class makes the token map a parameter without counting it as filled.
+    """
+    arguments = {"speculative_config": speculative_config(directory, num_speculative_tokens)}
+    config = _export_config(Path(directory))
+    if config.get("truncated_vocab_size", config.get("vocab_size")) != config.get("vocab_size"):
+        arguments["model_loader_extra_config"] = {"enable_weights_track": False}
+    return arguments
+
+
+def _export_config(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise MissingFileError(f"{directory} holds no vLLM Medusa export ({CONFIG_FILE} is missing): "
+                               "write one with mtp-ext export-heads DIR --format vllm-medusa --out OUT")
+    config = required_keys(read_json(path, "the Medusa config"), ("model_type", "num_heads"), path, "the Medusa config")
+    if config["model_type"] != "medusa":
+        raise UserError(f"{path} is not a Medusa config (model_type {config['model_type']!r})")
+    return config
 
 
 def text_draft_vocabulary(tokenizer, documents: Iterable[str], size: int, vocab_size: int) -> Tensor:
@@ -221,7 +246,7 @@ class VllmRun:
 
 
 def greedy_generate(model: str | os.PathLike[str], prompts: Sequence[Sequence[int]], max_tokens: int,
-                    speculative: Optional[dict] = None, batch_size: Optional[int] = None,
+                    engine: Optional[dict] = None, batch_size: Optional[int] = None,
                     kv_cache_gib: int = 2, max_model_len: int = 1024) -> VllmRun:
     """Greedy decoding of token-id prompts with vLLM (which must be installed: `make vllm-env`),
     offline: float32, eager, nothing fetched from the hub. vLLM's engine runs in a process of
@@ -231,7 +256,8 @@ def greedy_generate(model: str | os.PathLike[str], prompts: Sequence[Sequence[in
         model: the model's local directory (a Hugging Face checkpoint).
         prompts: token id lists.
         max_tokens: new tokens per prompt (fewer where EOS comes first).
-        speculative: vLLM's speculative_config (e.g. speculative_config(directory)); None: none.
+        engine: more arguments of vllm.LLM, e.g. llm_arguments(directory), or
+            {"speculative_config": {"method": "ngram", ...}}; None: plain decoding.
         batch_size: prompts decoded at once (vLLM's max_num_seqs), in order, each group after the
             last; None: all at once.
         kv_cache_gib: the CPU KV cache (VLLM_CPU_KVCACHE_SPACE).
@@ -247,7 +273,7 @@ def greedy_generate(model: str | os.PathLike[str], prompts: Sequence[Sequence[in
 
     batch_size = batch_size or len(prompts)
     llm = LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=max_model_len,
-              max_num_seqs=batch_size, speculative_config=speculative, disable_log_stats=False, seed=0)
+              max_num_seqs=batch_size, disable_log_stats=False, seed=0, **(engine or {}))
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
         groups = [[{"prompt_token_ids": list(prompt)} for prompt in prompts[first:first + batch_size]]
