@@ -65,7 +65,7 @@ bench: build
 $(VLLM_VENV)/.installed:
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)"
-	$(VLLM_PY) -m pip install -q "$(VLLM_SPEC)" pytest pysword
+	$(VLLM_PY) -m pip install -q "$(VLLM_SPEC)" pytest pytest-benchmark pysword
 	# The wheel's torchvision / torchaudio / torchcodec fail to load against torch 2.13.0+cpu
 	# ("operator torchvision::nms does not exist"); text-only vLLM needs none of them.
 	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec

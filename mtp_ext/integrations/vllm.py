@@ -29,7 +29,7 @@ from mtp_ext.heads.model import MTPHeadsModel
 from mtp_ext.heads.token_head import draft_vocabulary
 from mtp_ext.models.introspection import model_fingerprint
 
-__all__ = ["CONFIG_FILE", "VllmRun", "WEIGHTS_FILE", "check_exportable", "export_medusa", "greedy_generate",
+__all__ = ["CONFIG_FILE", "VllmEngine", "VllmRun", "WEIGHTS_FILE", "check_exportable", "export_medusa", "greedy_generate",
            "llm_arguments", "medusa_config", "medusa_tensors", "speculative_config", "text_draft_vocabulary"]
 
 CONFIG_FILE = "config.json"
@@ -245,59 +245,97 @@ class VllmRun:
         return sum(map(len, self.token_ids)) / max(self.seconds, 1e-12)
 
 
-def greedy_generate(model: str | os.PathLike[str], prompts: Sequence[Sequence[int]], max_tokens: int,
-                    engine: Optional[dict] = None, batch_size: Optional[int] = None,
-                    kv_cache_gib: int = 2, max_model_len: int = 1024) -> VllmRun:
-    """Greedy decoding of token-id prompts with vLLM (which must be installed: `make vllm-env`),
-    offline: float32, eager, nothing fetched from the hub. vLLM's engine runs in a process of
-    its own, so the calling script needs an `if __name__ == "__main__":` guard.
+class VllmEngine:
+    """vLLM's offline engine for greedy decoding of token-id prompts (vLLM must be installed:
+    `make vllm-env`): float32, eager, nothing fetched from the hub. The engine core runs in a
+    process of its own, so the calling script needs an `if __name__ == "__main__":` guard. A
+    context manager: the engine stops on exit.
 
     Args:
         model: the model's local directory (a Hugging Face checkpoint).
-        prompts: token id lists.
-        max_tokens: new tokens per prompt (fewer where EOS comes first).
         engine: more arguments of vllm.LLM, e.g. llm_arguments(directory), or
             {"speculative_config": {"method": "ngram", ...}}; None: plain decoding.
-        batch_size: prompts decoded at once (vLLM's max_num_seqs), in order, each group after the
-            last; None: all at once.
+        max_batch: the most prompts decoded at once (vLLM's max_num_seqs).
         kv_cache_gib: the CPU KV cache (VLLM_CPU_KVCACHE_SPACE).
         max_model_len: the longest prompt + generation.
+    """
+
+    def __init__(self, model: str | os.PathLike[str], engine: Optional[dict] = None, max_batch: int = 8,
+                 kv_cache_gib: int = 2, max_model_len: int = 1024):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        from vllm import LLM
+
+        self.max_batch = check_positive_int(max_batch, "max_batch")
+        self.llm = LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=max_model_len,
+                       max_num_seqs=self.max_batch, disable_log_stats=False, seed=0, **(engine or {}))
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, batch_size: Optional[int] = None) -> VllmRun:
+        """Greedy continuations of `prompts`, `batch_size` at a time, each group after the last.
+
+        Args:
+            prompts: token id lists.
+            max_tokens: new tokens per prompt (fewer where EOS comes first).
+            batch_size: prompts per group, at most max_batch; None: max_batch.
+
+        Returns:
+            VllmRun: the outputs, the wall time and the spec-decode counters of this call.
+        """
+        from vllm import SamplingParams
+
+        batch_size = min(batch_size or self.max_batch, self.max_batch)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        before = self._spec_counters()
+        started = time.perf_counter()
+        outputs = [output for first in range(0, len(prompts), batch_size)
+                   for output in self.llm.generate([{"prompt_token_ids": list(prompt)}
+                                                    for prompt in prompts[first:first + batch_size]],
+                                                   params, use_tqdm=False)]
+        seconds = time.perf_counter() - started
+        after = self._spec_counters()
+        return VllmRun([list(output.outputs[0].token_ids) for output in outputs], seconds,
+                       *(after[name] - before[name] for name in _SPEC_COUNTERS))
+
+    def _spec_counters(self) -> dict[str, int]:
+        values = dict.fromkeys(_SPEC_COUNTERS, 0)
+        for metric in self.llm.get_metrics():
+            if metric.name in values:
+                values[metric.name] += int(metric.value)
+        return values
+
+    def close(self) -> None:
+        """Stops the engine."""
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+
+    def __enter__(self) -> "VllmEngine":
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.close()
+
+
+def greedy_generate(model: str | os.PathLike[str], prompts: Sequence[Sequence[int]], max_tokens: int,
+                    engine: Optional[dict] = None, batch_size: Optional[int] = None) -> VllmRun:
+    """One VllmEngine's greedy continuations of `prompts`, after a warm-up over the first group.
+
+    Args:
+        model: as for VllmEngine.
+        prompts: token id lists.
+        max_tokens: new tokens per prompt.
+        engine: as for VllmEngine.
+        batch_size: prompts decoded at once; None: all.
 
     Returns:
-        VllmRun: the outputs, the time of one pass over the prompts after a warm-up pass over the
-        first group, and the spec-decode counters of the timed pass.
+        VllmRun of the pass after the warm-up.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-    from vllm import LLM, SamplingParams
-
     batch_size = batch_size or len(prompts)
-    llm = LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=max_model_len,
-              max_num_seqs=batch_size, disable_log_stats=False, seed=0, **(engine or {}))
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-        groups = [[{"prompt_token_ids": list(prompt)} for prompt in prompts[first:first + batch_size]]
-                  for first in range(0, len(prompts), batch_size)]
-        llm.generate(groups[0], params, use_tqdm=False)
-        before = _spec_counters(llm)
-        started = time.perf_counter()
-        outputs = [output for group in groups for output in llm.generate(group, params, use_tqdm=False)]
-        seconds = time.perf_counter() - started
-        after = _spec_counters(llm)
-    finally:
-        del llm
-        gc.collect()
-    counts = [after[name] - before[name] for name in _SPEC_COUNTERS]
-    return VllmRun([list(output.outputs[0].token_ids) for output in outputs], seconds, *counts)
+    with VllmEngine(model, engine, max_batch=batch_size) as runner:
+        runner.generate(prompts[:batch_size], max_tokens)
+        return runner.generate(prompts, max_tokens)
 
 
 _SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                   "vllm:spec_decode_num_accepted_tokens")
 
-
-def _spec_counters(llm) -> dict[str, int]:
-    values = dict.fromkeys(_SPEC_COUNTERS, 0)
-    for metric in llm.get_metrics():
-        if metric.name in values:
-            values[metric.name] += int(metric.value)
-    return values
