@@ -52,9 +52,8 @@ def model_dir_and_prompts():
         text = " ".join(english for english, _ in corpora.load_pairs("bible-en-es")[:600])
     except corpora.MissingDependencyError as error:
         pytest.skip(f"the Bible is not prepared: {error}")
-    ids = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False)["input_ids"]
-    stride = len(ids) // PROMPTS
-    yield model_dir, [ids[i * stride:i * stride + PROMPT_TOKENS] for i in range(PROMPTS)]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    yield model_dir, corpora.spread_prompts(tokenizer, text, PROMPTS, PROMPT_TOKENS)
     for engine in _engine.values():
         engine.close()
 

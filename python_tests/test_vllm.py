@@ -110,9 +110,8 @@ def test_smollm2_with_the_committed_heads_is_lossless_and_accepts_drafts():
         text = " ".join(english for english, _ in corpora.load_pairs("bible-en-es")[:600])
     except corpora.MissingDependencyError as error:
         pytest.skip(f"the Bible is not prepared: {error}")
-    ids = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False)["input_ids"]
-    stride = len(ids) // PROMPTS
-    prompts = [ids[i * stride:i * stride + PROMPT_TOKENS] for i in range(PROMPTS)]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = corpora.spread_prompts(tokenizer, text, PROMPTS, PROMPT_TOKENS)
     plain = greedy_generate(model_dir, prompts, NEW_TOKENS)
     medusa = greedy_generate(model_dir, prompts, NEW_TOKENS, engine=llm_arguments(EXPORT))
     assert medusa.token_ids == plain.token_ids

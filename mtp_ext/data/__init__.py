@@ -24,7 +24,7 @@ from pathlib import Path
 from .._io import MissingFileError, UserError, unreadable
 from ._common import MissingDependencyError, cache_root
 from ._corpora import BUILDERS, numbered_jsonl, prepare_corpus, read_jsonl
-from ._tokens import token_sequences, translation_examples
+from ._tokens import spread_prompts, token_sequences, translation_examples
 
 __all__ = [
     "BUILTIN_CORPORA",
@@ -35,6 +35,7 @@ __all__ = [
     "load_pairs",
     "load_text",
     "prepare",
+    "spread_prompts",
     "token_sequences",
     "translation_examples",
 ]

@@ -119,3 +119,23 @@ def translation_examples(
             target_ids = _encode(tokenizer, target)
         examples.append((prompt_ids, target_ids))
     return examples
+
+
+def spread_prompts(tokenizer: Any, text: str, count: int, length: int) -> list[list[int]]:
+    """`count` prompts of `length` token ids taken at even strides over the tokenised `text`, for
+    decoding benchmarks and tests (no BOS: each starts mid-text).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        text: the text.
+        count: prompts wanted (>= 1).
+        length: tokens per prompt.
+
+    Returns:
+        Token id lists, the i-th starting at token i * (text tokens // count).
+    """
+    ids = _encode(tokenizer, text)
+    stride = len(ids) // count
+    if stride < length:
+        raise ValueError(f"{len(ids)} tokens of text cannot hold {count} prompts of {length} tokens")
+    return [ids[index * stride:index * stride + length] for index in range(count)]
