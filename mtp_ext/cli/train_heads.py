@@ -1,5 +1,6 @@
 """`mtp-ext train-heads`: MTP heads on a frozen or jointly trained backbone (the paper's Fig. 5),
-resumable, with the held-out accuracy at the end."""
+resumable, with the held-out accuracy at the end; under torchrun DistributedDataParallel, each
+rank its slice of every step's windows, rank 0 writing."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,7 @@ def add_parser(commands) -> None:
                              "alone; a cache built with --whs serves heads without it too")
     parser.add_argument("--features-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="of the cached states (bfloat16: half the disk)")
+    common.add_world_arguments(parser)
     parser.set_defaults(run=run, interrupted=interrupted)
 
 
@@ -94,26 +96,34 @@ def run(args: argparse.Namespace) -> dict:
     out = common.output_dir(args.out)
     if args.features is not None:
         common.output_dir(args.features)
-    backbone, tokenizer = common.load_model_for(args)
-    training_windows = args.train_windows or max(1, args.steps * args.batch_size)
-    windows, held_out, split = common.heads_data(args, documents, tokenizer, training_windows, args.eval_tokens)
-    if args.init_from is not None:
-        heads = initial_heads(args, backbone)
-    else:
-        heads = MTPHeadsModel(backbone, args.heads, args.head_type, args.whs, freeze_backbone=not args.joint)
-    training_data, curve_data = windows, held_out
-    if args.features is not None:
-        training_data = cache_features(heads, windows, args.features, args.features_dtype)
-        full_windows = [sequence for sequence in held_out if len(sequence) == args.seq_len]
-        if args.eval_every and full_windows:  # a cache holds windows of one length: the curve skips a short last one
-            curve_data = cache_features(heads, full_windows, args.features / "held-out", args.features_dtype)
-    record = train_heads(heads, training_data, settings, out, time_budget_s=args.time_budget,
-                         held_out=lambda model: evaluate_heads(model, curve_data, batch_size=1, progress=False))
-    accuracies = evaluate_heads(heads, held_out, batch_size=1)
-    report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
-              "settings": vars(settings), "init_from": str(args.init_from) if args.init_from else None,
-              "heads": heads.config_dict(), "training": record,
-              "held_out": [vars(accuracy) for accuracy in accuracies]}
+    with common.world_for(args) as world:
+        backbone, tokenizer = common.load_model_for(args, world)
+        training_windows = args.train_windows or max(1, args.steps * args.batch_size)
+        windows, held_out, split = common.heads_data(args, documents, tokenizer, training_windows, args.eval_tokens)
+        if args.init_from is not None:
+            heads = initial_heads(args, backbone)
+        else:
+            heads = MTPHeadsModel(backbone, args.heads, args.head_type, args.whs, freeze_backbone=not args.joint)
+        training_data, curve_data = windows, held_out
+        if args.features is not None:
+            # Rank 0 builds the caches; the other ranks then open them.
+            with world.main_first("the feature cache"):
+                training_data = cache_features(heads, windows, args.features, args.features_dtype,
+                                               progress=world.main)
+                full_windows = [sequence for sequence in held_out if len(sequence) == args.seq_len]
+                if args.eval_every and full_windows:  # a cache holds windows of one length: the curve skips a short last one
+                    curve_data = cache_features(heads, full_windows, args.features / "held-out", args.features_dtype,
+                                                progress=world.main)
+        record = train_heads(heads, training_data, settings, out, time_budget_s=args.time_budget, world=world,
+                             held_out=lambda model: evaluate_heads(model, curve_data, batch_size=1, progress=False,
+                                                                   world=world))
+        accuracies = evaluate_heads(heads, held_out, batch_size=1, world=world)
+        report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
+                  "settings": vars(settings), "init_from": str(args.init_from) if args.init_from else None,
+                  "heads": heads.config_dict(), "world": world.describe(), "training": record,
+                  "held_out": [vars(accuracy) for accuracy in accuracies]}
+        if not world.main:
+            return report
     atomic_write_text(out / "train.json", json.dumps(report, indent=2))
     if len(record["curve"]) > 1:
         plot_training(record, f"{args.model}, {'WHS' if args.whs else 'joint' if args.joint else 'frozen'} heads",

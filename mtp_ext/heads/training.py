@@ -14,6 +14,12 @@ A checkpoint only ever holds whole optimizer steps: SIGINT and SIGTERM are held 
 runs (the loop stops at the next step boundary, checkpoints, then lets the signal act), and a
 step that an exception cuts short inside `optimizer.step()` (a second Ctrl-C) writes nothing, so
 the last checkpoint stays the one to resume from.
+
+On several ranks (torchrun; mtp_ext.integrations.distributed) what trains is wrapped in
+DistributedDataParallel: every rank takes its slice of each step's windows, so that one step is
+the same global batch as in one process, and the ranks decide together when to stop (a signal,
+the time budget), so that they stop at the same step. Rank 0 writes the checkpoints; a run
+resumes on any number of ranks, since a step's windows do not depend on how they are shared.
 """
 from __future__ import annotations
 
@@ -28,13 +34,14 @@ from pathlib import Path
 from typing import Callable, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtp_ext._checks import check_positive_int
 from mtp_ext._io import UserError, atomic_write, unreadable
 from mtp_ext.heads.features import FeatureCache
 from mtp_ext.heads.model import MTPHeadsModel, check_finite_lse
+from mtp_ext.integrations.distributed import World
 from mtp_ext.ops import multihead_cross_entropy, multihead_unembed_topk
 
 __all__ = ["HeadAccuracy", "IGNORE_INDEX", "TrainingSettings", "build_optimizer", "evaluate_heads", "greedy_sequence",
@@ -276,34 +283,67 @@ def learning_rate_factor(step: int, settings: TrainingSettings) -> float:
     return FINAL_LR_SHARE + (1 - FINAL_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _step_loss(model: MTPHeadsModel, data: TrainingData, step: int, settings: TrainingSettings) -> Tensor:
-    count = len(data)
-    rows = window_rows(step, settings.batch_size, count, settings.shuffle)
+class _WindowsLoss(nn.Module):
+    """heads_loss of some training windows (token ids, and a FeatureCache's states) as one
+    module call: what DistributedDataParallel wraps, so that its hooks see what trains."""
+
+    def __init__(self, model: MTPHeadsModel, settings: TrainingSettings):
+        super().__init__()
+        self.model, self.settings = model, settings
+
+    def forward(self, input_ids: Tensor, states: Tensor | None = None) -> Tensor:
+        if states is not None:
+            return heads_loss_from_states(self.model, states, input_ids, self.settings.targets)
+        return heads_loss(self.model, input_ids, self.settings.ntp_weight, self.settings.targets)
+
+
+def _windows_inputs(model: MTPHeadsModel, data: TrainingData, rows: list[int]) -> tuple[Tensor, ...]:
     device = model.unembed_weight.device
     if isinstance(data, FeatureCache):
         states, input_ids = data.read(rows, model.num_read_states, model.unembed_weight.dtype)
-        return heads_loss_from_states(model, states.to(device), input_ids.to(device), settings.targets)
-    input_ids = torch.tensor([data[row] for row in rows], device=device)
-    return heads_loss(model, input_ids, settings.ntp_weight, settings.targets)
+        return input_ids.to(device), states.to(device)
+    return (torch.tensor([data[row] for row in rows], device=device),)
 
 
-def _training_step(model: MTPHeadsModel, optimizer: torch.optim.Optimizer, data: TrainingData, step: int,
-                   settings: TrainingSettings) -> float:
+def _trainer(model: MTPHeadsModel, settings: TrainingSettings, world: World) -> nn.Module:
+    """The module a step calls: _WindowsLoss, in DistributedDataParallel on several ranks."""
+    loss = _WindowsLoss(model, settings)
+    if not world.distributed:
+        return loss
+    from torch.nn.parallel import DistributedDataParallel
+
+    # What does not train (a frozen backbone, every buffer) is the same on every rank: sending
+    # it from rank 0 would cost a model's size at each start.
+    fixed = ([name for name, parameter in loss.named_parameters() if not parameter.requires_grad]
+             + [name for name, _ in loss.named_buffers()])
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(loss, fixed)
+    with world.guard("setting up DistributedDataParallel"):
+        return DistributedDataParallel(loss, device_ids=[world.device] if world.device.type == "cuda" else None)
+
+
+def _training_step(trainer: nn.Module, model: MTPHeadsModel, optimizer: torch.optim.Optimizer, data: TrainingData,
+                   step: int, settings: TrainingSettings, world: World) -> float:
     factor = learning_rate_factor(step, settings)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     optimizer.zero_grad(set_to_none=True)
-    loss = _step_loss(model, data, step, settings)
-    loss.backward()
+    rows = window_rows(step, settings.batch_size, len(data), settings.shuffle)[world.slice(settings.batch_size)]
+    share = len(rows) / settings.batch_size
+    with world.guard(f"training step {step + 1}"):
+        loss = trainer(*_windows_inputs(model, data, rows))
+        # Every window weighs the same in the batch's mean, and DDP averages the ranks' gradients:
+        # scaled by its share of the windows times the ranks, a rank's loss gives the batch's gradient.
+        (loss * (share * world.size)).backward()
     optimizer.step()
-    return float(loss.detach())
+    return float(world.sum(loss.detach().double().reshape(1).cpu() * share, "the loss"))
 
 
 def train_heads(model: MTPHeadsModel, windows: TrainingData, settings: TrainingSettings, out: Path,
                 progress: bool = True, time_budget_s: float | None = None,
-                held_out: Callable[[MTPHeadsModel], list["HeadAccuracy"]] | None = None) -> dict:
+                held_out: Callable[[MTPHeadsModel], list["HeadAccuracy"]] | None = None,
+                world: World | None = None) -> dict:
     """Trains `model` up to settings.steps steps, resuming from the checkpoint in `out` if there
-    is one.
+    is one (written by any number of ranks).
 
     Args:
         model: the heads and their backbone.
@@ -315,45 +355,63 @@ def train_heads(model: MTPHeadsModel, windows: TrainingData, settings: TrainingS
         time_budget_s: start no step once this run has taken that many seconds (and
             checkpoint); None: no limit.
         held_out: the held-out scores of the model as it is (e.g. evaluate_heads on held-out
-            text), taken every settings.eval_every steps; None: no curve.
+            text), taken every settings.eval_every steps; None: no curve. On several ranks
+            every rank calls it (it may share the work: evaluate_heads' `world`).
+        world: the ranks sharing each step's windows (mtp_ext.integrations.distributed); None:
+            this process. settings.batch_size is the global batch, at least one window a rank.
 
     Returns:
-        The training record: step, losses (per step), seconds (wall time of all runs),
-        tokens_seen, epochs (windows seen / distinct windows), and with held_out the "curve":
-        [{"step", "tokens_seen", "held_out": [HeadAccuracy as a dict per step]}].
+        The training record: step, losses (per step, of the global batch), seconds (wall time
+        of all runs), tokens_seen, epochs (windows seen / distinct windows), world_size (of the
+        latest run), and with held_out the "curve": [{"step", "tokens_seen", "held_out":
+        [HeadAccuracy as a dict per step]}].
     """
     settings.check()
-    _check_training_data(model, windows, settings)
+    world = world or World()
+    _check_training_data(model, windows, settings, world)
     out = Path(out)
     optimizer = build_optimizer(model, settings)
     record = _resume(model, optimizer, settings, out)
+    world.agree(record["step"], f"the step of the checkpoint in {out}",
+                "--out must be one directory that every rank sees (shared storage)")
+    if world.main and record["step"] and record.get("world_size", 1) != world.size:
+        print(f"resuming {out} (step {record['step']}, trained on {record.get('world_size', 1)} rank(s)) on "
+              f"{world.size}: each step is the same {settings.batch_size} windows", file=sys.stderr)
+    record["world_size"] = world.size
     model.backbone.eval()  # no dropout: a resumed run repeats an uninterrupted one exactly
+    trainer = _trainer(model, settings, world)
     started = time.perf_counter()
     step = first_step = record["step"]
     curve = _Curve(held_out, settings, record)
     update = _UpdateWatch(optimizer)
-    with tqdm(total=settings.steps, initial=step, desc="train heads", unit="step", disable=not progress) as bar, \
-            _HeldSignals() as held:
+    save = world.main  # one writer; every rank holds the same weights after each step
+    with tqdm(total=settings.steps, initial=step, desc="train heads", unit="step",
+              disable=not progress or not world.main) as bar, _HeldSignals(announce=world.main) as held:
         try:
             curve.point(model, step, final=step >= settings.steps)
-            while (step < settings.steps and held.received is None
-                   and not (time_budget_s and time.perf_counter() - started > time_budget_s)):
-                record["losses"].append(_training_step(model, optimizer, windows, step, settings))
+            # Decided together, so that every rank stops at the same step.
+            while step < settings.steps and not world.any(
+                    held.received is not None or bool(time_budget_s and time.perf_counter() - started > time_budget_s)):
+                record["losses"].append(_training_step(trainer, model, optimizer, windows, step, settings, world))
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['losses'][-1]:.3f}")
                 curve.point(model, step, final=step == settings.steps)
-                if step % settings.checkpoint_every == 0 and step < settings.steps:
+                if save and step % settings.checkpoint_every == 0 and step < settings.steps:
                     _save_checkpoint(model, optimizer, settings, out, record, step, started, len(windows))
         finally:  # also on Ctrl-C: no finished step is lost, and no half-applied one is saved
             update.remove()
-            if not update.torn and (step > first_step or not (out / STATE_FILE).is_file()):
+            if save and not update.torn and (step > first_step or not (out / STATE_FILE).is_file()):
                 _save_checkpoint(model, optimizer, settings, out, record, step, started, len(windows))
     held.deliver()
     return record
 
 
-def _check_training_data(model: MTPHeadsModel, windows: TrainingData, settings: TrainingSettings) -> None:
+def _check_training_data(model: MTPHeadsModel, windows: TrainingData, settings: TrainingSettings,
+                         world: World) -> None:
+    if settings.batch_size < world.size:
+        raise ValueError(f"a step's {settings.batch_size} windows cannot be shared by {world.size} ranks: give "
+                         f"at least one window a rank (--batch-size {world.size} or more)")
     if isinstance(windows, FeatureCache):
         if not windows.complete:
             raise ValueError(f"the feature cache {windows.directory} is not complete")
@@ -413,8 +471,9 @@ class _HeldSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.received: int | None = None
+        self.announce = announce  # say so on stderr (one rank of several does)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "_HeldSignals":
@@ -428,7 +487,8 @@ class _HeldSignals:
         if self.received is not None and number == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = number
-        print("\nstopping after this training step, with a checkpoint (Ctrl-C again: stop at once)", file=sys.stderr)
+        if self.announce:
+            print("\nstopping after this training step, with a checkpoint (Ctrl-C again: stop at once)", file=sys.stderr)
 
     def __exit__(self, *exception) -> None:
         for number, handler in self._previous.items():
@@ -511,11 +571,12 @@ class HeadAccuracy:
 
 @torch.no_grad()
 def evaluate_heads(model: MTPHeadsModel, sequences: TrainingData, top_k: Sequence[int] = (1, 5),
-                   batch_size: int = 4, progress: bool = True) -> list[HeadAccuracy]:
+                   batch_size: int = 4, progress: bool = True, world: World | None = None) -> list[HeadAccuracy]:
     """Teacher-forced top-k accuracy and cross-entropy of every head, and of the backbone's own
     next-token prediction (step 1, first), on `sequences` (equal lengths within a batch).
     A step s is scored at every position t with t + s inside the sequence, the positions
-    evaluate_mtp scores for step s.
+    evaluate_mtp scores for step s. On several ranks each scores its share of the batches and
+    the counts and sums are added up over the ranks: every rank returns the whole result.
 
     Args:
         model: the heads and their backbone.
@@ -523,37 +584,41 @@ def evaluate_heads(model: MTPHeadsModel, sequences: TrainingData, top_k: Sequenc
             step 1 is the final norm of the cached last state).
         top_k: the k whose accuracy is counted.
         batch_size: sequences per forward pass.
-        progress: show a progress bar.
+        progress: show a progress bar (rank 0 only: of every rank's sequences).
+        world: the ranks sharing the work (mtp_ext.integrations.distributed); None: this process.
 
     Returns:
         One HeadAccuracy per step: 1, then model.steps.
     """
     if not sequences:
         raise ValueError("no sequences to evaluate")
+    world = world or World()
     steps = [1] + model.steps
-    hits = torch.zeros(len(steps), len(top_k), dtype=torch.long)
-    positions = torch.zeros(len(steps), dtype=torch.long)
+    counts = torch.zeros(len(steps), len(top_k) + 1, dtype=torch.long)  # hits per k, then positions
     losses = torch.zeros(len(steps), dtype=torch.float64)
-    device = model.unembed_weight.device
-    for first in tqdm(range(0, len(sequences), batch_size), desc="evaluate heads", unit="batch",
-                      disable=not progress):
-        final, heads, input_ids = _evaluated_states(model, sequences, range(first, min(first + batch_size,
-                                                                                     len(sequences))))
-        hidden = torch.cat([final[None], heads]).flatten(1, 2)  # [S, B * T, H]
-        targets = head_targets(input_ids, steps).flatten(1)
-        _, ids, lse = multihead_unembed_topk(hidden, model.unembed_weight, max(top_k))
-        check_finite_lse(lse, model.source)
-        scored = targets != IGNORE_INDEX
-        found = ids == targets[..., None]  # [S, M, k]
-        for index, k in enumerate(top_k):
-            hits[:, index] += (found[..., :k].any(-1) & scored).sum(-1).cpu()
-        target_logits = torch.einsum("smh,smh->sm", hidden.float(),
-                                     model.unembed_weight.float()[targets.clamp(min=0)])
-        losses += ((lse - target_logits) * scored).sum(-1).double().cpu()
-        positions += scored.sum(-1).cpu()
-    return [HeadAccuracy(step, int(count), {f"top{k}": int(hits[row, index]) / max(int(count), 1)
-                                            for index, k in enumerate(top_k)}, float(losses[row] / max(int(count), 1)))
-            for row, (step, count) in enumerate(zip(steps, positions))]
+    batches = [range(first, min(first + batch_size, len(sequences))) for first in range(0, len(sequences), batch_size)]
+    weights = [len(rows) for rows in batches]
+    with world.progress(weights, desc="evaluate heads", unit="seq", disable=not progress) as bar:
+        for batch in world.share(weights):
+            final, heads, input_ids = _evaluated_states(model, sequences, batches[batch])
+            hidden = torch.cat([final[None], heads]).flatten(1, 2)  # [S, B * T, H]
+            targets = head_targets(input_ids, steps).flatten(1)
+            _, ids, lse = multihead_unembed_topk(hidden, model.unembed_weight, max(top_k))
+            check_finite_lse(lse, model.source)
+            scored = targets != IGNORE_INDEX
+            found = ids == targets[..., None]  # [S, M, k]
+            for index, k in enumerate(top_k):
+                counts[:, index] += (found[..., :k].any(-1) & scored).sum(-1).cpu()
+            target_logits = torch.einsum("smh,smh->sm", hidden.float(),
+                                         model.unembed_weight.float()[targets.clamp(min=0)])
+            losses += ((lse - target_logits) * scored).sum(-1).double().cpu()
+            counts[:, -1] += scored.sum(-1).cpu()
+            bar.update(weights[batch])
+        bar.wait()
+    counts, losses = world.sum(counts, "the held-out hits"), world.sum(losses, "the held-out losses")
+    return [HeadAccuracy(step, int(row[-1]), {f"top{k}": int(row[index]) / max(int(row[-1]), 1)
+                                              for index, k in enumerate(top_k)}, float(loss / max(int(row[-1]), 1)))
+            for step, row, loss in zip(steps, counts, losses)]
 
 
 def _evaluated_states(model: MTPHeadsModel, sequences: TrainingData, rows: range) -> tuple[Tensor, Tensor, Tensor]:

@@ -16,11 +16,12 @@ run with a message saying which rank and what to check, never a hang.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -33,13 +34,15 @@ __all__ = ["DEFAULT_TIMEOUT_S", "DistributedError", "SharedProgress", "World", "
 
 # torch's own default for gloo; waits for the slowest rank at the end of a share fall within it.
 DEFAULT_TIMEOUT_S = 1800.0
-# Store keys of this package, apart from the process group's own.
+# Store keys of this package: KEY_PREFIX/<session>/..., a session per World of this process, so
+# that the commands one process runs in turn (each in its own World) never read each other's keys.
 KEY_PREFIX = "mtp_ext"
+_SESSIONS = itertools.count(1)
 # Polling the store while waiting for other ranks: from this interval up to the longest one.
 FIRST_POLL_S, LONGEST_POLL_S = 0.005, 0.2
-CHECK = ("check that every rank was started with the same --nnodes / --nproc-per-node, that MASTER_ADDR:MASTER_PORT "
+CHECK = ("check that every rank was started with the same --nnodes and --nproc-per-node, that MASTER_ADDR:MASTER_PORT "
          "(torchrun's --rdzv-endpoint) is rank 0's machine and reachable from every machine (no firewall on the "
-         "port), and see the output of the rank named above; --dist-timeout sets how long to wait")
+         "port), and the other ranks' output; --dist-timeout sets how long a rank waits")
 
 
 class DistributedError(RuntimeError):
@@ -94,6 +97,7 @@ class World:
         timeout_s: the longest wait for another rank.
         store: the rendezvous store (torch.distributed.Store); None in one process.
         reduced_bytes: the bytes this rank has put into collectives so far.
+        namespace: the prefix of this World's keys in the store.
     """
 
     rank: int = 0
@@ -104,6 +108,7 @@ class World:
     timeout_s: float = DEFAULT_TIMEOUT_S
     store: Any = None
     reduced_bytes: int = 0
+    namespace: str = KEY_PREFIX
     _keys: int = 0
 
     @property
@@ -183,6 +188,54 @@ class World:
                 raise DistributedError(f"{self.label}: the ranks disagree on {what} ({listed}); {remedy}")
         return value
 
+    @contextlib.contextmanager
+    def main_first(self, what: str) -> Iterator[None]:
+        """The block runs on rank 0 first and on the other ranks once it is done (at once in one
+        process): for what rank 0 does once for all, e.g. a cache the others then open.
+
+        Args:
+            what: what the block does, for the message when rank 0 takes longer than timeout_s.
+        """
+        key = self.fresh_key("main-first")
+        if self.distributed and not self.main:
+            self._wait_for(key, what)
+        yield
+        if self.distributed and self.main:
+            with self.guard("telling the other ranks"):
+                self.store.set(key, "done")
+
+    def _wait_for(self, key: str, what: str) -> None:
+        """Returns once rank 0 has set `key`."""
+        self.poll(f"waiting for rank 0 to finish {what}", lambda: (bool(self.store.check([key])), 0),
+                  lambda: f"rank 0 has not finished {what} within {self.timeout_s:.0f} s: raise --dist-timeout, or do "
+                          f"it first in one process; if rank 0 is gone, {CHECK}")
+
+    def poll(self, what: str, state: Callable[[], tuple[bool, Any]], stalled: Callable[[], str]) -> None:
+        """Waits, polling the store, until `state()` says (ready, _); raises a DistributedError
+        when a rank reports a failure, or with `stalled()` when its second value (the progress)
+        has not changed for timeout_s.
+
+        Args:
+            what: what this rank waits for, for messages.
+            state: (whether the wait is over, a value that changes while the others progress).
+            stalled: the message when nothing has changed for timeout_s.
+        """
+        last, changed, pause = None, time.monotonic(), FIRST_POLL_S
+        with self.guard(what):
+            while True:
+                ready, progress = state()
+                if ready:
+                    return
+                failures = self._failures()
+                if failures:
+                    raise DistributedError(f"{self.label}: stopping: {failures}")
+                if progress != last:
+                    last, changed = progress, time.monotonic()
+                elif time.monotonic() - changed > self.timeout_s:
+                    raise DistributedError(f"{self.label}: {stalled()}")
+                time.sleep(pause)
+                pause = min(2 * pause, LONGEST_POLL_S)
+
     def progress(self, weights: Sequence[int], **bar) -> "SharedProgress":
         """A progress bar of every rank's work on items of `weights` (each rank working on its
         share), shown by rank 0 (tqdm's keyword arguments in `bar`)."""
@@ -209,7 +262,7 @@ class World:
     def fresh_key(self, name: str) -> str:
         """A store key of its own for the next use of `name` (every rank asks in the same order)."""
         self._keys += 1
-        return f"{KEY_PREFIX}/{name}/{self._keys}"
+        return f"{self.namespace}/{name}/{self._keys}"
 
     def record_failure(self, error: BaseException) -> None:
         """Tells the other ranks that this one failed, and why (they name it when they stop)."""
@@ -217,15 +270,15 @@ class World:
             return
         with contextlib.suppress(Exception):  # the store may be gone with rank 0's machine
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            self.store.set(f"{KEY_PREFIX}/failed/{self.rank}", f"{type(error).__name__}: {reason}")
-            self.store.add(f"{KEY_PREFIX}/failures", 1)
+            self.store.set(f"{self.namespace}/failed/{self.rank}", f"{type(error).__name__}: {reason}")
+            self.store.add(f"{self.namespace}/failures", 1)
 
     def _failures(self) -> str:
         """'rank R failed: ...' for every rank that reported a failure; '' if none did."""
         try:
-            if self.store.add(f"{KEY_PREFIX}/failures", 0) == 0:
+            if self.store.add(f"{self.namespace}/failures", 0) == 0:
                 return ""
-            keys = [f"{KEY_PREFIX}/failed/{rank}" for rank in range(self.size)]
+            keys = [f"{self.namespace}/failed/{rank}" for rank in range(self.size)]
             return "; ".join(f"rank {rank} failed: {self.store.get(key).decode()}"
                              for rank, key in enumerate(keys) if rank != self.rank and self.store.check([key]))
         except Exception as error:  # noqa: BLE001 - any failure of the store means the same
@@ -280,26 +333,19 @@ class SharedProgress:
         if not self.world.distributed:
             return
         store, total = self.world.store, sum(self.expected)
-        last_total, last_change, pause = -1, time.monotonic(), FIRST_POLL_S
-        with self.world.guard("waiting for the other ranks"):
-            while True:
-                current = store.add(self.key, 0)
-                self._show(current)
-                if current >= total:
-                    return
-                failures = self.world._failures()
-                if failures:
-                    raise DistributedError(f"{self.world.label}: stopping: {failures}")
-                if current != last_total:
-                    last_total, last_change, pause = current, time.monotonic(), FIRST_POLL_S
-                elif time.monotonic() - last_change > self.world.timeout_s:
-                    behind = [f"rank {rank} at {store.add(f'{self.key}/{rank}', 0)} of {expected}"
-                              for rank, expected in enumerate(self.expected)
-                              if store.add(f"{self.key}/{rank}", 0) < expected]
-                    raise DistributedError(f"{self.world.label}: no rank made progress for {self.world.timeout_s:.0f} s "
-                                           f"({', '.join(behind)}): those ranks died or hung; {CHECK}")
-                time.sleep(pause)
-                pause = min(2 * pause, LONGEST_POLL_S)
+
+        def state() -> tuple[bool, int]:
+            done = store.add(self.key, 0)
+            self._show(done)
+            return done >= total, done
+
+        def stalled() -> str:
+            behind = [f"rank {rank} at {done} of {expected}" for rank, expected in enumerate(self.expected)
+                      if (done := store.add(f"{self.key}/{rank}", 0)) < expected]
+            return (f"no rank made progress for {self.world.timeout_s:.0f} s ({', '.join(behind)}): those ranks died "
+                    f"or hung; {CHECK}")
+
+        self.world.poll("waiting for the other ranks", state, stalled)
 
     def _show(self, total_done: int) -> None:
         self.bar.update(total_done - self.bar.n)
@@ -333,6 +379,7 @@ def init_world(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> Wor
     world = World(rank=int(os.environ.get("RANK", "0")), size=size, local_rank=local_rank, local_size=local_size,
                   device=where, timeout_s=timeout_s)
     if world.distributed:
+        world.namespace = f"{KEY_PREFIX}/{next(_SESSIONS)}"
         world.store = _join(world)
     return world
 
@@ -349,7 +396,7 @@ def _join(world: World):
     timeout = timedelta(seconds=world.timeout_s)
     try:
         store, _, _ = next(dist.rendezvous("env://", world.rank, world.size, timeout=timeout))
-        dist.init_process_group(world.backend, store=dist.PrefixStore(f"{KEY_PREFIX}/group", store),
+        dist.init_process_group(world.backend, store=dist.PrefixStore(f"{world.namespace}/group", store),
                                 rank=world.rank, world_size=world.size, timeout=timeout,
                                 **({"device_id": world.device} if world.backend == "nccl" else {}))
     except (RuntimeError, ValueError) as error:  # DistStoreError, DistNetworkError: timeouts, refused connections
