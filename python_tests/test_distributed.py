@@ -299,3 +299,8 @@ def test_a_model_offloaded_in_part_to_the_disk_evaluates_as_the_plain_one(tmp_pa
     capsys.readouterr()
     assert main(argv + ["--device-map", "auto", "--max-memory", "cpu=100KB"]) == 2
     assert "--offload-folder" in capsys.readouterr().err
+    # Speculative decoding through the hooks: greedy output is model.generate's.
+    assert main(["generate", "--model", str(tmp_path / "model"), "--prompt", "a b c hello world", "--max-new-tokens",
+                 "8", "--compare", "--device-map", "auto", "--max-memory", "cpu=100KB", "--offload-folder",
+                 str(tmp_path / "generate-offload")]) == 0
+    assert "outputs identical" in capsys.readouterr().out

@@ -36,6 +36,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     parser.add_argument("--compare", action="store_true",
                         help="also run model.generate with the same settings and print the speed-up")
+    common.add_placement_arguments(parser)
     parser.set_defaults(run=run)
 
 
