@@ -304,3 +304,11 @@ def test_a_model_offloaded_in_part_to_the_disk_evaluates_as_the_plain_one(tmp_pa
                  "8", "--compare", "--device-map", "auto", "--max-memory", "cpu=100KB", "--offload-folder",
                  str(tmp_path / "generate-offload")]) == 0
     assert "outputs identical" in capsys.readouterr().out
+
+
+def test_train_token_head_refuses_several_ranks(files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train-token-head", "--model", str(files["llama"]), "--data", str(files["text"]), "--out",
+                 str(tmp_path / "head")]) == 2
+    assert "train-token-head runs in one process" in capsys.readouterr().err
+    assert not (tmp_path / "head").exists()

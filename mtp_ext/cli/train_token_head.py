@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mtp_ext._io import UserError
 from mtp_ext.cli import common
 
 __all__ = ["NAME", "add_parser", "run"]
@@ -38,6 +39,11 @@ def run(args: argparse.Namespace) -> dict:
     from mtp_ext.heads.token_head import token_head_features
     from mtp_ext.models import describe_weights
 
+    from mtp_ext.integrations.distributed import launched_ranks
+
+    if launched_ranks()[1] > 1:  # every rank would train the same head and write it
+        raise UserError("train-token-head runs in one process: start it without torchrun (or with "
+                        "--nproc-per-node 1 --nnodes 1)")
     common.set_threads(args)
     settings = TokenHeadSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                  draft_vocab=args.draft_vocab)
