@@ -26,6 +26,7 @@ from mtp_ext.speculative import (
     TokenRule,
     speculative_generate,
 )
+from mtp_ext.speculative.drafters import chain_forest
 from mtp_ext.tree import DraftForest
 
 from tiny_models import ARCHITECTURES, padded_batch, tiny_model
@@ -100,7 +101,8 @@ def emitted_rows(sequences, prompt_width, eos):
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("drafter", ["marginal", "scripted", "token_head", "lookup", "lookup_token_head"])
+@pytest.mark.parametrize("drafter", ["marginal", "scripted", "token_head", "lookup", "lookup_adaptive",
+                                     "lookup_token_head"])
 def test_greedy_equals_generate(architecture, batch, drafter):
     model = tiny_model(architecture, VOCAB, seed=batch).double()
     input_ids, mask = padded_batch(PROMPTS[:batch])
@@ -111,6 +113,8 @@ def test_greedy_equals_generate(architecture, batch, drafter):
         drafter = TokenHeadDrafter(random_token_head(model))
     elif drafter == "lookup":
         drafter = LookupDrafter(max_nodes=5)
+    elif drafter == "lookup_adaptive":
+        drafter = LookupDrafter()
     elif drafter == "lookup_token_head":
         drafter = LookupFirstDrafter(TokenHeadDrafter(random_token_head(model)))
     got = speculative_generate(model, input_ids, mask, drafter=drafter, max_new_tokens=24, pad_token_id=0)
@@ -513,6 +517,45 @@ def test_lookup_drafts_what_followed_the_latest_match():
     context[1] += [2, 3]
     forest = LookupDrafter(max_nodes=3).draft(lookup_pass(context))
     assert forest.token_ids[1, :forest.counts[1]].tolist() == [3, 4, 2]
+
+
+def test_the_adaptive_chain_doubles_after_a_whole_chain_is_accepted_and_starts_over_otherwise():
+    from mtp_ext.speculative import VerifiedPass
+
+    drafter = LookupDrafter()
+    first, longest = LookupDrafter.ADAPTIVE_CHAIN["cpu"]
+
+    def after(counts: list[int], stops: list[int]) -> list[int]:
+        forest = chain_forest(torch.zeros(len(counts), dtype=torch.long), [[5] * (count - 1) for count in counts])
+        roots = torch.zeros(len(counts), dtype=torch.long)
+        return drafter.chain_lengths(VerifiedPass(forest, None, None, torch.tensor(stops), roots, None))
+
+    assert after([1, 1], [0, 0]) == [first, first]  # nothing drafted (the prompt's pass, or no match)
+    assert after([first + 1, first + 1], [first, first - 1]) == [2 * first, first]  # all accepted / one rejected
+    assert after([9, 9], [8, 0]) == [min(longest, 16), first]
+    assert after([longest + 1], [longest]) == [longest]  # capped
+    assert LookupDrafter(max_nodes=4).chain_lengths(lookup_pass([[1, 2]])) == [3]
+    assert LookupDrafter(branching=[1, 1]).chain_lengths(lookup_pass([[1, 2]])) == [2]
+
+
+def test_an_adaptive_chain_grows_in_decoding_where_the_model_repeats_itself():
+    # Greedy decoding of this tiny random model falls into a loop of 3 tokens: the chain copies it.
+    model = tiny_model("llama", VOCAB, seed=3).double()
+    input_ids = torch.tensor([PROMPTS[0]])
+    seen = []
+
+    class Recording(LookupDrafter):
+        def chain_lengths(self, previous):
+            lengths = super().chain_lengths(previous)
+            seen.append(((previous.forest.counts - 1).tolist(), previous.stop_nodes.tolist(), lengths))
+            return lengths
+
+    got = speculative_generate(model, input_ids, drafter=Recording(), max_new_tokens=48)
+    assert torch.equal(got.sequences, greedy_reference(model, input_ids, torch.ones_like(input_ids), 48))
+    first, longest = LookupDrafter.ADAPTIVE_CHAIN["cpu"]
+    for (drafted,), (stop,), (length,) in seen:
+        assert length == (min(longest, 2 * drafted) if drafted and stop == drafted else first)
+    assert max(length for _, _, (length,) in seen) > 2 * first  # it doubled twice along the loop
 
 
 def test_lookup_prefers_the_longest_suffix_that_occurred():

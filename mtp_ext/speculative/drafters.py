@@ -407,12 +407,29 @@ class LookupDrafter(Drafter):
     occurred before), as a chain under the root. A row without a match drafts nothing. Needs no
     training and no extra model pass; it pays on text that repeats itself (code, names, quotes).
 
+    The latest occurrence, not the first one Hugging Face takes: text repeats what it said
+    lately more than what it said long ago, and the latest match is accepted further
+    (bench/README.md, "The lookup drafter's rules").
+
+    Without a fixed size the chain's length follows its own acceptance, per row: ADAPTIVE_CHAIN's
+    first length for the device, doubled after every pass that accepted the whole chain (the
+    context is being repeated: a longer copy will be accepted too), up to its last, and back to
+    the first after a pass that rejected part of it. A chain costs a row of every linear per node,
+    so short chains where repeats are rare, long ones along a repeated passage.
+
     Args:
-        branching: only a chain: every count 1; its length is the chain's depth.
-        max_nodes: nodes of the chain, the root included; None (and no branching): 4 on a CPU,
-            11 elsewhere (10 drafted tokens, Hugging Face's usual setting).
+        branching: only a chain: every count 1; its length is the chain's depth (fixed).
+        max_nodes: nodes of the chain, the root included (fixed); None (and no branching): the
+            adaptive length.
         max_ngram: the longest suffix looked up.
     """
+
+    # device type -> (first, longest) chain length in drafted tokens. On a CPU a pass over 2-3
+    # tokens costs about one over 1 and every further token adds a row to each linear; up to
+    # 16 rows run the small-batch linears (SMALL_BATCH_ROWS). Elsewhere passes of up to a few
+    # dozen tokens cost about the same, so chains start at Hugging Face's usual 10.
+    ADAPTIVE_CHAIN = {"cpu": (2, 15)}
+    ADAPTIVE_CHAIN_ELSEWHERE = (10, 31)
 
     def __init__(self, branching: Branching = None, max_nodes: Optional[int] = None, max_ngram: int = 3):
         self.shape = TreeShape.of(branching, max_nodes)
@@ -429,24 +446,37 @@ class LookupDrafter(Drafter):
         read of the unembedding for all of them costs about one for a single node."""
         return every_node_chooser(adapter, hidden, rule, forest)
 
-    def chain_nodes(self, device: torch.device) -> int:
-        """Nodes of a drafted chain, the root included."""
+    @property
+    def adaptive(self) -> bool:
+        """Whether the chain's length follows its acceptance (no fixed size given)."""
+        return self.shape.max_nodes is None and self.shape.branching is None
+
+    def chain_lengths(self, previous: VerifiedPass) -> list[int]:
+        """Each row's chain length in drafted tokens, root excluded, for the pass after
+        `previous` (see the class docstring)."""
         if self.shape.max_nodes is not None:
-            return self.shape.max_nodes
+            return [self.shape.max_nodes - 1] * len(previous.next_tokens)
         if self.shape.branching is not None:
-            return 1 + self.shape.depth
-        return 4 if device.type == "cpu" else 11
+            return [self.shape.depth] * len(previous.next_tokens)
+        first, longest = self.ADAPTIVE_CHAIN.get(previous.next_tokens.device.type, self.ADAPTIVE_CHAIN_ELSEWHERE)
+        # A chain's slots are its depths: the whole chain was accepted where the walk stopped at its last slot.
+        drafted = (previous.forest.counts - 1).tolist()
+        stops = previous.stop_nodes.tolist() if previous.stop_nodes is not None else [-1] * len(drafted)
+        return [min(longest, 2 * count) if count > 0 and stop == count else first
+                for count, stop in zip(drafted, stops)]
 
     def draft(self, previous: VerifiedPass, nodes: Optional[int] = None) -> DraftForest:
-        """The chains of every row; `nodes`: their size, the root included, in place of the shape's."""
+        """The chains of every row; `nodes`: their size, the root included, in place of
+        chain_lengths'."""
         if previous.context is None:
             raise ValueError("the lookup drafter reads the decoder's context (VerifiedPass.context), which "
                              "this pass does not hold")
         if previous.context is not self._context:  # another generation: index its rows afresh
             self._context = previous.context
             self._rows = [_NgramIndex(tokens, self.max_ngram) for tokens in previous.context]
-        count = (nodes if nodes is not None else self.chain_nodes(previous.next_tokens.device)) - 1
-        return chain_forest(previous.next_tokens, [row.continuation(count) for row in self._rows])
+        lengths = [nodes - 1] * len(self._rows) if nodes is not None else self.chain_lengths(previous)
+        return chain_forest(previous.next_tokens, [row.continuation(length)
+                                                   for row, length in zip(self._rows, lengths)])
 
 
 def chain_forest(roots: Tensor, chains: list[list[int]]) -> DraftForest:
