@@ -1,5 +1,6 @@
-"""vLLM serves heads trained with mtp_ext: their export to vLLM's Medusa checkpoint layout, and
-the `speculative_config` that points vLLM at an exported directory.
+"""vLLM serves heads trained with mtp_ext: their export to vLLM's Medusa checkpoint layout, the
+engine arguments (`speculative_config`) that point vLLM at an exported directory, and greedy
+decoding with vLLM's offline engine for tests and benchmarks.
 
 vLLM's Medusa (vllm/model_executor/models/medusa.py) runs, for each head, residual layers
 x + SiLU(W x + b) on the target model's final, post-norm hidden state and unembeds the result:
@@ -8,7 +9,7 @@ with `original_lm_head` one unembedding (`lm_heads.0.weight`) serves every head,
 others are never drafted; the unembedding read per head shrinks by V / K). Its proposer drafts a
 chain, each head's argmax. mtp_ext's "medusa" heads (MTPHeadsModel(head_type="medusa")) are that
 layout with one layer per head and the backbone's own unembedding, so the export renames their
-tensors. Only greedy_generate needs vLLM installed (`make vllm-env`); the export does not.
+tensors. Only VllmEngine and greedy_generate need vLLM installed (`make vllm-env`).
 """
 from __future__ import annotations
 
@@ -34,8 +35,7 @@ __all__ = ["CONFIG_FILE", "VllmEngine", "VllmRun", "WEIGHTS_FILE", "check_export
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-# vLLM's Medusa reads these; the rest of its MedusaConfig (max_paths, topk) serves tree
-# drafting, which its proposer does not do.
+# One residual layer per head: the layout of mtp_ext's ResBlockHead (vLLM's default too).
 LAYERS_PER_HEAD = 1
 
 
