@@ -146,7 +146,8 @@ PEERS = {"generate": (run_generate, {}), "prompt_lookup_3": (run_generate, {"pro
          "small_linears_prompt_lookup_3": (run_generate_small_linears, {"prompt_lookup_num_tokens": 3}),
          "small_linears_prompt_lookup_10": (run_generate_small_linears, {"prompt_lookup_num_tokens": 10})}
 DRAFTERS = {"marginal": lambda _: (MarginalDrafter(), "marginal"), "heads": trained_heads_drafter,
-            "token_head": trained_token_head_drafter, "lookup": lambda _: (LookupDrafter(), "lookup"),
+            "token_head": trained_token_head_drafter, "lookup": lambda _: (LookupDrafter(), "lookup (adaptive chain)"),
+            "lookup_fixed_3": lambda _: (LookupDrafter(max_nodes=4), "lookup, chains of 3"),
             "lookup_token_head": lookup_first_drafter}
 
 
