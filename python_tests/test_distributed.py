@@ -28,7 +28,8 @@ from tiny_models import tiny_config
 
 LAUNCH_TIMEOUT_S = 240
 # Runs the CLI commands given as JSON in one process per rank, one World after another; can make
-# one rank fail inside the evaluation, or each training step slower (time to interrupt it).
+# one rank fail inside the evaluation of one command, or each training step slower (time to
+# interrupt it).
 DRIVER = """
 import json, os, sys, time
 from mtp_ext import evaluate
@@ -36,21 +37,31 @@ from mtp_ext.cli import main
 from mtp_ext.heads import training
 
 plan = json.loads(sys.argv[1])
-if plan.get("fail_rank") == int(os.environ["RANK"]):
-    def failing(*args):
-        raise RuntimeError("injected failure")
-    evaluate._evaluate_window = failing
 if plan.get("step_sleep"):
     step = training._training_step
     def slow(*args):
         time.sleep(plan["step_sleep"])
         return step(*args)
     training._training_step = slow
-for argv in plan["commands"]:
+for index, argv in enumerate(plan["commands"]):
+    if index == plan.get("fail_command") and int(os.environ["RANK"]) == plan["fail_rank"]:
+        def failing(*args):
+            raise RuntimeError("injected failure")
+        evaluate._evaluate_window = failing
     code = main(argv)
     if code:
         sys.exit(code)
 """
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The one-process runs take one thread, as each rank does: tiny models gain nothing from
+    more, and on a busy machine every short parallel region waits for a descheduled thread."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 def free_port() -> int:
@@ -154,7 +165,9 @@ def test_balanced_share_is_contiguous_complete_and_balanced(generator):
     assert balanced_share([0, 0, 0], 1, 2) == range(1, 3)  # no weight: split by count
 
 
-def test_eval_analyze_and_joint_heads_on_two_ranks_equal_one_process(tmp_path, files):
+def test_two_ranks_equal_one_process_and_a_failing_rank_ends_the_launch(tmp_path, files):
+    """eval and analyze (two architectures) and joint heads on 2 ranks against one process; then,
+    in the same launch, an eval in which rank 1 raises."""
     runs = {name: tmp_path / name for name in ("two", "one")}
     for run in runs.values():
         run.mkdir()
@@ -163,8 +176,15 @@ def test_eval_analyze_and_joint_heads_on_two_ranks_equal_one_process(tmp_path, f
                 + [heads_argv(files["llama"], files["text"], run / "joint", "--joint", "--steps", "4",
                               "--backbone-lr", "1e-3")]
                 for name, run in runs.items()}
-    launched = torchrun(tmp_path, plan={"commands": commands["two"]})
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    failed_json = tmp_path / "failed.json"
+    failing = eval_argv(files["llama"], files["text"], failed_json) + ["--dist-timeout", "30"]
+    started = time.monotonic()
+    launched = torchrun(tmp_path, plan={"commands": commands["two"] + [failing], "fail_command": 5, "fail_rank": 1})
+    assert time.monotonic() - started < LAUNCH_TIMEOUT_S
+    assert launched.returncode != 0
+    assert "error: rank 1 of 2: injected failure" in launched.stderr, launched.stderr[-3000:]
+    assert "mtp_ext/evaluate.py" not in launched.stderr  # said in a line, not with a traceback
+    assert not failed_json.exists() and not list(tmp_path.glob(".failed.json.*"))  # no partial JSON
     for argv in commands["one"]:
         assert main(argv) == 0
     # Rank 0 alone prints the tables.
@@ -238,18 +258,6 @@ def test_train_heads_interrupted_on_two_ranks_resumes_to_the_uninterrupted_heads
             torch.testing.assert_close(value, straight[name], rtol=1e-5, atol=1e-6)
 
 
-def test_a_rank_that_fails_ends_the_launch_with_its_message(tmp_path, files):
-    json_path = tmp_path / "eval.json"
-    argv = eval_argv(files["llama"], files["text"], json_path) + ["--dist-timeout", "30"]
-    started = time.monotonic()
-    launched = torchrun(tmp_path, plan={"commands": [argv], "fail_rank": 1})
-    assert launched.returncode != 0
-    assert time.monotonic() - started < LAUNCH_TIMEOUT_S
-    assert "error: rank 1 of 2: injected failure" in launched.stderr
-    assert "mtp_ext/evaluate.py" not in launched.stderr  # said in a line, not with a traceback
-    assert not json_path.exists() and not list(tmp_path.glob(".eval.json.*"))  # no partial JSON
-
-
 def test_a_rendezvous_that_never_completes_is_an_error_naming_it(files, monkeypatch, capsys, restore_num_threads):
     port = free_port()
     for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -289,15 +297,18 @@ def test_a_model_offloaded_in_part_to_the_disk_evaluates_as_the_plain_one(tmp_pa
     want = evaluate_mtp(plain, sequences, steps=3, top_p=0.9, max_candidates=6, progress=False).to_dict()
     assert without(got, "seconds", "positions_per_second") == without(want, "seconds", "positions_per_second")
 
-    argv = eval_argv(tmp_path / "model", files["text"], tmp_path / "offloaded.json")
-    assert main(argv + ["--device-map", "auto", "--max-memory", "cpu=100KB", "--offload-folder",
-                        str(tmp_path / "cli-offload")]) == 0
-    assert main(eval_argv(tmp_path / "model", files["text"], tmp_path / "plain.json")) == 0
+    def argv(name: str) -> list[str]:
+        return ["eval", "--model", str(tmp_path / "model"), "--data", str(files["text"]), "--tokens", "47",
+                "--seq-len", "24", "--max-candidates", "6", "--json", str(tmp_path / name)]
+
+    assert main(argv("offloaded.json") + ["--device-map", "auto", "--max-memory", "cpu=100KB", "--offload-folder",
+                                          str(tmp_path / "cli-offload")]) == 0
+    assert main(argv("plain.json")) == 0
     offloaded, plain_report = (json.loads((tmp_path / name).read_text()) for name in ("offloaded.json", "plain.json"))
     assert_same_results(without(plain_report, "seconds", "positions_per_second"),
                         without(offloaded, "seconds", "positions_per_second"))
     capsys.readouterr()
-    assert main(argv + ["--device-map", "auto", "--max-memory", "cpu=100KB"]) == 2
+    assert main(argv("never.json") + ["--device-map", "auto", "--max-memory", "cpu=100KB"]) == 2
     assert "--offload-folder" in capsys.readouterr().err
     # Speculative decoding through the hooks: greedy output is model.generate's.
     assert main(["generate", "--model", str(tmp_path / "model"), "--prompt", "a b c hello world", "--max-new-tokens",

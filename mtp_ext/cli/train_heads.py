@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> dict:
             heads = initial_heads(args, backbone)
         else:
             heads = MTPHeadsModel(backbone, args.heads, args.head_type, args.whs, freeze_backbone=not args.joint)
+        heads.to(world.device)  # the WHS weights are made on the CPU
         training_data, curve_data = windows, held_out
         if args.features is not None:
             # Rank 0 builds the caches; the other ranks then open them.

@@ -250,12 +250,12 @@ class World:
             yield
         except DistributedError:
             raise
-        except RuntimeError as error:  # DistBackendError and gloo's errors are RuntimeErrors
+        except RuntimeError as error:  # gloo's and NCCL's errors are RuntimeErrors, as are others
             if not self.distributed:
                 raise
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            failures = self._failures() or "no rank reported a failure: one may have been killed, or hung"
-            raise DistributedError(f"{self.label}: {what} failed ({reason}); {failures}; {CHECK}") from error
+            failures = self._failures() or "no other rank reported a failure"
+            raise DistributedError(f"{self.label}: {what} failed ({_first_line(error)}); {failures}; if a rank "
+                                   f"died or hung, {CHECK}") from error
 
     # ------------------------------------------------------------------ the store
 
@@ -269,8 +269,7 @@ class World:
         if self.store is None:
             return
         with contextlib.suppress(Exception):  # the store may be gone with rank 0's machine
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            self.store.set(f"{self.namespace}/failed/{self.rank}", f"{type(error).__name__}: {reason}")
+            self.store.set(f"{self.namespace}/failed/{self.rank}", f"{type(error).__name__}: {_first_line(error)}")
             self.store.add(f"{self.namespace}/failures", 1)
 
     def _failures(self) -> str:
@@ -282,7 +281,8 @@ class World:
             return "; ".join(f"rank {rank} failed: {self.store.get(key).decode()}"
                              for rank, key in enumerate(keys) if rank != self.rank and self.store.check([key]))
         except Exception as error:  # noqa: BLE001 - any failure of the store means the same
-            return f"the rendezvous store is unreachable too ({type(error).__name__}): rank 0's machine or its launcher is gone"
+            return (f"the rendezvous store is unreachable too ({type(error).__name__}): rank 0's machine or its "
+                    "launcher is gone")
 
     def close(self) -> None:
         """Leaves the process group (nothing in one process)."""
@@ -309,7 +309,6 @@ class SharedProgress:
         self.expected = [sum(weights[index] for index in balanced_share(weights, rank, world.size))
                          for rank in range(world.size)]
         self.key = world.fresh_key("progress") if world.distributed else ""
-        self.done = 0
         self.bar = tqdm(total=sum(self.expected), **{**bar, "disable": bar.get("disable", False) or not world.main})
 
     def __enter__(self) -> "SharedProgress":
@@ -320,7 +319,6 @@ class SharedProgress:
 
     def update(self, amount: int) -> None:
         """Adds `amount` of this rank's work done."""
-        self.done += amount
         if not self.world.distributed:
             self.bar.update(amount)
             return
@@ -349,6 +347,10 @@ class SharedProgress:
 
     def _show(self, total_done: int) -> None:
         self.bar.update(total_done - self.bar.n)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def init_world(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
@@ -400,9 +402,8 @@ def _join(world: World):
                                 rank=world.rank, world_size=world.size, timeout=timeout,
                                 **({"device_id": world.device} if world.backend == "nccl" else {}))
     except (RuntimeError, ValueError) as error:  # DistStoreError, DistNetworkError: timeouts, refused connections
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise DistributedError(f"{world.label}: the rendezvous at {address} did not complete within "
-                               f"{world.timeout_s:.0f} s ({reason}); {CHECK}") from error
+                               f"{world.timeout_s:.0f} s ({_first_line(error)}); {CHECK}") from error
     return store
 
 
