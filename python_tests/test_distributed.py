@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mtp_ext.cli import main
 from mtp_ext.evaluate import evaluate_mtp
-from mtp_ext.integrations.distributed import balanced_share
+from mtp_ext.integrations.distributed import DistributedError, World, balanced_share
 from mtp_ext.models import load_model
 
 from test_models_data import WORDS, tiny_tokenizer
@@ -163,6 +163,42 @@ def test_balanced_share_is_contiguous_complete_and_balanced(generator):
             for share in shares:  # no share exceeds its part by more than one item's weight
                 assert sum(weights[index] for index in share) <= total / size + max(weights, default=0)
     assert balanced_share([0, 0, 0], 1, 2) == range(1, 3)  # no weight: split by count
+
+
+def waiting_rank(timeout_s: float = 0.3) -> World:
+    """Rank 0 of 2 on an in-process store, with no other rank behind it: what it sees of the
+    others is what the test writes into the store."""
+    return World(rank=0, size=2, timeout_s=timeout_s, store=torch.distributed.HashStore(), namespace="test")
+
+
+def test_a_rank_that_makes_no_progress_is_named_after_the_timeout():
+    world = waiting_rank()
+    with world.progress([5, 5, 5, 5], disable=True) as bar:  # rank 0: items 0-1, rank 1: items 2-3
+        bar.update(10)
+        world.store.add(f"{bar.key}/1", 3)
+        world.store.add(bar.key, 3)
+        started = time.monotonic()
+        with pytest.raises(DistributedError, match="no rank made progress for 0 s .rank 1 at 3 of 10.: those ranks "
+                                                   "died or hung"):
+            bar.wait()
+        assert time.monotonic() - started < 5
+
+
+def test_waiting_ranks_stop_on_a_reported_failure_and_name_it():
+    store = torch.distributed.HashStore()
+    rank = {index: World(rank=index, size=2, timeout_s=60, store=store, namespace="test") for index in (0, 1)}
+    rank[1].record_failure(ValueError("the data is bad\nmore detail"))
+    with rank[0].progress([1, 1], disable=True) as bar:
+        with pytest.raises(DistributedError, match="rank 0 of 2: stopping: rank 1 failed: ValueError: the data is bad$"):
+            bar.wait()
+    rank[0].record_failure(RuntimeError("out of memory"))
+    with pytest.raises(DistributedError, match="rank 1 of 2: stopping: rank 0 failed: RuntimeError: out of memory$"):
+        with rank[1].main_first("the feature cache"):
+            pass
+    late = World(rank=1, size=2, timeout_s=0.2, store=torch.distributed.HashStore(), namespace="test")
+    with pytest.raises(DistributedError, match="rank 0 has not finished the feature cache within 0 s"):
+        with late.main_first("the feature cache"):
+            pass
 
 
 def test_two_ranks_equal_one_process_and_a_failing_rank_ends_the_launch(tmp_path, files):
