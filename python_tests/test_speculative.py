@@ -462,7 +462,7 @@ def test_cli_generate_prints_text_stats_and_speedup(tmp_path, capsys):
                  "--compare"])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "It is a truth" in printed and "tokens per step (drafter marginal)" in printed
+    assert "It is a truth" in printed and "tokens per step (drafter lookup)" in printed
     assert "speed-up" in printed and "outputs identical" in printed
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--drafter", "medusa"]) == 2
     assert "unknown drafter 'medusa'" in capsys.readouterr().err
@@ -473,9 +473,9 @@ def test_cli_generate_prints_text_stats_and_speedup(tmp_path, capsys):
     shaped = resolve_drafter(f"heads:{tmp_path / 'heads'}", LlamaForCausalLM.from_pretrained(str(tmp_path)),
                              branching=[2, 1], max_nodes=3)
     assert shaped.branching == (2, 1) and shaped.max_nodes == 3
-    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--max-nodes", "3"]) == 2
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--drafter", "marginal", "--max-nodes", "3"]) == 2
     assert "the marginal drafter takes one branching count" in capsys.readouterr().err
-    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--branching", "2", "2"]) == 2
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--drafter", "marginal", "--branching", "2", "2"]) == 2
     assert "the marginal drafter takes one branching count" in capsys.readouterr().err
     assert resolve_drafter("marginal", None, branching=[5]).width(torch.device("cpu")) == 5
     assert MarginalDrafter().width(torch.device("cpu")) == 3 and MarginalDrafter().width(torch.device("meta")) == 8

@@ -14,12 +14,12 @@ NAME = "generate"
 
 def add_parser(commands) -> None:
     """Adds the `mtp-ext generate` subcommand to `commands`, the subparsers of `mtp-ext`."""
-    from mtp_ext.speculative import drafter_help
+    from mtp_ext.speculative.drafters import DEFAULT_DRAFTER, drafter_help
 
     parser = commands.add_parser(NAME, help="self-speculative decoding with MTP drafts")
     common.add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--drafter", default="marginal", help=f"the drafter: {drafter_help()}")
+    parser.add_argument("--drafter", default=DEFAULT_DRAFTER, help=f"the drafter: {drafter_help()} (default: {DEFAULT_DRAFTER})")
     parser.add_argument("--branching", type=common.positive_int, nargs="+", default=None,
                         help="candidates per node at each depth (heads; default: 3 on a CPU, 4 3 2 2 on a GPU), or "
                              "under the root (marginal and token head, one count; default: 3 on a CPU, 8 on a GPU)")

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from mtp_ext._checks import check_positive_int
 from mtp_ext.models.adapters import CausalLMAdapter, check_inputs, last_real_positions, prefix_position_ids, small_batch_linears
-from mtp_ext.speculative.drafters import resolve_drafter
+from mtp_ext.speculative.drafters import DEFAULT_DRAFTER, resolve_drafter
 from mtp_ext.speculative.protocol import (
     Chooser,
     Drafter,
@@ -134,7 +134,7 @@ _DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_
 
 @torch.no_grad()
 def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                         drafter: Union[str, Drafter] = "marginal", max_new_tokens: Optional[int] = None,
+                         drafter: Union[str, Drafter] = DEFAULT_DRAFTER, max_new_tokens: Optional[int] = None,
                          do_sample: Optional[bool] = None, temperature: Optional[float] = None,
                          top_p: Optional[float] = None, eos_token_id: Union[int, Sequence[int], None] = None,
                          pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
@@ -156,7 +156,7 @@ def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tens
         model: a supported Hugging Face causal LM.
         input_ids: [B, T] int64, the prompts.
         attention_mask: [B, T] (1: real token), or None: every token is real.
-        drafter: a Drafter, or a registered name (see register_drafter).
+        drafter: a Drafter, or a registered name (see register_drafter); by default "lookup".
         max_new_tokens: the most tokens generated per row, >= 1; default 32.
         do_sample: False (default): greedy decoding.
         temperature: finite, > 0 (sampling only); default 1.

@@ -31,11 +31,14 @@ from mtp_ext.speculative.protocol import (
 )
 from mtp_ext.tree import DraftForest
 
-__all__ = ["DrafterEntry", "HeadsDrafter", "LookupDrafter", "LookupFirstDrafter", "MarginalDrafter",
+__all__ = ["DEFAULT_DRAFTER", "DrafterEntry", "HeadsDrafter", "LookupDrafter", "LookupFirstDrafter", "MarginalDrafter",
            "TokenHeadDrafter", "check_drafter", "drafter_help", "register_drafter", "registered_drafters",
            "resolve_drafter"]
 
 Branching = Union[int, Sequence[int], None]
+# What speculative_generate and `mtp-ext generate` draft with unless told: it needs no trained
+# weights and, on held-out text, drafts best of those that need none (bench/README.md).
+DEFAULT_DRAFTER = "lookup"
 
 
 def depth_one_shape(branching: Branching, max_nodes: Optional[int], name: str) -> TreeShape:
