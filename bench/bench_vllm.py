@@ -1,8 +1,9 @@
 """End to end: SmolLM2-135M (dequantised Q4_1) served by vLLM's CPU build, greedy, on held-out
 Bible text (the heads were trained on Austen): vLLM plain (the baseline), vLLM with n-gram
 prompt lookup, vLLM with the committed exported heads (results/vllm/medusa-vllm, vLLM's Medusa),
-and mtp_ext's speculative_generate with the same heads (results/vllm/medusa, HeadsDrafter's
-default tree) and model.generate, at batch 1 (one prompt at a time) and batch 8 (all at once).
+and mtp_ext's speculative_generate with the same heads (results/vllm/medusa: HeadsDrafter's
+default tree, and the chain of one guess per head that vLLM's proposer drafts) and
+model.generate, at batch 1 (one prompt at a time) and batch 8 (all at once).
 Runs in .venv-vllm (make vllm-env), one engine at a time, each after a warm-up pass:
 
     nice -n 10 .venv-vllm/bin/python -m pytest bench/bench_vllm.py --benchmark-json=bench/vllm.json
@@ -32,7 +33,9 @@ HEADS = RESULTS / "medusa"
 EXPORT = RESULTS / "medusa-vllm"
 # vLLM's n-gram proposer as its docs set it up.
 NGRAM = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}}
-CONTENDERS = ("vllm_plain", "vllm_ngram", "vllm_medusa", "generate", "mtp_ext_heads")
+CONTENDERS = ("vllm_plain", "vllm_ngram", "vllm_medusa", "generate", "mtp_ext_heads", "mtp_ext_heads_chain")
+# HeadsDrafter's tree arguments per contender: its default, and vLLM's chain.
+TREES = {"mtp_ext_heads": {}, "mtp_ext_heads_chain": {"branching": (1, 1)}}
 
 outputs = {}  # (contender, batch) -> token id lists, for the identity checks
 _engine = {}  # the one live engine: contender -> VllmEngine
@@ -117,7 +120,9 @@ def test_vllm_and_mtp_ext(benchmark, model_dir_and_prompts, request, contender, 
         from mtp_ext.speculative import HeadsDrafter
 
         model = request.getfixturevalue("hf_model")
-        drafter = HeadsDrafter.load(HEADS, model) if contender == "mtp_ext_heads" else None
+        drafter = HeadsDrafter.load(HEADS, model, **TREES[contender]) if contender in TREES else None
+        if drafter is not None:
+            benchmark.extra_info["tree"] = {"branching": drafter.branching, "max_nodes": drafter.max_nodes}
         run_hf(model, prompts[:batch], batch, drafter)  # warm-up (and the linear-layer choices)
         tokens, per_step = benchmark.pedantic(run_hf, args=(model, prompts, batch, drafter), rounds=1, iterations=1)
         new_tokens = sum(map(len, tokens))
