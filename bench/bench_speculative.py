@@ -17,7 +17,10 @@ Slow on a CPU (each round generates 1,280 tokens), hence one round; $BENCH_PROMP
 $BENCH_NEW_TOKENS shrink it; $BENCH_BATCH decodes that many prompts at once (model.generate at
 the same batch size; Hugging Face's prompt lookup takes batch 1 only, so it is skipped there);
 $BENCH_TREE sets the heads' tree as "branching per depth/node budget" (default:
-HeadsDrafter's, "3/4" on a CPU):
+HeadsDrafter's, "3/4" on a CPU); $BENCH_SAMPLE=1 samples at temperature 0.7 and top-p 0.9 instead
+of decoding greedily (every contender, each prompt with its own seed; the outputs then differ
+from model.generate's by chance, so only the rates are compared: that sampling is lossless is a
+test, python_tests/test_speculative.py):
 
     nice -n 10 .venv/bin/python -m pytest bench/bench_speculative.py --benchmark-json=bench/speculative.json
     .venv/bin/python bench/summarize.py bench/speculative.json
@@ -47,6 +50,7 @@ BATCH = int(os.environ.get("BENCH_BATCH", 1))
 PROMPT_TOKENS = 64
 NEW_TOKENS = int(os.environ.get("BENCH_NEW_TOKENS", 128))
 TREE = os.environ.get("BENCH_TREE")
+SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if os.environ.get("BENCH_SAMPLE") == "1" else {}
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 HEADS_DIR = Path(os.environ.get("MTP_EXT_HEADS_DIR", RESULTS / "heads"))
 TOKEN_HEAD_DIR = Path(os.environ.get("MTP_EXT_TOKEN_HEAD_DIR", RESULTS / "token_head"))
@@ -119,8 +123,11 @@ def trained_token_head_drafter(model):
 
 
 def run_generate(model, prompts, **lookup):
-    outputs = [model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
-                              do_sample=False, **lookup) for prompt in prompts]
+    outputs = []
+    for seed, prompt in enumerate(prompts):
+        torch.manual_seed(seed)
+        outputs.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                                      **(SAMPLING or {"do_sample": False}), **lookup))
     return outputs, None
 
 
@@ -130,8 +137,9 @@ def run_generate_small_linears(model, prompts, **lookup):
 
 
 def run_speculative(model, prompts, drafter):
-    results = [speculative_generate(model, prompt, drafter=drafter, max_new_tokens=NEW_TOKENS)
-               for prompt in prompts]
+    results = [speculative_generate(model, prompt, drafter=drafter, max_new_tokens=NEW_TOKENS,
+                                    generator=torch.Generator().manual_seed(seed), **SAMPLING)
+               for seed, prompt in enumerate(prompts)]
     return [result.sequences for result in results], [result.stats for result in results]
 
 
@@ -165,7 +173,8 @@ def test_speculative_vs_generate(benchmark, model_and_prompts, contender):
         benchmark.extra_info["drafter"] = name
         if contender == "heads":
             benchmark.extra_info["tree"] = {"branching": drafter.branching, "max_nodes": drafter.max_nodes}
-    benchmark.group = f"SmolLM2-135M greedy, {TEXT}, {PROMPTS} prompts x {NEW_TOKENS} new tokens, batch {BATCH}"
+    decoding = "sampling at temperature 0.7, top-p 0.9" if SAMPLING else "greedy"
+    benchmark.group = f"SmolLM2-135M {decoding}, {TEXT}, {PROMPTS} prompts x {NEW_TOKENS} new tokens, batch {BATCH}"
     benchmark.extra_info.update(contender=contender, baseline="generate", threads=torch.get_num_threads())
     outputs, stats = benchmark.pedantic(function, args=arguments, rounds=1, iterations=1)
     new_tokens = sum(output.numel() - prompt.numel() for output, prompt in zip(outputs, prompts))
@@ -177,7 +186,7 @@ def test_speculative_vs_generate(benchmark, model_and_prompts, contender):
         steps = sum(s.verification_steps for s in stats)
         benchmark.extra_info["mean_tokens_per_step"] = sum(s.mean_accepted_per_step * s.verification_steps
                                                            for s in stats) / max(steps, 1)
-    if generate_outputs:
+    if generate_outputs and not SAMPLING:
         same = [torch.equal(output, generate_outputs[index]) for index, output in enumerate(outputs)]
         benchmark.extra_info["identical_outputs"] = f"{sum(same)}/{len(same)}"
         assert all(same), "speculative output differs from model.generate's"
