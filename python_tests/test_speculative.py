@@ -101,8 +101,8 @@ def emitted_rows(sequences, prompt_width, eos):
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("drafter", ["marginal", "scripted", "token_head", "lookup", "lookup_adaptive",
-                                     "lookup_token_head"])
+@pytest.mark.parametrize("drafter", ["marginal", "scripted", "token_head", "token_head_chain", "lookup",
+                                     "lookup_adaptive", "lookup_token_head"])
 def test_greedy_equals_generate(architecture, batch, drafter):
     model = tiny_model(architecture, VOCAB, seed=batch).double()
     input_ids, mask = padded_batch(PROMPTS[:batch])
@@ -111,6 +111,8 @@ def test_greedy_equals_generate(architecture, batch, drafter):
         drafter = ScriptedDrafter(expected[:, input_ids.shape[1]:], seed=batch)
     elif drafter == "token_head":
         drafter = TokenHeadDrafter(random_token_head(model))
+    elif drafter == "token_head_chain":  # three levels, pruned: the budget cuts the last level
+        drafter = TokenHeadDrafter(random_token_head(model, chain=3), branching=(2, 2, 1), max_nodes=6)
     elif drafter == "lookup":
         drafter = LookupDrafter(max_nodes=5)
     elif drafter == "lookup_adaptive":
@@ -237,12 +239,13 @@ def sampled_counts(model, drafter, temperature: float) -> tuple[dict, object]:
     return counts, output.stats
 
 
-@pytest.mark.parametrize("drafter", ["marginal", "full_tree", "token_head"])
+@pytest.mark.parametrize("drafter", ["marginal", "full_tree", "token_head", "token_head_chain"])
 def test_sampling_draws_from_the_model_distribution(drafter):
     model = sampling_model()
     expected = exact_distribution(model, SAMPLING["prompt"], SAMPLING["length"], 0.8, SAMPLING["top_p"])
     drafters = {"marginal": MarginalDrafter, "full_tree": FullTreeDrafter,
-                "token_head": lambda: TokenHeadDrafter(random_token_head(model), branching=4)}
+                "token_head": lambda: TokenHeadDrafter(random_token_head(model), branching=4),
+                "token_head_chain": lambda: TokenHeadDrafter(random_token_head(model, chain=2), branching=(2, 2))}
     counts, stats = sampled_counts(model, drafters[drafter](), 0.8)
     statistic, degrees = chi_square_statistic(counts, expected, SAMPLING["draws"])
     assert degrees >= 100
@@ -279,9 +282,9 @@ def test_bad_input():
         MarginalDrafter(branching=0)
 
 
-def random_token_head(model) -> TokenHead:
+def random_token_head(model, chain: int = 1) -> TokenHead:
     """A TokenHead over the whole vocabulary with random (not pass-through) weights."""
-    head = TokenHead(model, torch.arange(model.config.vocab_size))
+    head = TokenHead(model, torch.arange(model.config.vocab_size), chain)
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for parameter in head.parameters():

@@ -6,12 +6,15 @@ import json
 import pytest
 import torch
 
+from mtp_ext.speculative import TokenHeadDrafter
+
 from mtp_ext.models.introspection import final_norm
 from mtp_ext.cli import main
 from mtp_ext.heads.token_head import (
     Features,
     TokenHead,
     TokenHeadSettings,
+    chain_loss,
     draft_vocabulary,
     evaluate_token_head,
     token_head_features,
@@ -45,6 +48,13 @@ def test_features_are_the_models_states_and_choices(architecture):
             assert int(features.targets[position]) == int(choices[t + 1])
             assert int(features.choices[position]) == int(choices[t])
             position += 1
+    window_ids = features.window_ids.tolist()
+    assert window_ids == sorted(window_ids) and len(set(window_ids)) == 4  # one id per window, in order
+    rows = torch.arange(len(window_ids))
+    for levels in (0, 1, 5, 6):
+        ahead = features.ahead(rows, levels).tolist()
+        assert ahead == [row + levels < len(window_ids) and window_ids[row + levels] == window_ids[row]
+                         for row in range(len(window_ids))]
 
 
 def test_draft_vocabulary_takes_the_most_chosen_tokens_lower_id_first():
@@ -67,6 +77,125 @@ def test_head_computes_its_formula_over_the_draft_vocabulary():
         got = head(hidden, tokens)
     assert got.shape == (5, 3) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected.detach())
+
+
+def perturbed_head(model, vocab_ids, chain: int, seed: int = 0) -> TokenHead:
+    head = TokenHead(model, torch.as_tensor(vocab_ids), chain)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(seed)))
+    return head
+
+
+def test_step_also_predicts_the_next_state_and_forward_is_its_logits():
+    model = tiny_model("llama", VOCAB, seed=4)
+    head = perturbed_head(model, [7, 0, 3], chain=2)
+    hidden, tokens = torch.randn(2, 5, model.config.hidden_size), torch.randint(0, VOCAB, (2, 5))
+    state = head.project(torch.cat([hidden, model.get_input_embeddings()(tokens)], -1))
+    state = state + head.down(torch.nn.functional.silu(head.up(state)))
+    with torch.no_grad():
+        logits, predicted = head.step(hidden, tokens)
+        torch.testing.assert_close(predicted, final_norm(model)(state))
+        torch.testing.assert_close(logits, head(hidden, tokens))
+        torch.testing.assert_close(logits, predicted @ model.get_output_embeddings().weight[[7, 0, 3]].T)
+
+
+def test_chain_loss_is_the_levels_cross_entropy_and_the_feature_regression_by_hand():
+    model = tiny_model("llama", VOCAB, seed=13)
+    features = token_head_features(model, random_windows(3, 6, seed=14), progress=False)  # 5 rows per window
+    head = perturbed_head(model, torch.arange(VOCAB), chain=2, seed=1)
+    slots = features.targets.clone()
+    slots[::4] = -1  # some targets outside the draft vocabulary
+    rows = torch.tensor([0, 3, 4, 9, 14])  # 4 and 9 and 14: the last of their windows, no level 2
+    settings = TokenHeadSettings(chain=2, feature_weight=0.7)
+    expected_ce, expected_regression = [], []
+    with torch.no_grad():
+        logits1, predicted = head.step(features.hidden[rows], features.next_tokens[rows])
+        keep = slots[rows] >= 0
+        expected_ce.append(torch.nn.functional.cross_entropy(logits1[keep], slots[rows][keep]))
+        inside = torch.tensor([True, True, False, False, False])
+        logits2, _ = head.step(predicted, features.next_tokens[(rows + 1).clamp(max=14)])
+        keep2 = inside & (slots[(rows + 1).clamp(max=14)] >= 0)
+        expected_ce.append(torch.nn.functional.cross_entropy(logits2[keep2], slots[(rows + 1).clamp(max=14)][keep2]))
+        expected_regression = torch.nn.functional.smooth_l1_loss(predicted[inside], features.hidden[(rows + 1).clamp(max=14)][inside])
+        expected = sum(expected_ce) / 2 + 0.7 * expected_regression
+        torch.testing.assert_close(chain_loss(head, features, slots, rows, settings), expected)
+        plain = torch.nn.functional.cross_entropy(logits1[keep], slots[rows][keep])
+        torch.testing.assert_close(chain_loss(head, features, slots, rows, TokenHeadSettings()), plain)
+
+
+def test_a_chained_head_learns_its_second_level():
+    model = tiny_model("llama", VOCAB, seed=5)
+    features = token_head_features(model, random_windows(40, 12, seed=6), progress=False)
+    held_out = token_head_features(model, random_windows(10, 12, seed=7), progress=False)
+    settings = dict(epochs=40, batch_size=64, lr=1e-2, draft_vocab=VOCAB)
+    single, _ = train_token_head(model, features, TokenHeadSettings(**settings), progress=False)
+    chained, record = train_token_head(model, features, TokenHeadSettings(chain=2, **settings), progress=False)
+    unchained = evaluate_token_head(single, held_out, levels=2)
+    trained = evaluate_token_head(chained, held_out)
+    assert chained.chain == 2 and len(trained.level_top1) == 2 and trained.level_top1[0] == trained.top1
+    assert record["epoch_losses"][-1] < 0.7 * record["epoch_losses"][0]
+    assert trained.level_top1[1] > unchained.level_top1[1] + 0.1  # the level that single-level training never saw
+    assert trained.top1 > unchained.top1 - 0.1  # ... without giving up much of the first
+
+
+def test_chained_evaluation_counts_hits_by_hand():
+    model = tiny_model("llama", VOCAB, seed=15)
+    features = token_head_features(model, random_windows(3, 5, seed=16), progress=False)  # 4 rows per window
+    head = perturbed_head(model, torch.arange(VOCAB), chain=3, seed=2)
+    accuracy = evaluate_token_head(head, features, chunk=5)
+    hits, counts, greedy_hits, greedy_counts = [0] * 3, [0] * 3, [0] * 3, [0] * 3
+    with torch.no_grad():
+        for row in range(12):
+            hidden, greedy = features.hidden[row], True
+            for level in range(3):
+                at = row + level
+                if at >= 12 or at // 4 != row // 4:
+                    break
+                logits, hidden = head.step(hidden, features.next_tokens[at])
+                hit = int(logits.argmax()) == int(features.targets[at])
+                greedy = greedy and int(features.next_tokens[at]) == int(features.choices[at])
+                hits[level] += hit
+                counts[level] += 1
+                greedy_hits[level] += hit and greedy
+                greedy_counts[level] += greedy
+    assert counts == [12, 9, 6]
+    assert accuracy.level_top1 == pytest.approx([h / c for h, c in zip(hits, counts)])
+    assert accuracy.level_top1[0] == pytest.approx(accuracy.top1)
+    for got, h, c in zip(accuracy.greedy_level_top1, greedy_hits, greedy_counts):
+        assert got == pytest.approx(h / c) if c else got != got
+
+
+def test_the_drafter_grows_each_level_from_the_state_predicted_at_the_parent():
+    model = tiny_model("llama", VOCAB, seed=17)
+    head = perturbed_head(model, torch.tensor([5, 1, 8, 2, 11, 0]), chain=2, seed=3)
+    stop_hidden, roots = torch.randn(2, model.config.hidden_size), torch.tensor([4, 9])
+
+    class Previous:  # what draft reads of a VerifiedPass
+        next_tokens = roots
+
+        @staticmethod
+        def stop_hidden():
+            return stop_hidden
+
+    forest = TokenHeadDrafter(head, branching=(3, 2), max_nodes=8).draft(Previous())
+    assert forest.counts.tolist() == [8, 8] and forest.leaf_counts.tolist() == [4, 4]
+    with torch.no_grad():
+        logits, predicted = head.step(stop_hidden, roots)
+        probs, slots = torch.softmax(logits, -1).topk(3, -1)
+        for row in range(2):
+            assert forest.token_ids[row, 1:4].tolist() == head.vocab_ids[slots[row]].tolist()
+            children = forest.token_ids[row, 1:4]
+            child_logits, _ = head.step(predicted[row].expand(3, -1), children)
+            child_probs, child_slots = torch.softmax(child_logits, -1).topk(2, -1)
+            paths = (probs[row][:, None] * child_probs).flatten()
+            best = paths.argsort(descending=True, stable=True)[:4]  # the budget keeps the 4 likeliest paths
+            assert forest.parents[row, 4:].tolist() == [1 + int(index) // 2 for index in best]
+            assert forest.token_ids[row, 4:].tolist() == head.vocab_ids[child_slots.flatten()[best]].tolist()
+            torch.testing.assert_close(forest.weights[row, 4:], paths[best])
+    with pytest.raises(ValueError, match="trained for 2 drafting level"):
+        TokenHeadDrafter(head, branching=(2, 1, 1))
+    assert TokenHeadDrafter(head).tree_shape(torch.device("cpu")).branching == (3, 1)
 
 
 def test_training_learns_the_models_next_choice():
@@ -104,7 +233,13 @@ def test_save_load_round_trip_and_refusals(tmp_path):
                                     progress=False)
     head.save(tmp_path / "head", {"note": "test"})
     loaded = TokenHead.load(tmp_path / "head", model)
-    assert torch.equal(loaded.vocab_ids, head.vocab_ids)
+    assert torch.equal(loaded.vocab_ids, head.vocab_ids) and loaded.chain == 1
+    perturbed_head(model, [1, 2], chain=3).save(tmp_path / "chained")
+    assert TokenHead.load(tmp_path / "chained", model).chain == 3
+    config = json.loads((tmp_path / "chained" / "token_head.json").read_text())
+    del config["chain"]  # a head saved before chained drafting: one level
+    (tmp_path / "chained" / "token_head.json").write_text(json.dumps(config))
+    assert TokenHead.load(tmp_path / "chained", model).chain == 1
     with torch.no_grad():
         assert torch.equal(loaded(features.hidden, features.next_tokens), head(features.hidden, features.next_tokens))
     assert json.loads((tmp_path / "head" / "token_head.json").read_text())["training"] == {"note": "test"}
@@ -121,8 +256,14 @@ def test_bad_arguments():
         with pytest.raises(ValueError, match=message):
             TokenHead(model, torch.tensor(vocab_ids, dtype=torch.long))
     features = Features(torch.zeros(2, model.config.hidden_size), torch.zeros(2, dtype=torch.long),
-                        torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+                        torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+                        torch.zeros(2, dtype=torch.long))
+    for chain in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="chain"):
+            TokenHead(model, torch.tensor([1]), chain)
     for settings, message in ((TokenHeadSettings(epochs=0), "epochs"), (TokenHeadSettings(lr=0.0), "lr"),
+                              (TokenHeadSettings(chain=0), "chain"),
+                              (TokenHeadSettings(feature_weight=-1.0), "feature_weight"),
                               (TokenHeadSettings(draft_vocab=VOCAB + 1), "exceeds the model's vocabulary")):
         with pytest.raises(ValueError, match=message):
             train_token_head(model, features, settings, progress=False)
@@ -144,7 +285,20 @@ def test_cli_trains_and_the_generate_command_drafts_with_it(tmp_path, tiny_check
                  "--drafter", f"token-head:{out}", "--branching", "2"]) == 0
     assert "outputs identical" in capsys.readouterr().out
     assert main(["generate", "--model", str(model), "--prompt", "the", "--drafter", f"token-head:{out}",
-                 "--max-nodes", "3"]) == 2
-    assert "the token head drafter takes one branching count" in capsys.readouterr().err
+                 "--branching", "2", "1"]) == 2
+    assert "trained for 1 drafting level(s)" in capsys.readouterr().err
+    chained = tmp_path / "chained"
+    assert main(["train-token-head", *common, "--out", str(chained), "--tokens", "300", "--eval-tokens", "60",
+                 "--epochs", "2", "--batch-size", "32", "--draft-vocab", "10", "--chain", "2",
+                 "--feature-weight", "0.5"]) == 0
+    assert "| level 2 (chained, x_(t+3))" in capsys.readouterr().out
+    saved = json.loads((chained / "token_head.json").read_text())
+    assert saved["chain"] == 2 and len(saved["training"]["held_out"]["level_top1"]) == 2
+    assert saved["training"]["training"]["settings"]["feature_weight"] == 0.5
+    assert main(["generate", "--model", str(model), "--prompt", "the", "--max-new-tokens", "6", "--compare",
+                 "--drafter", f"token-head:{chained}", "--branching", "2", "2", "--max-nodes", "5"]) == 0
+    assert "outputs identical" in capsys.readouterr().out
+    assert main(["train-token-head", *common, "--out", str(tmp_path / "y"), "--feature-weight", "-1"]) == 2
+    assert "must be a number >= 0" in capsys.readouterr().err
     assert main(["train-token-head", *common, "--out", str(tmp_path / "x"), "--draft-vocab", "0"]) == 2
     assert "draft_vocab must be an integer >= 1" in capsys.readouterr().err

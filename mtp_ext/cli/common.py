@@ -65,6 +65,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    value = _float(text)
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def memory_budget(text: str) -> tuple[int | str, str]:
     """argparse type: DEVICE=SIZE of --max-memory, e.g. 0=20GiB (GPU 0) or cpu=60GiB."""
     device, _, size = text.partition("=")

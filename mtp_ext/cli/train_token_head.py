@@ -25,6 +25,11 @@ def add_parser(commands) -> None:
     parser.add_argument("--lr", type=common.positive_float, default=1e-3, help="AdamW, cosine decay to 0")
     parser.add_argument("--draft-vocab", type=int, default=8192,
                         help="tokens the head can guess: the model's most frequent choices")
+    parser.add_argument("--chain", type=common.positive_int, default=1,
+                        help="drafting levels: L > 1 trains the head chained on its own predicted states "
+                             "(EAGLE-style), so it drafts trees L deep")
+    parser.add_argument("--feature-weight", type=common.non_negative_float, default=1.0,
+                        help="with --chain > 1: the weight of the regression of predicted states onto the backbone's")
     parser.set_defaults(run=run)
 
 
@@ -46,7 +51,7 @@ def run(args: argparse.Namespace) -> dict:
                         "--nproc-per-node 1 --nnodes 1)")
     common.set_threads(args)
     settings = TokenHeadSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                 draft_vocab=args.draft_vocab)
+                                 draft_vocab=args.draft_vocab, chain=args.chain, feature_weight=args.feature_weight)
     documents = common.read_documents(args.data)
     out = common.output_dir(args.out)
     backbone, tokenizer = common.load_model_for(args)
@@ -64,6 +69,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"| all {accuracy.positions} | {accuracy.top1:.3f} | {accuracy.top3:.3f} |")
     print(f"| x_(t+1) the model's own choice (greedy decoding) {accuracy.greedy_positions} | "
           f"{accuracy.greedy_top1:.3f} | {accuracy.greedy_top3:.3f} |")
+    for level in range(1, len(accuracy.level_top1)):
+        print(f"| level {level + 1} (chained, x_(t+{level + 2})): all / greedy chains | "
+              f"{accuracy.level_top1[level]:.3f} / {accuracy.greedy_level_top1[level]:.3f} | |")
     print(f"draft vocabulary: {settings.draft_vocab} tokens, {accuracy.vocab_coverage:.3f} of the held-out choices")
     print(f"wrote {out}")
     return report

@@ -18,6 +18,12 @@ read (results/token_head/README.md).
 
 The head is trained on the model's own greedy choices (self-distillation, teacher-forced):
 features of one backbone pass over the training text, then epochs over them.
+
+Deeper drafts chain the head on itself, as EAGLE's draft model does: norm(z) is the head's guess
+of the backbone's final-normed state at t+1, so (norm(z), x_{t+2}) drafts x_{t+3}. A head trained
+with `chain` = L > 1 learns that use: each position is unrolled L levels, level l reading the
+state level l - 1 predicted and the text's token (EAGLE-3's training-time test), and every
+predicted state is also pulled towards the backbone's true state (EAGLE's feature regression).
 """
 from __future__ import annotations
 
@@ -55,11 +61,14 @@ class TokenHead(nn.Module):
         backbone: a supported Hugging Face causal LM.
         vocab_ids: [K] int64, distinct token ids of the backbone's vocabulary: the draft
             vocabulary.
+        chain: the drafting levels the head is trained for (1: x_{t+2} only; L: chained on its
+            own predicted states up to x_{t+L+1}, `step`).
     """
 
-    def __init__(self, backbone: nn.Module, vocab_ids: Tensor):
+    def __init__(self, backbone: nn.Module, vocab_ids: Tensor, chain: int = 1):
         super().__init__()
         check_supported(backbone)
+        self.chain = check_positive_int(chain, "chain")
         unembed = backbone.get_output_embeddings().weight
         vocab_size, hidden_size = unembed.shape
         vocab_ids = torch.as_tensor(vocab_ids, dtype=torch.long)
@@ -100,16 +109,32 @@ class TokenHead(nn.Module):
         Returns:
             [..., K] float32 logits over `vocab_ids`.
         """
+        return self.step(hidden, next_tokens)[0]
+
+    def step(self, hidden: Tensor, next_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """The head's logits for x_{t+2} and its guess of the final-normed state at t+1, which
+        with x_{t+2} drafts x_{t+3} (a head trained with chain > 1).
+
+        Args:
+            hidden: [..., H], the final-normed states h_t (the backbone's, or predicted).
+            next_tokens: [...] int64, the tokens x_{t+1}.
+
+        Returns:
+            (logits [..., K] float32 over `vocab_ids`, predicted states [..., H] of the head's dtype).
+        """
         embedded = self.backbone.get_input_embeddings()(next_tokens).to(self.draft_unembed.dtype)
         state = few_rows_linear(torch.cat([hidden.to(embedded.dtype), embedded], -1), self.project.weight,
                                 self.project.bias)
         state = state + few_rows_linear(nn.functional.silu(few_rows_linear(state, self.up.weight, self.up.bias)),
                                         self.down.weight, self.down.bias)
-        return few_rows_linear(final_norm(self.backbone)(state), self.draft_unembed).float()
+        predicted = final_norm(self.backbone)(state)
+        return few_rows_linear(predicted, self.draft_unembed).float(), predicted
 
     def config_dict(self) -> dict:
-        """The draft vocabulary's size and the backbone's model_fingerprint, as saved."""
-        return {"draft_vocab_size": int(self.vocab_ids.numel()), "model": model_fingerprint(self.backbone)}
+        """The draft vocabulary's size, the levels trained and the backbone's model_fingerprint,
+        as saved."""
+        return {"draft_vocab_size": int(self.vocab_ids.numel()), "chain": self.chain,
+                "model": model_fingerprint(self.backbone)}
 
     def save(self, directory: str | os.PathLike[str], record: dict | None = None) -> None:
         """The head's weights and draft vocabulary as safetensors, with a config naming the
@@ -137,12 +162,12 @@ class TokenHead(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        read_config(directory / CONFIG_FILE, "token head", (), backbone)
+        config = read_config(directory / CONFIG_FILE, "token head", (), backbone)
         device = str(backbone.get_output_embeddings().weight.device)
         tensors = read_safetensors(directory / WEIGHTS_FILE, "the token head's weights",
                                    lambda path: load_file(path, device=device))
         try:
-            head = cls(backbone, tensors["vocab_ids"])
+            head = cls(backbone, tensors["vocab_ids"], config.get("chain", 1))  # heads saved before chains: 1
             head.load_state_dict(tensors)
         except (KeyError, RuntimeError) as error:  # a tensor missing or of the wrong shape
             raise unreadable(directory / WEIGHTS_FILE, "the token head's weights", error, DAMAGED) from error
@@ -169,6 +194,11 @@ class TokenHeadSettings:
         lr: AdamW's initial learning rate, with cosine decay to 0.
         draft_vocab: K, the tokens the head can guess.
         seed: for the initialisation and the order of positions.
+        chain: drafting levels trained (TokenHead.chain): 1, x_{t+2} from the backbone's state;
+            L > 1, each position unrolled L levels on the head's own predicted states.
+        feature_weight: with chain > 1, the weight of the feature regression (smooth L1 between
+            each predicted state and the backbone's, averaged over the hidden size) beside each
+            level's cross-entropy.
     """
 
     epochs: int = 6
@@ -176,6 +206,8 @@ class TokenHeadSettings:
     lr: float = 1e-3
     draft_vocab: int = 8192
     seed: int = 0
+    chain: int = 1
+    feature_weight: float = 1.0
 
     def check(self, vocab_size: int) -> None:
         """Raises a ValueError for a setting out of range.
@@ -183,10 +215,12 @@ class TokenHeadSettings:
         Args:
             vocab_size: V, the model's vocabulary size (draft_vocab may not exceed it).
         """
-        for name in ("epochs", "batch_size", "draft_vocab"):
+        for name in ("epochs", "batch_size", "draft_vocab", "chain"):
             check_positive_int(getattr(self, name), name)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.feature_weight >= 0:
+            raise ValueError(f"feature_weight must be >= 0, got {self.feature_weight}")
         if self.draft_vocab > vocab_size:
             raise ValueError(f"draft_vocab ({self.draft_vocab}) exceeds the model's vocabulary ({vocab_size})")
 
@@ -201,12 +235,29 @@ class Features:
         targets: [N] int64, the model's choice at t+1 given it.
         choices: [N] int64, the model's choice at t (x_{t+1} equals it where greedy decoding
             would be here).
+        window_ids: [N] int64, the window of each position; a window's positions are
+            consecutive, in order (position t + 1 of a row is the next row where the ids agree).
     """
 
     hidden: Tensor
     next_tokens: Tensor
     targets: Tensor
     choices: Tensor
+    window_ids: Tensor
+
+    def ahead(self, rows: Tensor, levels: int) -> Tensor:
+        """Where the position `levels` ahead of each row lies in the same window.
+
+        Args:
+            rows: [M] int64 row indices.
+            levels: how far ahead, >= 0.
+
+        Returns:
+            [M] bool.
+        """
+        later = rows + levels
+        inside = later < len(self.window_ids)
+        return inside & (self.window_ids[later.clamp(max=len(self.window_ids) - 1)] == self.window_ids[rows])
 
 
 @torch.no_grad()
@@ -232,16 +283,18 @@ def token_head_features(backbone: nn.Module, windows: Sequence[Sequence[int]], b
     if not batches:
         raise ValueError("no window of at least 2 tokens")
     parts: list[tuple[Tensor, ...]] = []
+    windows_before = 0
     for batch in tqdm(batches, desc="token head features", unit="batch", disable=not progress):
         input_ids = torch.tensor(batch, device=unembed.device)
         hidden = backbone.base_model(input_ids=input_ids).last_hidden_state  # [B, T, H]
         # The argmax, in slices of positions so that the logits never all exist at once.
         choices = torch.cat([torch.nn.functional.linear(hidden[:, start:start + 64], unembed).argmax(-1)
                              for start in range(0, hidden.shape[1], 64)], 1)
+        window_ids = torch.arange(windows_before, windows_before + len(batch), device=unembed.device)
+        windows_before += len(batch)
         parts.append((hidden[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), choices[:, 1:].flatten(),
-                      choices[:, :-1].flatten()))
-    hidden, next_tokens, targets, choices = (torch.cat(column) for column in zip(*parts))
-    return Features(hidden, next_tokens, targets, choices)
+                      choices[:, :-1].flatten(), window_ids.repeat_interleave(input_ids.shape[1] - 1)))
+    return Features(*(torch.cat(column) for column in zip(*parts)))
 
 
 def draft_vocabulary(targets: Tensor, vocab_size: int, size: int) -> Tensor:
@@ -272,6 +325,11 @@ class HeadAccuracy:
         greedy_top1: top1 at those positions (NaN where there are none).
         greedy_top3: top3 at those positions (NaN where there are none).
         vocab_coverage: the share of the targets inside the draft vocabulary.
+        level_top1: per drafting level l = 1..L (the head chained on its own predicted states,
+            reading the text's tokens), top1 over the positions whose level-l target lies in
+            the window; level 1 is top1.
+        greedy_level_top1: the same where every token the chain read is the model's own choice,
+            as along a greedy draft that is being accepted (NaN where there are none).
     """
 
     positions: int
@@ -281,20 +339,62 @@ class HeadAccuracy:
     greedy_top1: float
     greedy_top3: float
     vocab_coverage: float
+    level_top1: list[float]
+    greedy_level_top1: list[float]
+
+
+def unrolled_levels(head: TokenHead, features: Features, rows: Tensor, levels: int):
+    """The head chained `levels` levels from the positions `rows`: level l reads the state level
+    l - 1 predicted (level 1 the backbone's) and the text's token at t + l.
+
+    Args:
+        head: a TokenHead.
+        features: Features.
+        rows: [M] int64 row indices (positions t).
+        levels: L >= 1.
+
+    Yields:
+        (at [M] int64: the row of position t + l - 1, whose target is level l's; inside [M]
+        bool: that position lies in t's window; logits [M, K]; predicted [M, H]) per level.
+    """
+    hidden = features.hidden[rows]
+    last = len(features.window_ids) - 1
+    for level in range(levels):
+        at = (rows + level).clamp(max=last)
+        logits, hidden = head.step(hidden, features.next_tokens[at])
+        yield at, features.ahead(rows, level), logits, hidden
 
 
 @torch.no_grad()
-def evaluate_token_head(head: TokenHead, features: Features, chunk: int = 2048) -> HeadAccuracy:
-    """How often the model's choice is the head's top 1 / among its top 3.
+def evaluate_token_head(head: TokenHead, features: Features, chunk: int = 2048,
+                        levels: int | None = None) -> HeadAccuracy:
+    """How often the model's choice is the head's top 1 / among its top 3, and the top 1 of each
+    chained level.
 
     Args:
         head: a TokenHead (with K >= 3).
         features: token_head_features of held-out text.
         chunk: positions per call of the head.
+        levels: chained levels scored; None: those the head was trained for (head.chain).
 
     Returns:
         HeadAccuracy.
     """
+    levels = head.chain if levels is None else check_positive_int(levels, "levels")
+    hits = torch.zeros(levels, dtype=torch.long)
+    counts, greedy_hits, greedy_counts = torch.zeros_like(hits), torch.zeros_like(hits), torch.zeros_like(hits)
+    for first in range(0, len(features.targets), chunk):
+        rows = torch.arange(first, min(first + chunk, len(features.targets)), device=features.targets.device)
+        greedy = torch.ones_like(rows, dtype=torch.bool)
+        for level, (at, inside, logits, _) in enumerate(unrolled_levels(head, features, rows, levels)):
+            greedy &= inside & (features.next_tokens[at] == features.choices[at])
+            hit = (head.vocab_ids[logits.argmax(-1)] == features.targets[at]) & inside
+            hits[level] += int(hit.sum())
+            counts[level] += int(inside.sum())
+            greedy_hits[level] += int((hit & greedy).sum())
+            greedy_counts[level] += int(greedy.sum())
+    level_top1 = (hits / counts.clamp(min=1)).where(counts > 0, torch.nan).tolist()
+    greedy_level_top1 = (greedy_hits / greedy_counts.clamp(min=1)).where(greedy_counts > 0, torch.nan).tolist()
     guesses = torch.cat([head.vocab_ids[head(features.hidden[first:first + chunk],
                                              features.next_tokens[first:first + chunk]).topk(min(3, len(head.vocab_ids)), -1).indices]
                          for first in range(0, len(features.targets), chunk)])
@@ -308,7 +408,8 @@ def evaluate_token_head(head: TokenHead, features: Features, chunk: int = 2048) 
 
     everywhere = torch.ones_like(greedy)
     return HeadAccuracy(int(everywhere.sum()), share(top1, everywhere), share(top3, everywhere), int(greedy.sum()),
-                        share(top1, greedy), share(top3, greedy), share(covered, everywhere))
+                        share(top1, greedy), share(top3, greedy), share(covered, everywhere), level_top1,
+                        greedy_level_top1)
 
 
 def train_token_head(backbone: nn.Module, features: Features, settings: TokenHeadSettings,
@@ -327,7 +428,7 @@ def train_token_head(backbone: nn.Module, features: Features, settings: TokenHea
     vocab_size = backbone.get_output_embeddings().weight.shape[0]
     settings.check(vocab_size)
     torch.manual_seed(settings.seed)
-    head = TokenHead(backbone, draft_vocabulary(features.targets, vocab_size, settings.draft_vocab))
+    head = TokenHead(backbone, draft_vocabulary(features.targets, vocab_size, settings.draft_vocab), settings.chain)
     # A target outside the draft vocabulary cannot be guessed: it is left out of the loss.
     slot_of = torch.full((vocab_size,), -1, dtype=torch.long, device=head.vocab_ids.device)
     slot_of[head.vocab_ids] = torch.arange(head.vocab_ids.numel(), device=slot_of.device)
@@ -345,8 +446,7 @@ def train_token_head(backbone: nn.Module, features: Features, settings: TokenHea
             for batch in order[: steps_per_epoch * settings.batch_size].view(steps_per_epoch, -1):
                 for group in optimizer.param_groups:
                     group["lr"] = settings.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
-                logits = head(features.hidden[batch], features.next_tokens[batch])
-                loss = nn.functional.cross_entropy(logits, targets[batch], ignore_index=-1)
+                loss = chain_loss(head, features, targets, batch, settings)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -357,3 +457,33 @@ def train_token_head(backbone: nn.Module, features: Features, settings: TokenHea
             losses.append(epoch_loss / steps_per_epoch)
     return head, {"settings": asdict(settings), "positions": positions, "epoch_losses": losses,
                   "seconds": time.time() - started}
+
+
+def chain_loss(head: TokenHead, features: Features, slots: Tensor, rows: Tensor, settings: TokenHeadSettings) -> Tensor:
+    """The training loss at positions `rows`: the mean over levels of each level's cross-entropy
+    (its targets inside the window and the draft vocabulary), and with chain > 1 the feature
+    regression of every predicted state that a later level reads.
+
+    Args:
+        head: the TokenHead being trained.
+        features: Features.
+        slots: [N] int64, each row's target as a draft-vocabulary slot, -1 outside it.
+        rows: [M] int64 row indices.
+        settings: TokenHeadSettings (chain, feature_weight).
+
+    Returns:
+        A scalar tensor.
+    """
+    loss = features.hidden.new_zeros((), dtype=torch.float32)
+    for level, (at, inside, logits, predicted) in enumerate(unrolled_levels(head, features, rows, settings.chain)):
+        level_targets = slots[at].where(inside, -1)
+        counted = int((level_targets >= 0).sum())
+        summed = nn.functional.cross_entropy(logits, level_targets, ignore_index=-1, reduction="sum")
+        loss = loss + summed / max(counted, 1) / settings.chain  # no target here: 0, with a gradient
+        if level + 1 < settings.chain and settings.feature_weight > 0:
+            follows = features.ahead(rows, level + 1)
+            if bool(follows.any()):
+                true_next = features.hidden[(at + 1).clamp(max=len(slots) - 1)]
+                loss = loss + settings.feature_weight * nn.functional.smooth_l1_loss(
+                    predicted[follows].float(), true_next[follows].float())
+    return loss

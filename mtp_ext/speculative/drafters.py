@@ -331,20 +331,28 @@ class HeadsDrafter(Drafter):
 
 
 class TokenHeadDrafter(Drafter):
-    """Drafts the root's children with a TokenHead (mtp_ext.heads.TokenHead): at the last
-    accepted node (position t) the walk has chosen the next root x_{t+1}, and the head reads
-    both the node's final hidden state and that token, where MTP heads must guess x_{t+2}
-    without it.
+    """Drafts with a TokenHead (mtp_ext.heads.TokenHead): at the last accepted node (position t)
+    the walk has chosen the next root x_{t+1}, and the head reads both the node's final hidden
+    state and that token, where MTP heads must guess x_{t+2} without it. A head trained with
+    chain L drafts up to L levels: each node's children come from the head chained on the
+    state it predicted for the node's parent, reading the node's token (EAGLE's draft tree),
+    the tree pruned to the max_nodes paths of highest probability.
 
     Args:
         head: a TokenHead for the decoding model.
-        branching: its top tokens that become the root's children; None: 3 on a CPU, 8 elsewhere.
-        max_nodes: must be None, as for MarginalDrafter.
+        branching: children per node at each depth, at most head.chain depths; None: the
+            root's 3 best guesses on a CPU, 8 elsewhere, and one child under each deeper node
+            down to the head's chain.
+        max_nodes: nodes per tree, the root included; None: the whole tree of `branching`.
     """
 
     def __init__(self, head, branching: Branching = None, max_nodes: Optional[int] = None):
+        shape = TreeShape.of(branching, max_nodes)
+        if shape.depth > head.chain:
+            raise ValueError(f"the token head was trained for {head.chain} drafting level(s) (train-token-head "
+                             f"--chain), so it drafts trees of that depth at most, got branching={branching}")
         self.head = head
-        self.shape = depth_one_shape(branching, max_nodes, "token head")
+        self.shape = shape
 
     @classmethod
     def load(cls, directory, model, branching: Branching = None, max_nodes: Optional[int] = None) -> "TokenHeadDrafter":
@@ -355,6 +363,19 @@ class TokenHeadDrafter(Drafter):
 
         return cls(TokenHead.load(directory, model), branching, max_nodes)
 
+    def tree_shape(self, device: torch.device) -> TreeShape:
+        """The tree drafted on `device`: the given shape, its unset fields by default.
+
+        Args:
+            device: where the model runs.
+
+        Returns:
+            TreeShape with both fields set.
+        """
+        width = 3 if device.type == "cpu" else 8
+        branching = self.shape.branching or (width,) + (1,) * (self.head.chain - 1)
+        return TreeShape(branching, self.shape.max_nodes or TreeShape(branching).node_budget())
+
     def chooser(self, adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule,
                 forest: DraftForest) -> Chooser:
         """Every node's logits at once (every_node_chooser); the state is the model's logits.
@@ -364,15 +385,28 @@ class TokenHeadDrafter(Drafter):
         return every_node_chooser(adapter, hidden, rule, forest)
 
     def draft(self, previous: VerifiedPass) -> DraftForest:
-        """The root and, as its children, the head's top tokens given the root.
+        """The root and, level by level, the head's top tokens under every node of the last
+        level, from the state predicted for the node's parent and the node's token.
 
         Args and Returns: as Drafter.draft.
         """
-        logits = self.head(previous.stop_hidden(), previous.next_tokens)  # [B, K] over the draft vocabulary
-        width = min(root_children(self.shape, logits.device), logits.shape[-1])
-        probs, slots = torch.softmax(logits, -1).topk(width, -1)
+        shape = self.tree_shape(previous.next_tokens.device)
         forest = DraftForest.roots(previous.next_tokens)
-        return forest.grow(torch.zeros_like(slots), self.head.vocab_ids[slots], probs, max_nodes=1 + width)
+        level_slots = torch.zeros_like(previous.next_tokens)[:, None]  # [B, M]: the last level's nodes
+        level_weights = torch.ones(level_slots.shape, device=level_slots.device)
+        states = previous.stop_hidden()[:, None]  # [B, M, H]: the state each node's children read
+        for width in shape.branching:
+            logits, predicted = self.head.step(states, forest.token_ids.gather(1, level_slots))  # [B, M, K]
+            probs, vocab_slots = torch.softmax(logits, -1).topk(min(width, logits.shape[-1]), -1)
+            forest = forest.grow(level_slots[:, :, None].expand_as(vocab_slots).flatten(1),
+                                 self.head.vocab_ids[vocab_slots].flatten(1),
+                                 (level_weights[:, :, None] * probs).flatten(1), max_nodes=shape.max_nodes)
+            leaves, real = forest.leaf_slots()
+            # Each new node reads what the head predicted at its parent, the M-th node of the last level.
+            parent_index = (forest.parents.gather(1, leaves)[:, :, None] == level_slots[:, None, :]).float().argmax(-1)
+            states = predicted.gather(1, parent_index[:, :, None].expand(-1, -1, predicted.shape[-1]))
+            level_slots, level_weights = leaves, forest.weights.gather(1, leaves) * real
+        return forest
 
 
 # ----------------------------------------------------------------------------- lookup in the context
