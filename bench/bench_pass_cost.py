@@ -1,0 +1,52 @@
+"""What one verification pass costs by the number of tokens it verifies: the real SmolLM2-135M
+(dequantised Q4_1, float32) over a KV cache of 128 tokens of held-out Austen, R new tokens in one
+forward inside small_batch_linears (as speculative_generate runs it), R = 1 .. 16. The ratios
+to R = 1 are what a drafter's extra nodes cost on this machine; with the tokens per pass that
+bench/lookup_acceptance.py replays exactly, they predict a drafter's speed without timing it.
+
+    .venv/bin/python -m pytest bench/bench_pass_cost.py --benchmark-json=bench/pass-cost.json
+    .venv/bin/python bench/summarize.py bench/pass-cost.json
+"""
+import pytest
+import torch
+
+from mtp_ext.models.adapters import small_batch_linears
+
+ROWS = (1, 2, 3, 4, 6, 8, 12, 16)
+PREFIX = 128
+
+
+@pytest.fixture(scope="module")
+def model_and_tokens():
+    from mtp_ext import data as corpora
+    from mtp_ext.models import load_model, model_cache_dir
+
+    if not (model_cache_dir("smollm2-135m") / "config.json").is_file():
+        pytest.skip("SmolLM2-135M is not prepared (make prepare)")
+    try:
+        text = corpora.load_text("austen")[-1][-60000:]
+    except corpora.MissingDependencyError as error:
+        pytest.skip(f"the austen text is not prepared: {error}")
+    model, tokenizer = load_model("smollm2-135m")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][: PREFIX + max(ROWS)]
+    return model, torch.tensor([ids])
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_pass_cost(benchmark, model_and_tokens, rows):
+    from transformers import DynamicCache
+
+    model, ids = model_and_tokens
+    benchmark.group = f"SmolLM2-135M, one pass over a {PREFIX}-token KV cache, inside small_batch_linears"
+    benchmark.extra_info.update(contender=f"rows_{rows}", baseline="rows_1", threads=torch.get_num_threads())
+    with torch.no_grad(), small_batch_linears(model):
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :PREFIX], past_key_values=cache, use_cache=True)
+
+        def one_pass():
+            extra = cache.get_seq_length() - PREFIX
+            if extra:
+                cache.crop(-extra)  # back to the prefix (transformers takes the tokens to drop)
+            model(input_ids=ids[:, PREFIX:PREFIX + rows], past_key_values=cache, use_cache=True)
+
+        benchmark.pedantic(one_pass, rounds=30, warmup_rounds=3)
