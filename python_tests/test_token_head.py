@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mtp_ext.speculative import TokenHeadDrafter
+from mtp_ext.speculative.protocol import TreeShape
 
 from mtp_ext.models.introspection import final_norm
 from mtp_ext.cli import main
@@ -195,7 +196,8 @@ def test_the_drafter_grows_each_level_from_the_state_predicted_at_the_parent():
             torch.testing.assert_close(forest.weights[row, 4:], paths[best])
     with pytest.raises(ValueError, match="trained for 2 drafting level"):
         TokenHeadDrafter(head, branching=(2, 1, 1))
-    assert TokenHeadDrafter(head).tree_shape(torch.device("cpu")).branching == (3, 1)
+    assert TokenHeadDrafter(head).tree_shape(torch.device("cpu")).branching == (3,)
+    assert TokenHeadDrafter(head).tree_shape(torch.device("meta")) == TreeShape((8, 1), 17)
 
 
 def test_training_learns_the_models_next_choice():

@@ -340,9 +340,10 @@ class TokenHeadDrafter(Drafter):
 
     Args:
         head: a TokenHead for the decoding model.
-        branching: children per node at each depth, at most head.chain depths; None: the
-            root's 3 best guesses on a CPU, 8 elsewhere, and one child under each deeper node
-            down to the head's chain.
+        branching: children per node at each depth, at most head.chain depths; None: on a CPU
+            the root's 3 best guesses only (there a 7-node tree of a second level costs more
+            than it brings: bench/README.md, "A chained token head"), elsewhere 8 and one child
+            under each deeper node down to the head's chain.
         max_nodes: nodes per tree, the root included; None: the whole tree of `branching`.
     """
 
@@ -372,8 +373,8 @@ class TokenHeadDrafter(Drafter):
         Returns:
             TreeShape with both fields set.
         """
-        width = 3 if device.type == "cpu" else 8
-        branching = self.shape.branching or (width,) + (1,) * (self.head.chain - 1)
+        default = (3,) if device.type == "cpu" else (8,) + (1,) * (self.head.chain - 1)
+        branching = self.shape.branching or default
         return TreeShape(branching, self.shape.max_nodes or TreeShape(branching).node_budget())
 
     def chooser(self, adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule,
