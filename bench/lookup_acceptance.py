@@ -6,11 +6,13 @@ fixed chain lengths and with the adaptive length.
 Greedy speculative decoding emits exactly model.generate's tokens, and a pass emits the accepted
 prefix of its chain plus one token, so replaying the drafters on the greedy output gives their
 tokens per pass exactly, without timing anything; what a pass of n tokens costs is measured
-apart (bench_linear.py, bench_speculative.py).
+apart (bench_pass_cost.py). Given that measurement (a pytest-benchmark JSON), each rule's
+predicted speed is its tokens over the summed cost of its passes, x one-token decoding.
 
-    .venv/bin/python bench/lookup_acceptance.py [OUT.json]
+    .venv/bin/python bench/lookup_acceptance.py [OUT.json] [--pass-cost bench/pass-cost.json]
 
-Prompts as in bench_speculative.py ($BENCH_PROMPTS, $BENCH_NEW_TOKENS; every text).
+Prompts as in bench_speculative.py ($BENCH_PROMPTS, $BENCH_NEW_TOKENS; every text). The greedy
+outputs are kept in bench/greedy-outputs.json (made again when the prompts or lengths differ).
 """
 from __future__ import annotations
 
@@ -23,7 +25,54 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FIXED_LENGTHS = (1, 2, 3, 4, 6, 8)
+# Adaptive rules replayed: ladders of chain lengths as LookupDrafter.ADAPTIVE_CHAIN holds them
+# (doubling from 2 or 3; the lengths where the pass cost levels off, from 1, 2, 3 or 7).
+ADAPTIVE_RULES = ((2, 4, 8, 15), (3, 6, 12, 15), (1, 3, 7, 15), (2, 3, 7, 15), (3, 7, 15), (7, 15), (3, 7))
 TEXTS = ("austen", "shakespeare", "bible")
+OUTPUTS = Path(__file__).resolve().parent / "greedy-outputs.json"
+
+
+class Replay:
+    """What a replayed rule did: tokens emitted and the tokens each pass verified."""
+
+    def __init__(self):
+        self.emitted = 0
+        self.pass_tokens: list[int] = []  # per pass: the root and the drafted chain
+
+    def add(self, chain_length: int, gained: int) -> None:
+        self.pass_tokens.append(chain_length + 1)
+        self.emitted += gained
+
+    def tokens_per_pass(self) -> float:
+        return self.emitted / len(self.pass_tokens)
+
+    def speed(self, cost: dict[int, float]) -> float:
+        """Tokens per unit of time, x one-token decoding, with `cost`: a pass's cost by its tokens
+        (relative to one token; a count between measured ones takes the next measured above)."""
+        measured = sorted(cost)
+
+        def of(tokens: int) -> float:
+            return cost[next((count for count in measured if count >= tokens), measured[-1])]
+
+        return self.emitted / sum(of(tokens) for tokens in self.pass_tokens)
+
+
+def all_greedy_outputs(texts) -> dict[str, list[list[int]]]:
+    """model.generate's greedy continuations of the benchmark's prompts of every text, kept in
+    OUTPUTS."""
+    import bench_speculative as bench
+
+    settings = {"prompts": bench.PROMPTS, "prompt_tokens": bench.PROMPT_TOKENS, "new_tokens": bench.NEW_TOKENS}
+    if OUTPUTS.is_file():
+        kept = json.loads(OUTPUTS.read_text())
+        if kept["settings"] == settings and set(texts) <= set(kept["outputs"]):
+            return kept["outputs"]
+    from mtp_ext.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    outputs = {text_name: greedy_outputs(model, tokenizer, text_name) for text_name in texts}
+    OUTPUTS.write_text(json.dumps({"settings": settings, "outputs": outputs}))
+    return outputs
 
 
 def greedy_outputs(model, tokenizer, text_name: str) -> list[list[int]]:
@@ -51,30 +100,35 @@ def accepted(chain: list[int], target: list[int]) -> int:
     return count
 
 
-def replay_hf(outputs: list[list[int]], prompt_tokens: int, length: int) -> float:
-    """Tokens per pass of Hugging Face's prompt lookup drafting `length` tokens."""
+def replay_hf(outputs: list[list[int]], prompt_tokens: int, length: int) -> Replay:
+    """Hugging Face's prompt lookup drafting `length` tokens, replayed."""
     from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
     generator = PromptLookupCandidateGenerator(num_output_tokens=length, max_matching_ngram_size=2, max_length=10**6)
-    passes = emitted = 0
+    replay = Replay()
     for output in outputs:
         position = prompt_tokens + 1  # the first new token comes from the prompt's pass
         while position < len(output):
             candidates, _ = generator.get_candidates(torch.tensor([output[:position]]))
             chain = candidates[0, position:].tolist()
             gained = accepted(chain, output[position:]) + 1
-            passes, emitted, position = passes + 1, emitted + gained, position + gained
-    return emitted / passes
+            replay.add(len(chain), gained)
+            position += gained
+    return replay
 
 
-def replay_mtp_ext(outputs: list[list[int]], prompt_tokens: int, length: int | None) -> float:
-    """Tokens per pass of LookupDrafter: a fixed chain of `length` tokens, or None: adaptive."""
+def replay_mtp_ext(outputs: list[list[int]], prompt_tokens: int, length: int | None,
+                   adaptive: tuple[int, ...] | None = None) -> Replay:
+    """LookupDrafter replayed: a fixed chain of `length` tokens, or None: adaptive, along the
+    ladder `adaptive` (chain lengths; None: the drafter's own for a CPU)."""
     from mtp_ext.speculative import LookupDrafter, VerifiedPass
     from mtp_ext.tree import DraftForest
 
-    passes = emitted = 0
+    replay = Replay()
     for output in outputs:
         drafter = LookupDrafter(max_nodes=None if length is None else length + 1)
+        if adaptive is not None:
+            drafter.ADAPTIVE_CHAIN = {"cpu": adaptive}
         position = prompt_tokens + 1
         context = [output[:position]]
         root = torch.tensor([output[position - 1]])
@@ -85,32 +139,52 @@ def replay_mtp_ext(outputs: list[list[int]], prompt_tokens: int, length: int | N
             chain = forest.token_ids[0, 1:forest.counts[0]].tolist()
             hits = accepted(chain, output[position:])
             gained = hits + 1
-            passes, emitted, position = passes + 1, emitted + gained, position + gained
+            replay.add(len(chain), gained)
+            position += gained
             if position >= len(output):
                 break
             context[0].extend(output[len(context[0]):position])  # the decoder's context grows in place
             root = torch.tensor([output[position - 1]])
             previous = VerifiedPass(forest, None, None, torch.tensor([hits]), root, None, context=context)
-    return emitted / passes
+    return replay
+
+
+def pass_cost(path: str) -> dict[int, float]:
+    """A pass's cost by its tokens, relative to one token, from bench_pass_cost.py's JSON."""
+    medians = {bench["extra_info"]["contender"]: bench["stats"]["median"]
+               for bench in json.loads(Path(path).read_text())["benchmarks"]}
+    return {int(name.split("_")[1]): median / medians["rows_1"] for name, median in medians.items()}
 
 
 def main() -> None:
-    import bench_speculative as bench
-    from mtp_ext.models import load_model
+    import argparse
 
+    import bench_speculative as bench
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out", nargs="?")
+    parser.add_argument("--pass-cost", help="bench_pass_cost.py's JSON: predict each rule's speed")
+    args = parser.parse_args()
     torch.set_num_threads(2)
-    model, tokenizer = load_model("smollm2-135m")
-    table = {}
+    cost = pass_cost(args.pass_cost) if args.pass_cost else None
+    outputs = all_greedy_outputs(TEXTS)
+    tokens_per_pass, speed = {}, {}
     for text_name in TEXTS:
-        outputs = greedy_outputs(model, tokenizer, text_name)
-        row = {f"hf_{n}": replay_hf(outputs, bench.PROMPT_TOKENS, n) for n in FIXED_LENGTHS}
-        row.update({f"mtp_ext_{n}": replay_mtp_ext(outputs, bench.PROMPT_TOKENS, n) for n in FIXED_LENGTHS})
-        row["mtp_ext_adaptive"] = replay_mtp_ext(outputs, bench.PROMPT_TOKENS, None)
-        table[text_name] = row
-        print(text_name, " ".join(f"{name} {value:.2f}" for name, value in row.items()), flush=True)
-    if len(sys.argv) > 1:
-        Path(sys.argv[1]).write_text(json.dumps({"prompts": bench.PROMPTS, "new_tokens": bench.NEW_TOKENS,
-                                                 "tokens_per_pass": table}, indent=2))
+        replays = {f"hf_{n}": replay_hf(outputs[text_name], bench.PROMPT_TOKENS, n) for n in FIXED_LENGTHS}
+        replays.update({f"mtp_ext_{n}": replay_mtp_ext(outputs[text_name], bench.PROMPT_TOKENS, n)
+                        for n in FIXED_LENGTHS})
+        replays.update({"mtp_ext_adaptive_" + "_".join(map(str, ladder)): replay_mtp_ext(
+            outputs[text_name], bench.PROMPT_TOKENS, None, ladder) for ladder in ADAPTIVE_RULES})
+        tokens_per_pass[text_name] = {name: replay.tokens_per_pass() for name, replay in replays.items()}
+        if cost is not None:
+            speed[text_name] = {name: replay.speed(cost) for name, replay in replays.items()}
+        print(text_name, " ".join(f"{name} {value:.2f}" + (f" ({speed[text_name][name]:.2f}x)" if speed else "")
+                                  for name, value in tokens_per_pass[text_name].items()), flush=True)
+    if args.out:
+        report = {"prompts": bench.PROMPTS, "new_tokens": bench.NEW_TOKENS, "tokens_per_pass": tokens_per_pass}
+        if cost is not None:
+            report.update(pass_cost=cost, predicted_speed_x_one_token_passes=speed)
+        Path(args.out).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -522,21 +522,36 @@ def test_lookup_drafts_what_followed_the_latest_match():
     assert forest.token_ids[1, :forest.counts[1]].tolist() == [3, 4, 2]
 
 
-def test_the_adaptive_chain_doubles_after_a_whole_chain_is_accepted_and_starts_over_otherwise():
+def test_a_lookup_copy_that_reaches_the_end_goes_on_as_a_loop():
+    # "7 8" last occurred 3 tokens back: what followed it (9, 7, 8) repeats with period 3.
+    forest = LookupDrafter(max_nodes=6).draft(lookup_pass([[1, 7, 8, 9, 7, 8]]))
+    assert forest.token_ids[0].tolist() == [8, 9, 7, 8, 9, 7]
+    # A match one token back ("5" after "5"): the copy repeats that token.
+    assert LookupDrafter(max_nodes=4).draft(lookup_pass([[2, 5, 5]])).token_ids[0].tolist() == [5, 5, 5, 5]
+
+
+def test_the_adaptive_chain_climbs_its_ladder_after_a_whole_chain_is_accepted_and_starts_over_otherwise():
     from mtp_ext.speculative import VerifiedPass
 
     drafter = LookupDrafter()
-    first, longest = LookupDrafter.ADAPTIVE_CHAIN["cpu"]
+    ladder = LookupDrafter.ADAPTIVE_CHAIN["cpu"]
+    assert len(ladder) >= 2 and list(ladder) == sorted(set(ladder))
 
     def after(counts: list[int], stops: list[int]) -> list[int]:
         forest = chain_forest(torch.zeros(len(counts), dtype=torch.long), [[5] * (count - 1) for count in counts])
         roots = torch.zeros(len(counts), dtype=torch.long)
         return drafter.chain_lengths(VerifiedPass(forest, None, None, torch.tensor(stops), roots, None))
 
-    assert after([1, 1], [0, 0]) == [first, first]  # nothing drafted (the prompt's pass, or no match)
-    assert after([first + 1, first + 1], [first, first - 1]) == [2 * first, first]  # all accepted / one rejected
-    assert after([9, 9], [8, 0]) == [min(longest, 16), first]
-    assert after([longest + 1], [longest]) == [longest]  # capped
+    assert after([1, 1], [0, 0]) == [ladder[0], ladder[0]]  # nothing drafted (the prompt's pass, or no match)
+    first = ladder[0]
+    assert after([first + 1, first + 1], [first, first - 1]) == [ladder[1], first]  # all accepted / one rejected
+    assert after([3, 3], [2, 0]) == [next(rung for rung in ladder if rung > 2), first]  # a chain off the ladder
+    assert after([ladder[-1] + 1], [ladder[-1]]) == [ladder[-1]]  # the top rung holds
+    # A tree of another drafter (three leaves) walked to its last slot is no accepted chain.
+    tree = DraftForest.roots(torch.zeros(1, dtype=torch.long)).grow(
+        torch.zeros(1, 3, dtype=torch.long), torch.tensor([[4, 5, 6]]), torch.ones(1, 3), max_nodes=4)
+    assert drafter.chain_lengths(VerifiedPass(tree, None, None, torch.tensor([3]), torch.zeros(1, dtype=torch.long),
+                                              None)) == [first]
     assert LookupDrafter(max_nodes=4).chain_lengths(lookup_pass([[1, 2]])) == [3]
     assert LookupDrafter(branching=[1, 1]).chain_lengths(lookup_pass([[1, 2]])) == [2]
 
@@ -553,12 +568,13 @@ def test_an_adaptive_chain_grows_in_decoding_where_the_model_repeats_itself():
             seen.append(((previous.forest.counts - 1).tolist(), previous.stop_nodes.tolist(), lengths))
             return lengths
 
-    got = speculative_generate(model, input_ids, drafter=Recording(), max_new_tokens=48)
-    assert torch.equal(got.sequences, greedy_reference(model, input_ids, torch.ones_like(input_ids), 48))
-    first, longest = LookupDrafter.ADAPTIVE_CHAIN["cpu"]
+    got = speculative_generate(model, input_ids, drafter=Recording(), max_new_tokens=64)
+    assert torch.equal(got.sequences, greedy_reference(model, input_ids, torch.ones_like(input_ids), 64))
+    ladder = LookupDrafter.ADAPTIVE_CHAIN["cpu"]
     for (drafted,), (stop,), (length,) in seen:
-        assert length == (min(longest, 2 * drafted) if drafted and stop == drafted else first)
-    assert max(length for _, _, (length,) in seen) > 2 * first  # it doubled twice along the loop
+        climbed = next((rung for rung in ladder if rung > drafted), ladder[-1])
+        assert length == (climbed if drafted and stop == drafted else ladder[0])
+    assert max(length for _, _, (length,) in seen) == ladder[-1]  # it climbed to the top along the loop
 
 
 def test_lookup_prefers_the_longest_suffix_that_occurred():
@@ -576,9 +592,25 @@ def test_lookup_first_takes_the_chain_only_where_there_is_a_match():
                                                  torch.tensor([[10, 11]] * len(roots)), torch.ones(len(roots), 2),
                                                  max_nodes=3)
 
+    # The chain takes the lookup's adaptive length (its first rung: 3 tokens, more than the
+    # 2-token tree), the match-less row the fallback's tree.
     forest = LookupFirstDrafter(Wide()).draft(lookup_pass([[4, 5, 6, 4], [1, 2, 3]]))
-    assert forest.token_ids.tolist() == [[4, 5, 6], [3, 10, 11]]
-    assert forest.parents.tolist() == [[-1, 0, 1], [-1, 0, 0]] and forest.counts.tolist() == [3, 3]
+    assert LookupDrafter.ADAPTIVE_CHAIN["cpu"][0] == 3
+    assert forest.token_ids.tolist() == [[4, 5, 6, 4], [3, 10, 11, 0]] and forest.counts.tolist() == [4, 3]
+    assert forest.parents.tolist() == [[-1, 0, 1, 2], [-1, 0, 0, -1]]
+
+
+def test_lookup_first_chains_are_at_least_as_long_as_the_fallback_tree_is_big():
+    class Wide(Drafter):
+        def draft(self, previous):
+            roots = previous.next_tokens
+            return DraftForest.roots(roots).grow(torch.zeros(len(roots), 5, dtype=torch.long),
+                                                 torch.arange(10, 15).repeat(len(roots), 1), torch.ones(len(roots), 5),
+                                                 max_nodes=6)
+
+    context = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 1]]
+    forest = LookupFirstDrafter(Wide()).draft(lookup_pass(context))
+    assert forest.token_ids[0, :forest.counts[0]].tolist() == [1, 2, 3, 4, 5, 6]  # 5 tokens: the tree's size
 
 
 def test_lookup_by_name_and_its_errors(tmp_path):

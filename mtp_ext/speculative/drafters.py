@@ -424,8 +424,10 @@ class _NgramIndex:
         self.indexed = 1
 
     def continuation(self, count: int) -> list[int]:
-        """Up to `count` tokens that followed the latest earlier occurrence of the longest suffix
-        of the row (at most max_ngram tokens) that occurred before; none without one."""
+        """`count` tokens that followed the latest earlier occurrence of the longest suffix of
+        the row (at most max_ngram tokens) that occurred before; none without one. A copy that
+        reaches the row's end goes on from its own start, as a loop repeats (LZ77's
+        overlapping copy): a match d tokens back predicts a period of d."""
         tokens = self.tokens
         for end in range(self.indexed, len(tokens)):  # n-grams ending at end - 1 now have a follower
             for n in range(1, min(self.max_ngram, end) + 1):
@@ -434,7 +436,10 @@ class _NgramIndex:
         for n in range(min(self.max_ngram, len(tokens)), 0, -1):
             start = self.follower[n - 1].get(tuple(tokens[-n:]))
             if start is not None:
-                return tokens[start:start + count]
+                copy = tokens[start:start + count]
+                while len(copy) < count:  # the match's continuation runs into the drafted copy itself
+                    copy.append(copy[len(copy) - (len(tokens) - start)])
+                return copy
         return []
 
 
@@ -449,11 +454,12 @@ class LookupDrafter(Drafter):
     lately more than what it said long ago, and the latest match is accepted further
     (bench/README.md, "The lookup drafter's rules").
 
-    Without a fixed size the chain's length follows its own acceptance, per row: ADAPTIVE_CHAIN's
-    first length for the device, doubled after every pass that accepted the whole chain (the
-    context is being repeated: a longer copy will be accepted too), up to its last, and back to
-    the first after a pass that rejected part of it. A chain costs a row of every linear per node,
-    so short chains where repeats are rare, long ones along a repeated passage.
+    Without a fixed size the chain's length follows its own acceptance, per row, along
+    ADAPTIVE_CHAIN's ladder of lengths for the device: the first rung, one rung up after every
+    pass that accepted the whole chain (the context is being repeated: a longer copy will be
+    accepted too), and back to the first after a pass that rejected part of it. The rungs are
+    where a pass's measured cost levels off (bench/pass-cost.json): a chain one token shorter
+    than a rung costs about as much and is accepted less far.
 
     Args:
         branching: only a chain: every count 1; its length is the chain's depth (fixed).
@@ -462,12 +468,12 @@ class LookupDrafter(Drafter):
         max_ngram: the longest suffix looked up.
     """
 
-    # device type -> (first, longest) chain length in drafted tokens. On a CPU a pass over 2-3
-    # tokens costs about one over 1 and every further token adds a row to each linear; up to
-    # 16 rows run the small-batch linears (SMALL_BATCH_ROWS). Elsewhere passes of up to a few
-    # dozen tokens cost about the same, so chains start at Hugging Face's usual 10.
-    ADAPTIVE_CHAIN = {"cpu": (2, 15)}
-    ADAPTIVE_CHAIN_ELSEWHERE = (10, 31)
+    # device type -> the ladder of chain lengths in drafted tokens. On a CPU a pass of 2, 4, 8 or
+    # 16 tokens costs about as much as one of 1, 3, 6 or 12 (bench/README.md, "The lookup drafter's
+    # rules"), and up to 16 rows run the small-batch linears (SMALL_BATCH_ROWS). Elsewhere passes
+    # of up to a few dozen tokens cost about the same, so chains start at Hugging Face's usual 10.
+    ADAPTIVE_CHAIN = {"cpu": (3, 7, 15)}
+    ADAPTIVE_CHAIN_ELSEWHERE = (10, 20, 31)
 
     def __init__(self, branching: Branching = None, max_nodes: Optional[int] = None, max_ngram: int = 3):
         self.shape = TreeShape.of(branching, max_nodes)
@@ -496,15 +502,17 @@ class LookupDrafter(Drafter):
             return [self.shape.max_nodes - 1] * len(previous.next_tokens)
         if self.shape.branching is not None:
             return [self.shape.depth] * len(previous.next_tokens)
-        first, longest = self.ADAPTIVE_CHAIN.get(previous.next_tokens.device.type, self.ADAPTIVE_CHAIN_ELSEWHERE)
-        # A chain's slots are its depths: the whole chain was accepted where the walk stopped at its last slot.
+        ladder = self.ADAPTIVE_CHAIN.get(previous.next_tokens.device.type, self.ADAPTIVE_CHAIN_ELSEWHERE)
+        # A chain's slots are its depths: the whole chain was accepted where the walk stopped at its
+        # last slot. A row whose last draft was a tree (another drafter's) starts the ladder afresh.
         drafted = (previous.forest.counts - 1).tolist()
+        chains = (previous.forest.leaf_counts == 1).tolist()
         stops = previous.stop_nodes.tolist() if previous.stop_nodes is not None else [-1] * len(drafted)
-        return [min(longest, 2 * count) if count > 0 and stop == count else first
-                for count, stop in zip(drafted, stops)]
+        return [next((rung for rung in ladder if rung > count), ladder[-1]) if chain and count > 0 and stop == count
+                else ladder[0] for count, chain, stop in zip(drafted, chains, stops)]
 
-    def draft(self, previous: VerifiedPass, nodes: Optional[int] = None) -> DraftForest:
-        """The chains of every row; `nodes`: their size, the root included, in place of
+    def draft(self, previous: VerifiedPass, lengths: Optional[list[int]] = None) -> DraftForest:
+        """The chains of every row; `lengths`: each row's length in drafted tokens, in place of
         chain_lengths'."""
         if previous.context is None:
             raise ValueError("the lookup drafter reads the decoder's context (VerifiedPass.context), which "
@@ -512,7 +520,7 @@ class LookupDrafter(Drafter):
         if previous.context is not self._context:  # another generation: index its rows afresh
             self._context = previous.context
             self._rows = [_NgramIndex(tokens, self.max_ngram) for tokens in previous.context]
-        lengths = [nodes - 1] * len(self._rows) if nodes is not None else self.chain_lengths(previous)
+        lengths = self.chain_lengths(previous) if lengths is None else lengths
         return chain_forest(previous.next_tokens, [row.continuation(length)
                                                    for row, length in zip(self._rows, lengths)])
 
@@ -534,8 +542,9 @@ def chain_forest(roots: Tensor, chains: list[list[int]]) -> DraftForest:
 
 class LookupFirstDrafter(Drafter):
     """The lookup chain where the context holds a match, another drafter's tree where it does
-    not, in one pass of that drafter's size: text that repeats itself is drafted from itself,
-    the rest by the model-based drafter.
+    not: text that repeats itself is drafted from itself, the rest by the model-based drafter.
+    The chain is as long as the lookup drafter's adaptive rule says, and at least as long as the
+    fallback's tree is big, whose pass costs as much.
 
     Args:
         fallback: the drafter of rows without a match (its chooser serves the walk).
@@ -560,7 +569,8 @@ class LookupFirstDrafter(Drafter):
             # The fallback sees the pass as if the walk had used the model's logits.
             previous = dataclasses.replace(previous, stop_logits=previous.drafter_state.logits, drafter_state=None)
         tree = self.fallback.draft(previous)
-        chain = self.lookup.draft(previous, nodes=max(tree.size, 2))
+        floor = max(tree.size - 1, 1)
+        chain = self.lookup.draft(previous, [max(length, floor) for length in self.lookup.chain_lengths(previous)])
         return select_rows(chain.counts > 1, chain, tree)
 
 
