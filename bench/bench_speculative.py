@@ -11,7 +11,8 @@ user of transformers would pick instead without training, prompt lookup decoding
 or the text is not prepared, for the heads drafter where no trained frozen-backbone heads are
 found in $MTP_EXT_HEADS_DIR (default results/heads/; each subdirectory one checkpoint, the
 first that loads is used), and for the token head drafter where $MTP_EXT_TOKEN_HEAD_DIR
-(default results/token_head/) holds no TokenHead for SmolLM2.
+(default results/token_head/; for "lookup_token_head_mixed" results/token_head_mixed/) holds no
+TokenHead for SmolLM2.
 
 Slow on a CPU (each round generates 1,280 tokens), hence one round; $BENCH_PROMPTS and
 $BENCH_NEW_TOKENS shrink it; $BENCH_BATCH decodes that many prompts at once (model.generate at
@@ -54,6 +55,7 @@ SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if os.environ.g
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 HEADS_DIR = Path(os.environ.get("MTP_EXT_HEADS_DIR", RESULTS / "heads"))
 TOKEN_HEAD_DIR = Path(os.environ.get("MTP_EXT_TOKEN_HEAD_DIR", RESULTS / "token_head"))
+MIXED_TOKEN_HEAD_DIR = RESULTS / "token_head_mixed"  # trained on Austen, Shakespeare and the Bible
 
 generate_outputs = {}  # prompt index -> model.generate's output, for the identity check
 
@@ -114,12 +116,12 @@ def trained_heads_drafter(model):
     pytest.skip(f"no trained heads for SmolLM2 under {HEADS_DIR} ({'; '.join(reasons) or 'none there'})")
 
 
-def trained_token_head_drafter(model):
-    """A TokenHeadDrafter for the head in TOKEN_HEAD_DIR, or a skip."""
+def trained_token_head_drafter(model, directory: Path = TOKEN_HEAD_DIR):
+    """A TokenHeadDrafter for the head in `directory`, or a skip."""
     try:
-        return TokenHeadDrafter.load(TOKEN_HEAD_DIR, model), TOKEN_HEAD_DIR.name
+        return TokenHeadDrafter.load(directory, model), directory.name
     except (ValueError, OSError, ImportError) as error:
-        pytest.skip(f"no trained token head for SmolLM2 in {TOKEN_HEAD_DIR}: {error}")
+        pytest.skip(f"no trained token head for SmolLM2 in {directory}: {error}")
 
 
 def run_generate(model, prompts, **lookup):
@@ -143,8 +145,8 @@ def run_speculative(model, prompts, drafter):
     return [result.sequences for result in results], [result.stats for result in results]
 
 
-def lookup_first_drafter(model):
-    token_head, name = trained_token_head_drafter(model)
+def lookup_first_drafter(model, directory: Path = TOKEN_HEAD_DIR):
+    token_head, name = trained_token_head_drafter(model, directory)
     return LookupFirstDrafter(token_head), f"lookup, else {name}"
 
 
@@ -156,7 +158,8 @@ PEERS = {"generate": (run_generate, {}), "prompt_lookup_3": (run_generate, {"pro
 DRAFTERS = {"marginal": lambda _: (MarginalDrafter(), "marginal"), "heads": trained_heads_drafter,
             "token_head": trained_token_head_drafter, "lookup": lambda _: (LookupDrafter(), "lookup (adaptive chain)"),
             "lookup_fixed_3": lambda _: (LookupDrafter(max_nodes=4), "lookup, chains of 3"),
-            "lookup_token_head": lookup_first_drafter}
+            "lookup_token_head": lookup_first_drafter,
+            "lookup_token_head_mixed": lambda model: lookup_first_drafter(model, MIXED_TOKEN_HEAD_DIR)}
 
 
 @pytest.mark.parametrize("contender", list(PEERS) + list(DRAFTERS))

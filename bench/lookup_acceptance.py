@@ -1,7 +1,8 @@
 """Tokens per verification pass of context-lookup drafting, replayed on model.generate's greedy
 outputs: Hugging Face's prompt lookup (its own PromptLookupCandidateGenerator: the first earlier
 match of the last n <= 2 tokens) against mtp_ext's LookupDrafter (the latest match, n <= 3), at
-fixed chain lengths and with the adaptive length.
+fixed chain lengths and with the adaptive length; and how many tokens of a chain of 3 are
+accepted after a match of 1, 2 or 3 tokens.
 
 Greedy speculative decoding emits exactly model.generate's tokens, and a pass emits the accepted
 prefix of its chain plus one token, so replaying the drafters on the greedy output gives their
@@ -149,6 +150,24 @@ def replay_mtp_ext(outputs: list[list[int]], prompt_tokens: int, length: int | N
     return replay
 
 
+def by_match_length(outputs: list[list[int]], prompt_tokens: int, length: int = 3) -> dict[int, dict]:
+    """At every position of the greedy outputs, the tokens a chain of `length` from the latest
+    match accepts, by the match's length (1-3 tokens; 0: no match): how well a match of each
+    length predicts. Returns {match length: {"positions": count, "accepted": mean}}."""
+    from mtp_ext.speculative.drafters import _NgramIndex
+
+    sums, counts = [0] * 4, [0] * 4
+    for output in outputs:
+        context = output[:prompt_tokens + 1]
+        indices = [_NgramIndex(context, n, n) for n in (1, 2, 3)]
+        for position in range(prompt_tokens + 1, len(output)):
+            match = next(((n, chain) for n in (3, 2, 1) if (chain := indices[n - 1].continuation(length))), (0, []))
+            sums[match[0]] += accepted(match[1], output[position:])
+            counts[match[0]] += 1
+            context.append(output[position])
+    return {n: {"positions": counts[n], "accepted": sums[n] / counts[n]} for n in range(4) if counts[n]}
+
+
 def pass_cost(path: str) -> dict[int, float]:
     """A pass's cost by its tokens, relative to one token, from bench_pass_cost.py's JSON."""
     medians = {bench["extra_info"]["contender"]: bench["stats"]["median"]
@@ -168,7 +187,7 @@ def main() -> None:
     torch.set_num_threads(2)
     cost = pass_cost(args.pass_cost) if args.pass_cost else None
     outputs = all_greedy_outputs(TEXTS)
-    tokens_per_pass, speed = {}, {}
+    tokens_per_pass, speed, match_lengths = {}, {}, {}
     for text_name in TEXTS:
         replays = {f"hf_{n}": replay_hf(outputs[text_name], bench.PROMPT_TOKENS, n) for n in FIXED_LENGTHS}
         replays.update({f"mtp_ext_{n}": replay_mtp_ext(outputs[text_name], bench.PROMPT_TOKENS, n)
@@ -176,12 +195,14 @@ def main() -> None:
         replays.update({"mtp_ext_adaptive_" + "_".join(map(str, ladder)): replay_mtp_ext(
             outputs[text_name], bench.PROMPT_TOKENS, None, ladder) for ladder in ADAPTIVE_RULES})
         tokens_per_pass[text_name] = {name: replay.tokens_per_pass() for name, replay in replays.items()}
+        match_lengths[text_name] = by_match_length(outputs[text_name], bench.PROMPT_TOKENS)
         if cost is not None:
             speed[text_name] = {name: replay.speed(cost) for name, replay in replays.items()}
         print(text_name, " ".join(f"{name} {value:.2f}" + (f" ({speed[text_name][name]:.2f}x)" if speed else "")
                                   for name, value in tokens_per_pass[text_name].items()), flush=True)
     if args.out:
-        report = {"prompts": bench.PROMPTS, "new_tokens": bench.NEW_TOKENS, "tokens_per_pass": tokens_per_pass}
+        report = {"prompts": bench.PROMPTS, "new_tokens": bench.NEW_TOKENS, "tokens_per_pass": tokens_per_pass,
+                  "accepted_of_3_by_match_length": match_lengths}
         if cost is not None:
             report.update(pass_cost=cost, predicted_speed_x_one_token_passes=speed)
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -582,6 +582,11 @@ def test_lookup_prefers_the_longest_suffix_that_occurred():
     context = [[2, 3, 7, 1, 3, 9, 2, 3]]
     assert LookupDrafter(max_nodes=2, max_ngram=2).draft(lookup_pass(context)).token_ids.tolist() == [[3, 7]]
     assert LookupDrafter(max_nodes=2, max_ngram=1).draft(lookup_pass(context)).token_ids.tolist() == [[3, 9]]
+    # A match of one token is not taken with min_ngram 2; "2 3" is.
+    assert LookupDrafter(max_nodes=2, min_ngram=2).draft(lookup_pass([[4, 3, 9, 3]])).counts.tolist() == [1]
+    assert LookupDrafter(max_nodes=2, min_ngram=2).draft(lookup_pass(context)).token_ids.tolist() == [[3, 7]]
+    with pytest.raises(ValueError, match="min_ngram must be at most max_ngram"):
+        LookupDrafter(max_ngram=2, min_ngram=3)
 
 
 def test_lookup_first_takes_the_chain_only_where_there_is_a_match():
@@ -594,10 +599,12 @@ def test_lookup_first_takes_the_chain_only_where_there_is_a_match():
 
     # The chain takes the lookup's adaptive length (its first rung: 3 tokens, more than the
     # 2-token tree), the match-less row the fallback's tree.
-    forest = LookupFirstDrafter(Wide()).draft(lookup_pass([[4, 5, 6, 4], [1, 2, 3]]))
+    # By default a one-token match (row 2: "3") goes to the fallback too.
+    forest = LookupFirstDrafter(Wide()).draft(lookup_pass([[4, 5, 6, 4, 5], [1, 2, 3], [3, 1, 3]]))
     assert LookupDrafter.ADAPTIVE_CHAIN["cpu"][0] == 3
-    assert forest.token_ids.tolist() == [[4, 5, 6, 4], [3, 10, 11, 0]] and forest.counts.tolist() == [4, 3]
-    assert forest.parents.tolist() == [[-1, 0, 1, 2], [-1, 0, 0, -1]]
+    assert forest.token_ids.tolist() == [[5, 6, 4, 5], [3, 10, 11, 0], [3, 10, 11, 0]]
+    assert forest.counts.tolist() == [4, 3, 3] and forest.parents.tolist()[:2] == [[-1, 0, 1, 2], [-1, 0, 0, -1]]
+    assert LookupFirstDrafter(Wide(), min_ngram=1).draft(lookup_pass([[3, 1, 3]])).token_ids.tolist() == [[3, 1, 3, 1]]
 
 
 def test_lookup_first_chains_are_at_least_as_long_as_the_fallback_tree_is_big():
@@ -608,9 +615,9 @@ def test_lookup_first_chains_are_at_least_as_long_as_the_fallback_tree_is_big():
                                                  torch.arange(10, 15).repeat(len(roots), 1), torch.ones(len(roots), 5),
                                                  max_nodes=6)
 
-    context = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 1]]
+    context = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]]
     forest = LookupFirstDrafter(Wide()).draft(lookup_pass(context))
-    assert forest.token_ids[0, :forest.counts[0]].tolist() == [1, 2, 3, 4, 5, 6]  # 5 tokens: the tree's size
+    assert forest.token_ids[0, :forest.counts[0]].tolist() == [2, 3, 4, 5, 6, 7]  # 5 tokens: the tree's size
 
 
 def test_lookup_by_name_and_its_errors(tmp_path):

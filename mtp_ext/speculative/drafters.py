@@ -414,26 +414,27 @@ class TokenHeadDrafter(Drafter):
 
 
 class _NgramIndex:
-    """Where each n-gram (n <= max_ngram) of one row's tokens last occurred with a token after
-    it, kept up to date as the row grows."""
+    """Where each n-gram (min_ngram <= n <= max_ngram) of one row's tokens last occurred with a
+    token after it, kept up to date as the row grows."""
 
-    def __init__(self, tokens: list[int], max_ngram: int):
+    def __init__(self, tokens: list[int], max_ngram: int, min_ngram: int = 1):
         self.tokens = tokens  # the decoder's list of the row: it grows in place
         self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
         self.follower = [{} for _ in range(max_ngram)]  # [n - 1]: n-gram -> index of the token after it
         self.indexed = 1
 
     def continuation(self, count: int) -> list[int]:
         """`count` tokens that followed the latest earlier occurrence of the longest suffix of
-        the row (at most max_ngram tokens) that occurred before; none without one. A copy that
+        the row (min_ngram to max_ngram tokens) that occurred before; none without one. A copy that
         reaches the row's end goes on from its own start, as a loop repeats (LZ77's
         overlapping copy): a match d tokens back predicts a period of d."""
         tokens = self.tokens
         for end in range(self.indexed, len(tokens)):  # n-grams ending at end - 1 now have a follower
-            for n in range(1, min(self.max_ngram, end) + 1):
+            for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
                 self.follower[n - 1][tuple(tokens[end - n:end])] = end
         self.indexed = len(tokens)
-        for n in range(min(self.max_ngram, len(tokens)), 0, -1):
+        for n in range(min(self.max_ngram, len(tokens)), self.min_ngram - 1, -1):
             start = self.follower[n - 1].get(tuple(tokens[-n:]))
             if start is not None:
                 copy = tokens[start:start + count]
@@ -466,6 +467,7 @@ class LookupDrafter(Drafter):
         max_nodes: nodes of the chain, the root included (fixed); None (and no branching): the
             adaptive length.
         max_ngram: the longest suffix looked up.
+        min_ngram: the shortest suffix looked up (1: any token that occurred before).
     """
 
     # device type -> the ladder of chain lengths in drafted tokens. On a CPU a pass of 2, 4, 8 or
@@ -475,12 +477,16 @@ class LookupDrafter(Drafter):
     ADAPTIVE_CHAIN = {"cpu": (3, 7, 15)}
     ADAPTIVE_CHAIN_ELSEWHERE = (10, 20, 31)
 
-    def __init__(self, branching: Branching = None, max_nodes: Optional[int] = None, max_ngram: int = 3):
+    def __init__(self, branching: Branching = None, max_nodes: Optional[int] = None, max_ngram: int = 3,
+                 min_ngram: int = 1):
         self.shape = TreeShape.of(branching, max_nodes)
         if self.shape.branching is not None and set(self.shape.branching) != {1}:
             raise ValueError(f"the lookup drafter drafts a chain: its branching can only be 1 at every depth "
                              f"(or give max_nodes), got {self.shape.branching}")
         self.max_ngram = check_positive_int(max_ngram, "max_ngram")
+        self.min_ngram = check_positive_int(min_ngram, "min_ngram")
+        if min_ngram > max_ngram:
+            raise ValueError(f"min_ngram must be at most max_ngram, got {min_ngram} > {max_ngram}")
         self._context: Optional[list[list[int]]] = None
         self._rows: list[_NgramIndex] = []
 
@@ -519,7 +525,7 @@ class LookupDrafter(Drafter):
                              "this pass does not hold")
         if previous.context is not self._context:  # another generation: index its rows afresh
             self._context = previous.context
-            self._rows = [_NgramIndex(tokens, self.max_ngram) for tokens in previous.context]
+            self._rows = [_NgramIndex(tokens, self.max_ngram, self.min_ngram) for tokens in previous.context]
         lengths = self.chain_lengths(previous) if lengths is None else lengths
         return chain_forest(previous.next_tokens, [row.continuation(length)
                                                    for row, length in zip(self._rows, lengths)])
@@ -549,11 +555,14 @@ class LookupFirstDrafter(Drafter):
     Args:
         fallback: the drafter of rows without a match (its chooser serves the walk).
         max_ngram: as for LookupDrafter.
+        min_ngram: the shortest match taken. A single earlier token predicts what follows less
+            well than a trained drafter does (bench/README.md, "The lookup drafter's rules"),
+            so by default the chain needs a match of 2 tokens.
     """
 
-    def __init__(self, fallback: Drafter, max_ngram: int = 3):
+    def __init__(self, fallback: Drafter, max_ngram: int = 3, min_ngram: int = 2):
         self.fallback = fallback
-        self.lookup = LookupDrafter(max_ngram=max_ngram)
+        self.lookup = LookupDrafter(max_ngram=max_ngram, min_ngram=min_ngram)
         self.every_layer = fallback.every_layer
         self._fallback_chose = True  # whether the last pass's state is the fallback's own
 
