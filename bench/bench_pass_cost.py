@@ -3,10 +3,15 @@
 forward inside small_batch_linears (as speculative_generate runs it), R = 1 .. 16. The ratios
 to R = 1 are what a drafter's extra nodes cost on this machine; with the tokens per pass that
 bench/lookup_acceptance.py replays exactly, they predict a drafter's speed without timing it.
+$BENCH_BATCH runs that many rows at once (the same tokens in each), R new tokens per row: what
+a pass of a batch costs, against the batch's one-token step.
 
     .venv/bin/python -m pytest bench/bench_pass_cost.py --benchmark-json=bench/pass-cost.json
+    BENCH_BATCH=8 .venv/bin/python -m pytest bench/bench_pass_cost.py --benchmark-json=bench/pass-cost-batch8.json
     .venv/bin/python bench/summarize.py bench/pass-cost.json
 """
+import os
+
 import pytest
 import torch
 
@@ -14,6 +19,7 @@ from mtp_ext.models.adapters import small_batch_linears
 
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16)
 PREFIX = 128
+BATCH = int(os.environ.get("BENCH_BATCH", 1))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,7 @@ def model_and_tokens():
         pytest.skip(f"the austen text is not prepared: {error}")
     model, tokenizer = load_model("smollm2-135m")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][: PREFIX + max(ROWS)]
-    return model, torch.tensor([ids])
+    return model, torch.tensor([ids] * BATCH)
 
 
 @pytest.mark.parametrize("rows", ROWS)
@@ -37,8 +43,10 @@ def test_pass_cost(benchmark, model_and_tokens, rows):
     from transformers import DynamicCache
 
     model, ids = model_and_tokens
-    benchmark.group = f"SmolLM2-135M, one pass over a {PREFIX}-token KV cache, inside small_batch_linears"
-    benchmark.extra_info.update(contender=f"rows_{rows}", baseline="rows_1", threads=torch.get_num_threads())
+    benchmark.group = (f"SmolLM2-135M, one pass over a {PREFIX}-token KV cache, inside small_batch_linears, "
+                       f"batch {BATCH}")
+    benchmark.extra_info.update(contender=f"rows_{rows}", baseline="rows_1", batch=BATCH,
+                                threads=torch.get_num_threads())
     with torch.no_grad(), small_batch_linears(model):
         cache = DynamicCache(config=model.config)
         model(input_ids=ids[:, :PREFIX], past_key_values=cache, use_cache=True)

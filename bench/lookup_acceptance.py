@@ -10,7 +10,11 @@ tokens per pass exactly, without timing anything; what a pass of n tokens costs 
 apart (bench_pass_cost.py). Given that measurement (a pytest-benchmark JSON), each rule's
 predicted speed is its tokens over the summed cost of its passes, x one-token decoding.
 
-    .venv/bin/python bench/lookup_acceptance.py [OUT.json] [--pass-cost bench/pass-cost.json]
+    .venv/bin/python bench/lookup_acceptance.py [OUT.json] [--pass-cost bench/pass-cost.json ...]
+
+Each --pass-cost JSON (bench_pass_cost.py at $BENCH_BATCH) replays the rules at its batch size:
+the benchmark's prompts in batches, each pass padded to its longest chain as
+speculative_generate pads it.
 
 Prompts as in bench_speculative.py ($BENCH_PROMPTS, $BENCH_NEW_TOKENS; every text). The greedy
 outputs are kept in bench/greedy-outputs.json (made again when the prompts or lengths differ).
@@ -27,35 +31,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FIXED_LENGTHS = (1, 2, 3, 4, 6, 8)
 # Adaptive rules replayed: ladders of chain lengths as LookupDrafter.ADAPTIVE_CHAIN holds them
-# (doubling from 2 or 3; the lengths where the pass cost levels off, from 1, 2, 3 or 7).
-ADAPTIVE_RULES = ((2, 4, 8, 15), (3, 6, 12, 15), (1, 3, 7, 15), (2, 3, 7, 15), (3, 7, 15), (7, 15), (3, 7))
+# (doubling from 2 or 3; the lengths where the pass cost levels off, from 1, 2, 3 or 7; short ones for
+# a batch, whose pass is as long as its longest chain).
+ADAPTIVE_RULES = ((2, 4, 8, 15), (3, 6, 12, 15), (1, 3, 7, 15), (2, 3, 7, 15), (3, 7, 15), (7, 15), (3, 7), (1, 2), (2, 3),
+                  (1, 3))
 TEXTS = ("austen", "shakespeare", "bible")
 OUTPUTS = Path(__file__).resolve().parent / "greedy-outputs.json"
 
 
 class Replay:
-    """What a replayed rule did: tokens emitted and the tokens each pass verified."""
+    """What a replayed rule did: tokens emitted and the tokens each pass verified per row (a
+    batch's rows are padded to its longest chain)."""
 
-    def __init__(self):
+    def __init__(self, rows: int = 1):
+        self.rows = rows
         self.emitted = 0
-        self.pass_tokens: list[int] = []  # per pass: the root and the drafted chain
+        self.pass_tokens: list[int] = []  # per pass: the root and the longest drafted chain
 
     def add(self, chain_length: int, gained: int) -> None:
         self.pass_tokens.append(chain_length + 1)
         self.emitted += gained
 
     def tokens_per_pass(self) -> float:
-        return self.emitted / len(self.pass_tokens)
+        """Tokens emitted per pass and row."""
+        return self.emitted / self.rows / len(self.pass_tokens)
 
     def speed(self, cost: dict[int, float]) -> float:
-        """Tokens per unit of time, x one-token decoding, with `cost`: a pass's cost by its tokens
-        (relative to one token; a count between measured ones takes the next measured above)."""
+        """Tokens per unit of time, x one-token decoding of as many rows, with `cost`: a pass's
+        cost by its tokens per row (relative to one token; a count between measured ones takes
+        the next measured above)."""
         measured = sorted(cost)
 
         def of(tokens: int) -> float:
             return cost[next((count for count in measured if count >= tokens), measured[-1])]
 
-        return self.emitted / sum(of(tokens) for tokens in self.pass_tokens)
+        return self.emitted / self.rows / sum(of(tokens) for tokens in self.pass_tokens)
 
 
 def all_greedy_outputs(texts) -> dict[str, list[list[int]]]:
@@ -119,35 +129,48 @@ def replay_hf(outputs: list[list[int]], prompt_tokens: int, length: int) -> Repl
 
 
 def replay_mtp_ext(outputs: list[list[int]], prompt_tokens: int, length: int | None,
-                   adaptive: tuple[int, ...] | None = None) -> Replay:
+                   adaptive: tuple[int, ...] | None = None, batch: int = 1) -> Replay:
     """LookupDrafter replayed: a fixed chain of `length` tokens, or None: adaptive, along the
-    ladder `adaptive` (chain lengths; None: the drafter's own for a CPU)."""
+    ladder `adaptive` (chain lengths; None: the drafter's own for a CPU); `batch` outputs at a
+    time in one pass, as speculative_generate decodes a batch (a row that has ended drafts
+    nothing)."""
+    replay = Replay(batch)
+    for first in range(0, len(outputs) - batch + 1, batch):
+        replay_rows(outputs[first:first + batch], prompt_tokens, length, adaptive, replay)
+    return replay
+
+
+def replay_rows(outputs: list[list[int]], prompt_tokens: int, length: int | None, adaptive: tuple[int, ...] | None,
+                replay: Replay) -> None:
+    """One batch of replay_mtp_ext: the rows of `outputs` decoded together, into `replay`."""
     from mtp_ext.speculative import LookupDrafter, VerifiedPass
     from mtp_ext.tree import DraftForest
 
-    replay = Replay()
-    for output in outputs:
-        drafter = LookupDrafter(max_nodes=None if length is None else length + 1)
-        if adaptive is not None:
-            drafter.ADAPTIVE_CHAIN = {"cpu": adaptive}
-        position = prompt_tokens + 1
-        context = [output[:position]]
-        root = torch.tensor([output[position - 1]])
-        previous = VerifiedPass(DraftForest.roots(root), None, None, torch.zeros(1, dtype=torch.long), root, None,
-                                context=context)
-        while position < len(output):
-            forest = drafter.draft(previous)
-            chain = forest.token_ids[0, 1:forest.counts[0]].tolist()
-            hits = accepted(chain, output[position:])
-            gained = hits + 1
-            replay.add(len(chain), gained)
-            position += gained
-            if position >= len(output):
-                break
-            context[0].extend(output[len(context[0]):position])  # the decoder's context grows in place
-            root = torch.tensor([output[position - 1]])
-            previous = VerifiedPass(forest, None, None, torch.tensor([hits]), root, None, context=context)
-    return replay
+    drafter = LookupDrafter(max_nodes=None if length is None else length + 1)
+    if adaptive is not None:
+        drafter.ADAPTIVE_CHAIN = drafter.BATCH_CHAIN = {"cpu": adaptive}
+    positions = [prompt_tokens + 1] * len(outputs)  # the first new token comes from the prompt's pass
+    context = [output[:prompt_tokens + 1] for output in outputs]
+    roots = torch.tensor([output[prompt_tokens] for output in outputs])
+    previous = VerifiedPass(DraftForest.roots(roots), None, None, torch.zeros(len(outputs), dtype=torch.long), roots,
+                            None, context=context)
+    while any(position < len(output) for position, output in zip(positions, outputs)):
+        forest = drafter.draft(previous)
+        hits, longest, gained = [], 0, 0
+        for row, output in enumerate(outputs):
+            if positions[row] >= len(output):
+                hits.append(0)
+                continue
+            chain = forest.token_ids[row, 1:forest.counts[row]].tolist()
+            hits.append(accepted(chain, output[positions[row]:]))
+            longest = max(longest, len(chain))
+            step = min(hits[-1] + 1, len(output) - positions[row])
+            gained += step
+            positions[row] += step
+            context[row].extend(output[len(context[row]):positions[row]])  # the decoder's context grows in place
+        replay.add(longest, gained)
+        roots = torch.tensor([output[min(position, len(output)) - 1] for position, output in zip(positions, outputs)])
+        previous = VerifiedPass(forest, None, None, torch.tensor(hits), roots, None, context=context)
 
 
 def by_match_length(outputs: list[list[int]], prompt_tokens: int, length: int = 3) -> dict[int, dict]:
@@ -168,11 +191,25 @@ def by_match_length(outputs: list[list[int]], prompt_tokens: int, length: int = 
     return {n: {"positions": counts[n], "accepted": sums[n] / counts[n]} for n in range(4) if counts[n]}
 
 
-def pass_cost(path: str) -> dict[int, float]:
-    """A pass's cost by its tokens, relative to one token, from bench_pass_cost.py's JSON."""
-    medians = {bench["extra_info"]["contender"]: bench["stats"]["median"]
-               for bench in json.loads(Path(path).read_text())["benchmarks"]}
-    return {int(name.split("_")[1]): median / medians["rows_1"] for name, median in medians.items()}
+def pass_cost(path: str) -> tuple[int, dict[int, float]]:
+    """The batch and a pass's cost by its tokens per row, relative to one token per row, from
+    bench_pass_cost.py's JSON."""
+    benchmarks = json.loads(Path(path).read_text())["benchmarks"]
+    medians = {bench["extra_info"]["contender"]: bench["stats"]["median"] for bench in benchmarks}
+    batch = benchmarks[0]["extra_info"].get("batch", 1)
+    return batch, {int(name.split("_")[1]): median / medians["rows_1"] for name, median in medians.items()}
+
+
+def replays_of(outputs: list[list[int]], prompt_tokens: int, batch: int) -> dict[str, Replay]:
+    """Every rule replayed on one text's outputs, `batch` rows at a time (Hugging Face's prompt
+    lookup at batch 1 only, as Hugging Face runs it)."""
+    replays = {}
+    if batch == 1:
+        replays.update({f"hf_{n}": replay_hf(outputs, prompt_tokens, n) for n in FIXED_LENGTHS})
+    replays.update({f"mtp_ext_{n}": replay_mtp_ext(outputs, prompt_tokens, n, batch=batch) for n in FIXED_LENGTHS})
+    replays.update({"mtp_ext_adaptive_" + "_".join(map(str, ladder)): replay_mtp_ext(
+        outputs, prompt_tokens, None, ladder, batch) for ladder in ADAPTIVE_RULES})
+    return replays
 
 
 def main() -> None:
@@ -182,29 +219,30 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", nargs="?")
-    parser.add_argument("--pass-cost", help="bench_pass_cost.py's JSON: predict each rule's speed")
+    parser.add_argument("--pass-cost", nargs="+", default=[],
+                        help="bench_pass_cost.py's JSON, one per batch size: replay at that batch and predict "
+                             "each rule's speed")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    cost = pass_cost(args.pass_cost) if args.pass_cost else None
+    costs = dict(pass_cost(path) for path in args.pass_cost) or {1: None}
     outputs = all_greedy_outputs(TEXTS)
-    tokens_per_pass, speed, match_lengths = {}, {}, {}
+    report = {"prompts": bench.PROMPTS, "new_tokens": bench.NEW_TOKENS, "accepted_of_3_by_match_length": {}}
+    for batch, cost in costs.items():
+        key = "" if batch == 1 else f"_batch_{batch}"
+        tokens_per_pass, speed = report.setdefault("tokens_per_pass" + key, {}), {}
+        for text_name in TEXTS:
+            replays = replays_of(outputs[text_name], bench.PROMPT_TOKENS, batch)
+            tokens_per_pass[text_name] = {name: replay.tokens_per_pass() for name, replay in replays.items()}
+            if cost is not None:
+                speed[text_name] = {name: replay.speed(cost) for name, replay in replays.items()}
+            print(f"{text_name}, batch {batch}:", " ".join(
+                f"{name} {value:.2f}" + (f" ({speed[text_name][name]:.2f}x)" if speed else "")
+                for name, value in tokens_per_pass[text_name].items()), flush=True)
+        if cost is not None:
+            report.update({"pass_cost" + key: cost, "predicted_speed_x_one_token_passes" + key: speed})
     for text_name in TEXTS:
-        replays = {f"hf_{n}": replay_hf(outputs[text_name], bench.PROMPT_TOKENS, n) for n in FIXED_LENGTHS}
-        replays.update({f"mtp_ext_{n}": replay_mtp_ext(outputs[text_name], bench.PROMPT_TOKENS, n)
-                        for n in FIXED_LENGTHS})
-        replays.update({"mtp_ext_adaptive_" + "_".join(map(str, ladder)): replay_mtp_ext(
-            outputs[text_name], bench.PROMPT_TOKENS, None, ladder) for ladder in ADAPTIVE_RULES})
-        tokens_per_pass[text_name] = {name: replay.tokens_per_pass() for name, replay in replays.items()}
-        match_lengths[text_name] = by_match_length(outputs[text_name], bench.PROMPT_TOKENS)
-        if cost is not None:
-            speed[text_name] = {name: replay.speed(cost) for name, replay in replays.items()}
-        print(text_name, " ".join(f"{name} {value:.2f}" + (f" ({speed[text_name][name]:.2f}x)" if speed else "")
-                                  for name, value in tokens_per_pass[text_name].items()), flush=True)
+        report["accepted_of_3_by_match_length"][text_name] = by_match_length(outputs[text_name], bench.PROMPT_TOKENS)
     if args.out:
-        report = {"prompts": bench.PROMPTS, "new_tokens": bench.NEW_TOKENS, "tokens_per_pass": tokens_per_pass,
-                  "accepted_of_3_by_match_length": match_lengths}
-        if cost is not None:
-            report.update(pass_cost=cost, predicted_speed_x_one_token_passes=speed)
         Path(args.out).write_text(json.dumps(report, indent=2))
 
 

@@ -537,10 +537,13 @@ def test_the_adaptive_chain_climbs_its_ladder_after_a_whole_chain_is_accepted_an
     ladder = LookupDrafter.ADAPTIVE_CHAIN["cpu"]
     assert len(ladder) >= 2 and list(ladder) == sorted(set(ladder))
 
-    def after(counts: list[int], stops: list[int]) -> list[int]:
+    def batch_after(counts: list[int], stops: list[int]) -> list[int]:
         forest = chain_forest(torch.zeros(len(counts), dtype=torch.long), [[5] * (count - 1) for count in counts])
         roots = torch.zeros(len(counts), dtype=torch.long)
         return drafter.chain_lengths(VerifiedPass(forest, None, None, torch.tensor(stops), roots, None))
+
+    def after(counts: list[int], stops: list[int]) -> list[int]:  # each row decoded alone
+        return [length for count, stop in zip(counts, stops) for length in batch_after([count], [stop])]
 
     assert after([1, 1], [0, 0]) == [ladder[0], ladder[0]]  # nothing drafted (the prompt's pass, or no match)
     first = ladder[0]
@@ -554,6 +557,10 @@ def test_the_adaptive_chain_climbs_its_ladder_after_a_whole_chain_is_accepted_an
                                               None)) == [first]
     assert LookupDrafter(max_nodes=4).chain_lengths(lookup_pass([[1, 2]])) == [3]
     assert LookupDrafter(branching=[1, 1]).chain_lengths(lookup_pass([[1, 2]])) == [2]
+    # A batch of rows takes its own ladder, whatever the last pass accepted.
+    batch_ladder = LookupDrafter.BATCH_CHAIN["cpu"]
+    assert batch_after([first + 1, 1], [first, 0]) == [
+        next((rung for rung in batch_ladder if rung > first), batch_ladder[-1]), batch_ladder[0]]
 
 
 def test_an_adaptive_chain_grows_in_decoding_where_the_model_repeats_itself():
@@ -597,13 +604,14 @@ def test_lookup_first_takes_the_chain_only_where_there_is_a_match():
                                                  torch.tensor([[10, 11]] * len(roots)), torch.ones(len(roots), 2),
                                                  max_nodes=3)
 
-    # The chain takes the lookup's adaptive length (its first rung: 3 tokens, more than the
-    # 2-token tree), the match-less row the fallback's tree.
-    # By default a one-token match (row 2: "3") goes to the fallback too.
+    # The chain takes the lookup's length for a batch (2 tokens, as the tree's), the match-less
+    # row the fallback's tree; by default a one-token match (row 2: "3") goes to the fallback too.
     forest = LookupFirstDrafter(Wide()).draft(lookup_pass([[4, 5, 6, 4, 5], [1, 2, 3], [3, 1, 3]]))
+    assert LookupDrafter.BATCH_CHAIN["cpu"] == (2,)
+    assert forest.token_ids.tolist() == [[5, 6, 4], [3, 10, 11], [3, 10, 11]]
+    assert forest.counts.tolist() == [3, 3, 3] and forest.parents.tolist()[:2] == [[-1, 0, 1], [-1, 0, 0]]
+    # Alone, the row takes the lookup's first rung (3 tokens, more than the tree's 2).
     assert LookupDrafter.ADAPTIVE_CHAIN["cpu"][0] == 3
-    assert forest.token_ids.tolist() == [[5, 6, 4, 5], [3, 10, 11, 0], [3, 10, 11, 0]]
-    assert forest.counts.tolist() == [4, 3, 3] and forest.parents.tolist()[:2] == [[-1, 0, 1, 2], [-1, 0, 0, -1]]
     assert LookupFirstDrafter(Wide(), min_ngram=1).draft(lookup_pass([[3, 1, 3]])).token_ids.tolist() == [[3, 1, 3, 1]]
 
 

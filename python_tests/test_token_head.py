@@ -197,6 +197,8 @@ def test_the_drafter_grows_each_level_from_the_state_predicted_at_the_parent():
     with pytest.raises(ValueError, match="trained for 2 drafting level"):
         TokenHeadDrafter(head, branching=(2, 1, 1))
     assert TokenHeadDrafter(head).tree_shape(torch.device("cpu")).branching == (3,)
+    assert TokenHeadDrafter(head).tree_shape(torch.device("cpu"), batch=8).branching == (2,)
+    assert TokenHeadDrafter(head, branching=[3]).tree_shape(torch.device("cpu"), batch=8).branching == (3,)
     assert TokenHeadDrafter(head).tree_shape(torch.device("meta")) == TreeShape((8, 1), 17)
 
 

@@ -22,7 +22,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--drafter", default=DEFAULT_DRAFTER, help=f"the drafter: {drafter_help()} (default: {DEFAULT_DRAFTER})")
     parser.add_argument("--branching", type=common.positive_int, nargs="+", default=None,
                         help="candidates per node at each depth (heads; default: 3 on a CPU, 4 3 2 2 on a GPU; "
-                             "a token head: up to the depth it was trained for, default 3 under the root on a CPU, 8 "
+                             "a token head: up to the depth it was trained for, default 3 under the root on a CPU (2 "
+                             "for a batch), 8 "
                              "then 1 per level on a GPU), or "
                              "under the root (marginal, one count; default: 3 on a CPU, 8 on a GPU)")
     parser.add_argument("--max-nodes", type=common.positive_int, default=None,

@@ -342,8 +342,9 @@ class TokenHeadDrafter(Drafter):
         head: a TokenHead for the decoding model.
         branching: children per node at each depth, at most head.chain depths; None: on a CPU
             the root's 3 best guesses only (there a 7-node tree of a second level costs more
-            than it brings: bench/README.md, "A chained token head"), elsewhere 8 and one child
-            under each deeper node down to the head's chain.
+            than it brings: bench/README.md, "A chained token head"), 2 for a batch of rows
+            (whose pass costs in proportion to its rows there); elsewhere 8 and one child under
+            each deeper node down to the head's chain.
         max_nodes: nodes per tree, the root included; None: the whole tree of `branching`.
     """
 
@@ -364,16 +365,21 @@ class TokenHeadDrafter(Drafter):
 
         return cls(TokenHead.load(directory, model), branching, max_nodes)
 
-    def tree_shape(self, device: torch.device) -> TreeShape:
-        """The tree drafted on `device`: the given shape, its unset fields by default.
+    def tree_shape(self, device: torch.device, batch: int = 1) -> TreeShape:
+        """The tree drafted on `device` for `batch` rows: the given shape, its unset fields by
+        default.
 
         Args:
             device: where the model runs.
+            batch: rows decoded at once.
 
         Returns:
             TreeShape with both fields set.
         """
-        default = (3,) if device.type == "cpu" else (8,) + (1,) * (self.head.chain - 1)
+        if device.type == "cpu":
+            default = (3,) if batch == 1 else (2,)
+        else:
+            default = (8,) + (1,) * (self.head.chain - 1)
         branching = self.shape.branching or default
         return TreeShape(branching, self.shape.max_nodes or TreeShape(branching).node_budget())
 
@@ -391,7 +397,7 @@ class TokenHeadDrafter(Drafter):
 
         Args and Returns: as Drafter.draft.
         """
-        shape = self.tree_shape(previous.next_tokens.device)
+        shape = self.tree_shape(previous.next_tokens.device, len(previous.next_tokens))
         forest = DraftForest.roots(previous.next_tokens)
         level_slots = torch.zeros_like(previous.next_tokens)[:, None]  # [B, M]: the last level's nodes
         level_weights = torch.ones(level_slots.shape, device=level_slots.device)
@@ -460,7 +466,9 @@ class LookupDrafter(Drafter):
     pass that accepted the whole chain (the context is being repeated: a longer copy will be
     accepted too), and back to the first after a pass that rejected part of it. The rungs are
     where a pass's measured cost levels off (bench/pass-cost.json): a chain one token shorter
-    than a rung costs about as much and is accepted less far.
+    than a rung costs about as much and is accepted less far. A batch of rows takes BATCH_CHAIN's
+    ladder instead: its pass is as long as its longest chain and lasts until its slowest row is
+    done, so long chains rarely pay there.
 
     Args:
         branching: only a chain: every count 1; its length is the chain's depth (fixed).
@@ -476,6 +484,9 @@ class LookupDrafter(Drafter):
     # of up to a few dozen tokens cost about the same, so chains start at Hugging Face's usual 10.
     ADAPTIVE_CHAIN = {"cpu": (3, 7, 15)}
     ADAPTIVE_CHAIN_ELSEWHERE = (10, 20, 31)
+    # On a CPU 8 rows already fill the linears: 2 tokens more per row cost 1.64 one-token steps
+    # (bench/pass-cost-batch8.json), and fixed chains of 2 are the fastest rule replayed there.
+    BATCH_CHAIN = {"cpu": (2,)}
 
     def __init__(self, branching: Branching = None, max_nodes: Optional[int] = None, max_ngram: int = 3,
                  min_ngram: int = 1):
@@ -508,7 +519,9 @@ class LookupDrafter(Drafter):
             return [self.shape.max_nodes - 1] * len(previous.next_tokens)
         if self.shape.branching is not None:
             return [self.shape.depth] * len(previous.next_tokens)
-        ladder = self.ADAPTIVE_CHAIN.get(previous.next_tokens.device.type, self.ADAPTIVE_CHAIN_ELSEWHERE)
+        device = previous.next_tokens.device.type
+        ladders = self.BATCH_CHAIN if len(previous.next_tokens) > 1 else self.ADAPTIVE_CHAIN
+        ladder = ladders.get(device, self.ADAPTIVE_CHAIN.get(device, self.ADAPTIVE_CHAIN_ELSEWHERE))
         # A chain's slots are its depths: the whole chain was accepted where the walk stopped at its
         # last slot. A row whose last draft was a tree (another drafter's) starts the ladder afresh.
         drafted = (previous.forest.counts - 1).tolist()
