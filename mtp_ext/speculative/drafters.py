@@ -484,8 +484,8 @@ class LookupDrafter(Drafter):
     # of up to a few dozen tokens cost about the same, so chains start at Hugging Face's usual 10.
     ADAPTIVE_CHAIN = {"cpu": (3, 7, 15)}
     ADAPTIVE_CHAIN_ELSEWHERE = (10, 20, 31)
-    # On a CPU 8 rows already fill the linears: 2 tokens more per row cost 1.64 one-token steps
-    # (bench/pass-cost-batch8.json), and fixed chains of 2 are the fastest rule replayed there.
+    # On a CPU 8 rows already fill the linears, so every drafted token costs a batch's step
+    # nearly in full; fixed chains of 2 are the fastest rule replayed at batch 8 (bench/README.md).
     BATCH_CHAIN = {"cpu": (2,)}
 
     def __init__(self, branching: Branching = None, max_nodes: Optional[int] = None, max_ngram: int = 3,
