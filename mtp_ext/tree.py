@@ -80,16 +80,31 @@ class DraftForest:
         return depth
 
     def with_counts(self, counts: Tensor) -> "DraftForest":
-        """The same trees cut to their first slots.
+        """The same trees cut to their first slots, and to as many slots as the biggest keeps.
 
         Args:
             counts: [R] int64, slots kept per tree: a prefix of whole levels (leaf_counts are
                 kept as they are).
 
         Returns:
-            DraftForest sharing this one's tensors.
+            DraftForest of views of this one's tensors.
         """
-        return DraftForest(self.token_ids, self.parents, self.weights, counts, self.leaf_counts)
+        width = max(int(counts.max()), 1) if counts.numel() else self.size
+        return DraftForest(self.token_ids[:, :width], self.parents[:, :width], self.weights[:, :width], counts,
+                           self.leaf_counts)
+
+    def select_rows(self, index: Tensor) -> "DraftForest":
+        """Some of the trees, in as many slots as the biggest of them holds.
+
+        Args:
+            index: [R'] int64, the trees kept, in order.
+
+        Returns:
+            DraftForest of R' trees.
+        """
+        kept = DraftForest(self.token_ids[index], self.parents[index], self.weights[index], self.counts[index],
+                           self.leaf_counts[index])
+        return kept.with_counts(kept.counts)
 
     def leaf_slots(self) -> tuple[Tensor, Tensor]:
         """The slots of each tree's deepest nodes.

@@ -44,29 +44,43 @@ class ScriptedDrafter(Drafter):
         self.continuation = continuation  # [B, M] the new tokens the model will emit
         self.depth = depth
         self.random = random.Random(seed)
-        self.emitted = None  # per row: new tokens fixed so far, the next root included
+        self.prompts = {}  # id of each row's context list -> (the row among the prompts, its prompt's length, the list)
 
     def draft(self, previous):
         batch = previous.next_tokens.shape[0]
-        if self.emitted is None:
-            self.emitted = [1] * batch
-        else:
-            stop_depths = previous.forest.depths().gather(1, previous.stop_nodes[:, None])[:, 0]
-            self.emitted = [e + int(d) + 1 for e, d in zip(self.emitted, stop_depths)]
+        if any(id(tokens) not in self.prompts for tokens in previous.context):  # another generation
+            # The context holds each row's real tokens and the next root; the lists are held, so ids stay theirs.
+            self.prompts = {id(tokens): (row, len(tokens) - 1, tokens) for row, tokens in enumerate(previous.context)}
         size = 1 + 2 * self.depth
         tokens = torch.zeros(batch, size, dtype=torch.long)
         parents = torch.full((batch, size), -1, dtype=torch.long)
         tokens[:, 0] = previous.next_tokens
-        for row in range(batch):
+        for row, context in enumerate(previous.context):
+            prompt_row, prompt_length, _ = self.prompts[id(context)]
+            emitted = len(context) - prompt_length  # new tokens fixed so far, the next root included
             for level in range(1, self.depth + 1):
-                position = self.emitted[row] - 1 + level
-                true = int(self.continuation[row, position]) if position < self.continuation.shape[1] else 0
+                position = emitted - 1 + level
+                true = int(self.continuation[prompt_row, position]) if position < self.continuation.shape[1] else 0
                 if self.random.random() < 0.25:
                     true = (true + 2) % VOCAB
                 tokens[row, 2 * level - 1], tokens[row, 2 * level] = true, (true + 1) % VOCAB
                 parents[row, 2 * level - 1] = parents[row, 2 * level] = max(2 * level - 3, 0)
         counts = torch.full((batch,), size, dtype=torch.long)
         return DraftForest(tokens, parents, torch.ones(batch, size), counts, torch.full((batch,), 2))
+
+
+class RowCounting(Drafter):
+    """Test-only: another drafter, recording the rows of every pass it drafts from."""
+
+    def __init__(self, inner: Drafter):
+        self.inner, self.every_layer, self.batch_sizes = inner, inner.every_layer, []
+
+    def chooser(self, adapter, hidden, rule, forest):
+        return self.inner.chooser(adapter, hidden, rule, forest)
+
+    def draft(self, previous):
+        self.batch_sizes.append(previous.next_tokens.shape[0])
+        return self.inner.draft(previous)
 
 
 class FullTreeDrafter(Drafter):
@@ -142,6 +156,24 @@ def test_rows_stop_at_eos_and_are_padded_like_generate():
                                max_new_tokens=16, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(got.sequences, expected)
     assert got.stats.new_tokens[0] == plain[0, input_ids.shape[1]:].tolist().index(eos) + 1 <= 4
+
+
+@pytest.mark.parametrize("drafter", ["scripted", "lookup_token_head", "heads_whs"])
+def test_finished_rows_leave_the_batch_and_the_rest_equal_generate(drafter):
+    model = tiny_model("llama", VOCAB, seed=4).double()
+    input_ids, mask = padded_batch(PROMPTS)
+    plain = greedy_reference(model, input_ids, mask, 16, eos_token_id=[])
+    eos = int(plain[0, input_ids.shape[1] + 3])  # a token row 0 emits early
+    expected = greedy_reference(model, input_ids, mask, 16, eos_token_id=eos)
+    scripted = ScriptedDrafter(plain[:, input_ids.shape[1]:])
+    drafters = {"scripted": scripted, "lookup_token_head": LookupFirstDrafter(TokenHeadDrafter(random_token_head(model))),
+                "heads_whs": HeadsDrafter(random_heads(model, weighted_hidden_states=True))}
+    counting = RowCounting(drafters[drafter])
+    got = speculative_generate(model, input_ids, mask, drafter=counting, max_new_tokens=16, eos_token_id=eos,
+                               pad_token_id=0)
+    assert torch.equal(got.sequences, expected)
+    sizes = counting.batch_sizes
+    assert sizes[0] == 3 and sizes[-1] < 3 and sizes == sorted(sizes, reverse=True)
 
 
 def test_right_padded_rows_equal_rows_alone():

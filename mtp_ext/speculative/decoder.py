@@ -241,8 +241,13 @@ def processors(repetition_penalty: float, logits_processor) -> tuple:
 
 class SpeculativeDecoder:
     """The decoding state between steps: the KV cache, which of its slots each row sees
-    (`slot_mask` [B, K] bool) and the last pass (`previous`). The prompt runs on construction;
-    `step()` drafts, verifies and returns each row's new tokens.
+    (`slot_mask` [B', K] bool) and the last pass (`previous`), for the B' rows still generating
+    (`live_rows`: their indices among the B prompts). The prompt runs on construction; `step()`
+    drafts, verifies and returns each row's new tokens.
+
+    A finished row leaves the batch before the next pass: rows finish at different steps, since
+    each accepts its own drafts, and on a CPU a pass costs about as much as its rows times its
+    longest tree (bench/README.md, "Against prompt lookup").
 
     Args:
         adapter: the model's adapter.
@@ -266,37 +271,55 @@ class SpeculativeDecoder:
         self.context = [row[real].tolist() + [root] for row, real, root
                         in zip(input_ids, self.slot_mask, self.previous.next_tokens.tolist())]
         self.previous.context = self.context
+        self.live_rows = list(range(input_ids.shape[0]))
         self.steps = self.accepted_drafts = self.drafted_nodes = self.row_steps = 0
 
     def step(self, remaining: list[int]) -> list[list[int]]:
-        """One draft-and-verify step.
+        """One draft-and-verify step of the rows that may still emit tokens.
 
         Args:
-            remaining: [B] ints, the tokens each row may still emit (0: the row is finished;
-                it runs along and its tokens are not counted).
+            remaining: [B] ints, the tokens each of the B prompts' rows may still emit (0: the
+                row is finished and leaves the batch for good; if every row is, they all run
+                along and their tokens are not counted).
 
         Returns:
-            Per row, the accepted drafts followed by the next root.
+            Per row of the B, the accepted drafts followed by the next root (none for a row
+            that has left).
         """
-        forest = prune_to_budget(self.drafter.draft(self.previous), remaining, self.adapter.context_length,
-                                 self.slot_mask.sum(1))
+        forest = self.drafter.draft(self.previous)
+        going_on = [row for row in self.live_rows if remaining[row] > 0]
+        if going_on and len(going_on) < len(self.live_rows):
+            forest = self.keep_rows(going_on, forest)
+        live_remaining = [remaining[row] for row in self.live_rows]
+        forest = prune_to_budget(forest, live_remaining, self.adapter.context_length, self.slot_mask.sum(1))
         self.previous, paths, lengths = verify(self.adapter, self.drafter, self.cache, self.slot_mask, forest,
                                                self.rule)
         kept = torch.arange(paths.shape[1], device=lengths.device)[None, :] < lengths[:, None]
         self.slot_mask = torch.cat([self.slot_mask, kept], 1)
         self.steps += 1
-        new_tokens = []
-        for row, (path, length) in enumerate(zip(paths.tolist(), lengths.tolist())):
+        new_tokens: list[list[int]] = [[] for _ in remaining]
+        for live, (row, path, length) in enumerate(zip(self.live_rows, paths.tolist(), lengths.tolist())):
             if remaining[row] > 0:
                 self.row_steps += 1
                 self.accepted_drafts += length - 1
-                self.drafted_nodes += int(forest.counts[row]) - 1
-            drafted = forest.token_ids[row, path[1:length]].tolist()
-            new_tokens.append(drafted + [int(self.previous.next_tokens[row])])
-            self.context[row].extend(new_tokens[-1])
-            self.rule.sequences[row].extend(new_tokens[-1])
+                self.drafted_nodes += int(forest.counts[live]) - 1
+            drafted = forest.token_ids[live, path[1:length]].tolist()
+            new_tokens[row] = drafted + [int(self.previous.next_tokens[live])]
+            self.context[live].extend(new_tokens[row])
+            self.rule.sequences[live].extend(new_tokens[row])
         self.previous.context = self.context
         return new_tokens
+
+    def keep_rows(self, rows: list[int], forest: DraftForest) -> DraftForest:
+        """Drop every live row but `rows` (indices among the prompts, in order) from the batch;
+        returns their trees of `forest`."""
+        index = torch.tensor([self.live_rows.index(row) for row in rows], device=self.slot_mask.device)
+        self.cache.batch_select_indices(index)
+        self.slot_mask = self.slot_mask[index]
+        self.context = [self.context[position] for position in index.tolist()]
+        self.rule.sequences = [self.rule.sequences[position] for position in index.tolist()]
+        self.live_rows = rows
+        return forest.select_rows(index.to(forest.token_ids.device))
 
 
 def generation_ids(model, eos_token_id, pad_token_id) -> tuple[set[int], int]:

@@ -300,6 +300,11 @@ class Drafter:
 
     Optional: `every_layer = True` when draft() reads every layer's hidden states, and a
     `chooser()` that computes the drafter's needs during the walk (see MarginalDrafter).
+
+    A batch's finished rows leave it once their last draft is made (their passes would buy
+    nothing), so the next VerifiedPass may hold fewer rows than the last: a drafter that keeps
+    state per row keys it on `previous.context`, a new list whenever the rows change (see
+    LookupDrafter).
     """
 
     every_layer = False  # whether draft() reads every layer's hidden states
