@@ -145,6 +145,13 @@ def run_speculative(model, prompts, drafter):
     return [result.sequences for result in results], [result.stats for result in results]
 
 
+def greedy_ladder_lookup() -> LookupDrafter:
+    """The lookup drafter climbing the greedy ladder under sampling too (what SAMPLING_CHAIN replaces)."""
+    drafter = LookupDrafter()
+    drafter.SAMPLING_CHAIN = LookupDrafter.ADAPTIVE_CHAIN
+    return drafter
+
+
 def lookup_first_drafter(model, directory: Path = TOKEN_HEAD_DIR):
     token_head, name = trained_token_head_drafter(model, directory)
     return LookupFirstDrafter(token_head), f"lookup, else {name}"
@@ -158,6 +165,7 @@ PEERS = {"generate": (run_generate, {}), "prompt_lookup_3": (run_generate, {"pro
 DRAFTERS = {"marginal": lambda _: (MarginalDrafter(), "marginal"), "heads": trained_heads_drafter,
             "token_head": trained_token_head_drafter, "lookup": lambda _: (LookupDrafter(), "lookup (adaptive chain)"),
             "lookup_fixed_3": lambda _: (LookupDrafter(max_nodes=4), "lookup, chains of 3"),
+            "lookup_greedy_ladder": lambda _: (greedy_ladder_lookup(), "lookup, the greedy ladder whatever the rule"),
             "lookup_token_head": lookup_first_drafter,
             "lookup_token_head_mixed": lambda model: lookup_first_drafter(model, MIXED_TOKEN_HEAD_DIR)}
 

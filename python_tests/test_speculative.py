@@ -593,6 +593,19 @@ def test_the_adaptive_chain_climbs_its_ladder_after_a_whole_chain_is_accepted_an
     batch_ladder = LookupDrafter.BATCH_CHAIN["cpu"]
     assert batch_after([first + 1, 1], [first, 0]) == [
         next((rung for rung in batch_ladder if rung > first), batch_ladder[-1]), batch_ladder[0]]
+    # Sampling takes its own ladder, climbed the same way.
+    sampling_ladder = LookupDrafter.SAMPLING_CHAIN["cpu"]
+    assert sampling_ladder != ladder and list(sampling_ladder) == sorted(set(sampling_ladder))
+    sampling = TokenRule(do_sample=True)
+
+    def sampled_after(count: int, stop: int) -> list[int]:
+        forest = chain_forest(torch.zeros(1, dtype=torch.long), [[5] * (count - 1)])
+        return drafter.chain_lengths(VerifiedPass(forest, None, None, torch.tensor([stop]), torch.zeros(1, dtype=torch.long),
+                                                  None, rule=sampling))
+
+    assert sampled_after(1, 0) == [sampling_ladder[0]]
+    assert sampled_after(sampling_ladder[0] + 1, sampling_ladder[0]) == [sampling_ladder[1]]
+    assert sampled_after(sampling_ladder[1] + 1, 0) == [sampling_ladder[0]]
 
 
 def test_an_adaptive_chain_grows_in_decoding_where_the_model_repeats_itself():

@@ -353,7 +353,7 @@ def prefill(adapter: CausalLMAdapter, drafter: Drafter, cache, input_ids: Tensor
     logits = adapter.logits(gather_nodes(final_hidden(hidden), last_real)[:, 0])
     forest = DraftForest.roots(input_ids.gather(1, last_real)[:, 0])
     return VerifiedPass(forest, hidden, last_real, torch.zeros_like(last_real[:, 0]), rule.choose(logits), adapter,
-                        stop_logits=logits)
+                        stop_logits=logits, rule=rule)
 
 
 def verify(adapter: CausalLMAdapter, drafter: Drafter, cache, slot_mask: Tensor, forest: DraftForest,
@@ -375,7 +375,8 @@ def verify(adapter: CausalLMAdapter, drafter: Drafter, cache, slot_mask: Tensor,
     node_positions = torch.arange(forest.size, device=paths.device).expand(paths.shape[0], -1)
     stop_nodes = paths.gather(1, lengths[:, None] - 1)[:, 0]
     stop_logits, drafter_state = (None, stop_state) if own_chooser else (stop_state.logits, None)
-    return (VerifiedPass(forest, hidden, node_positions, stop_nodes, next_tokens, adapter, stop_logits, drafter_state),
+    return (VerifiedPass(forest, hidden, node_positions, stop_nodes, next_tokens, adapter, stop_logits, drafter_state,
+                         rule=rule),
             paths, lengths)
 
 

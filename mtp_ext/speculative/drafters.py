@@ -466,9 +466,11 @@ class LookupDrafter(Drafter):
     pass that accepted the whole chain (the context is being repeated: a longer copy will be
     accepted too), and back to the first after a pass that rejected part of it. The rungs are
     where a pass's measured cost levels off (bench/pass-cost.json): a chain one token shorter
-    than a rung costs about as much and is accepted less far. A batch of rows takes BATCH_CHAIN's
-    ladder instead: its pass is as long as its longest chain and lasts until its slowest row is
-    done, so long chains rarely pay there.
+    than a rung costs about as much and is accepted less far. Sampling takes SAMPLING_CHAIN's
+    ladder: a drafted token is accepted only where the draw picks it, so a copy is accepted less
+    far than under greedy decoding and the first rung is one token. A batch of rows takes
+    BATCH_CHAIN's ladder: its pass is as long as its longest chain, so long chains rarely pay
+    there.
 
     Args:
         branching: only a chain: every count 1; its length is the chain's depth (fixed).
@@ -487,6 +489,9 @@ class LookupDrafter(Drafter):
     # On a CPU 8 rows already fill the linears, so every drafted token costs a batch's step
     # nearly in full; fixed chains of 2 are the fastest rule replayed at batch 8 (bench/README.md).
     BATCH_CHAIN = {"cpu": (2,)}
+    # Under sampling the greedy ladder's first rung of 3 was accepted less than one token deep per pass
+    # on a CPU, where a pass of 2 tokens costs little more than one of 1 (bench/README.md, "Against prompt lookup").
+    SAMPLING_CHAIN = {"cpu": (1, 3, 7, 15)}
 
     def __init__(self, branching: Branching = None, max_nodes: Optional[int] = None, max_ngram: int = 3,
                  min_ngram: int = 1):
@@ -520,7 +525,8 @@ class LookupDrafter(Drafter):
         if self.shape.branching is not None:
             return [self.shape.depth] * len(previous.next_tokens)
         device = previous.next_tokens.device.type
-        ladders = self.BATCH_CHAIN if len(previous.next_tokens) > 1 else self.ADAPTIVE_CHAIN
+        ladders = (self.BATCH_CHAIN if len(previous.next_tokens) > 1 else
+                   self.SAMPLING_CHAIN if previous.rule is not None and previous.rule.do_sample else self.ADAPTIVE_CHAIN)
         ladder = ladders.get(device, self.ADAPTIVE_CHAIN.get(device, self.ADAPTIVE_CHAIN_ELSEWHERE))
         # A chain's slots are its depths: the whole chain was accepted where the walk stopped at its
         # last slot. A row whose last draft was a tree (another drafter's) starts the ladder afresh.

@@ -180,6 +180,8 @@ class VerifiedPass(Generic[StateT]):
         drafter_state: what the drafter's own chooser computed at the stop nodes, else None.
         context: per row, the real tokens so far (prompt and emitted), the next root last;
             set by the decoder (None outside it).
+        rule: the model's TokenRule, by which the pass's tokens were chosen (None outside the
+            decoder).
     """
 
     forest: DraftForest
@@ -191,6 +193,7 @@ class VerifiedPass(Generic[StateT]):
     stop_logits: Optional[Tensor] = None
     drafter_state: Optional[StateT] = None
     context: Optional[list[list[int]]] = None
+    rule: Optional[TokenRule] = None
 
     def stop_positions(self) -> Tensor:
         """[B] where each row's last accepted node lies along hidden's T."""
