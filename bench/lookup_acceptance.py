@@ -14,7 +14,9 @@ predicted speed is its tokens over the summed cost of its passes, x one-token de
 
 Each --pass-cost JSON (bench_pass_cost.py at $BENCH_BATCH) replays the rules at its batch size:
 the benchmark's prompts in batches, each pass padded to its longest chain as
-speculative_generate pads it.
+speculative_generate pads it, a finished row gone from the batch. A pass is charged by the
+tokens it holds (rows x tokens per row) at the cost measured for the next count measured above
+at that batch size, or, below the batch's own counts, at the largest smaller batch size measured.
 
 Prompts as in bench_speculative.py ($BENCH_PROMPTS, $BENCH_NEW_TOKENS; every text). The greedy
 outputs are kept in bench/greedy-outputs.json (made again when the prompts or lengths differ).
@@ -40,32 +42,33 @@ OUTPUTS = Path(__file__).resolve().parent / "greedy-outputs.json"
 
 
 class Replay:
-    """What a replayed rule did: tokens emitted and the tokens each pass verified per row (a
-    batch's rows are padded to its longest chain)."""
+    """What a replayed rule did: tokens emitted and, per pass, the rows still decoding and the
+    tokens verified per row (a batch's rows are padded to its longest chain)."""
 
     def __init__(self, rows: int = 1):
         self.rows = rows
         self.emitted = 0
-        self.pass_tokens: list[int] = []  # per pass: the root and the longest drafted chain
+        self.passes: list[tuple[int, int]] = []  # per pass: (live rows, the root and the longest drafted chain)
 
-    def add(self, chain_length: int, gained: int) -> None:
-        self.pass_tokens.append(chain_length + 1)
+    def add(self, chain_length: int, gained: int, live_rows: int = 1) -> None:
+        self.passes.append((live_rows, chain_length + 1))
         self.emitted += gained
 
     def tokens_per_pass(self) -> float:
-        """Tokens emitted per pass and row."""
-        return self.emitted / self.rows / len(self.pass_tokens)
+        """Tokens emitted per pass and row of the batch."""
+        return self.emitted / self.rows / len(self.passes)
 
     def speed(self, cost: dict[int, float]) -> float:
-        """Tokens per unit of time, x one-token decoding of as many rows, with `cost`: a pass's
-        cost by its tokens per row (relative to one token; a count between measured ones takes
-        the next measured above)."""
-        measured = sorted(cost)
+        """Tokens per unit of time, x one-token decoding of the whole batch (every row to the
+        end, as model.generate decodes it), with `cost`: a pass's cost by the tokens it holds
+        (a count between measured ones takes the next measured above)."""
+        counts = sorted(cost)
 
         def of(tokens: int) -> float:
-            return cost[next((count for count in measured if count >= tokens), measured[-1])]
+            return cost[next((count for count in counts if count >= tokens), counts[-1])]
 
-        return self.emitted / self.rows / sum(of(tokens) for tokens in self.pass_tokens)
+        one_token_passes = self.emitted / self.rows * of(self.rows)
+        return one_token_passes / sum(of(rows * tokens) for rows, tokens in self.passes)
 
 
 def all_greedy_outputs(texts) -> dict[str, list[list[int]]]:
@@ -156,11 +159,12 @@ def replay_rows(outputs: list[list[int]], prompt_tokens: int, length: int | None
                             None, context=context)
     while any(position < len(output) for position, output in zip(positions, outputs)):
         forest = drafter.draft(previous)
-        hits, longest, gained = [], 0, 0
+        hits, longest, gained, live = [], 0, 0, 0
         for row, output in enumerate(outputs):
             if positions[row] >= len(output):
                 hits.append(0)
                 continue
+            live += 1
             chain = forest.token_ids[row, 1:forest.counts[row]].tolist()
             hits.append(accepted(chain, output[positions[row]:]))
             longest = max(longest, len(chain))
@@ -168,7 +172,7 @@ def replay_rows(outputs: list[list[int]], prompt_tokens: int, length: int | None
             gained += step
             positions[row] += step
             context[row].extend(output[len(context[row]):positions[row]])  # the decoder's context grows in place
-        replay.add(longest, gained)
+        replay.add(longest, gained, live)
         roots = torch.tensor([output[min(position, len(output)) - 1] for position, output in zip(positions, outputs)])
         previous = VerifiedPass(forest, None, None, torch.tensor(hits), roots, None, context=context)
 
@@ -192,12 +196,25 @@ def by_match_length(outputs: list[list[int]], prompt_tokens: int, length: int = 
 
 
 def pass_cost(path: str) -> tuple[int, dict[int, float]]:
-    """The batch and a pass's cost by its tokens per row, relative to one token per row, from
-    bench_pass_cost.py's JSON."""
+    """The batch and a pass's median seconds by the tokens it holds (rows x tokens per row),
+    from bench_pass_cost.py's JSON."""
     benchmarks = json.loads(Path(path).read_text())["benchmarks"]
-    medians = {bench["extra_info"]["contender"]: bench["stats"]["median"] for bench in benchmarks}
     batch = benchmarks[0]["extra_info"].get("batch", 1)
-    return batch, {int(name.split("_")[1]): median / medians["rows_1"] for name, median in medians.items()}
+    return batch, {batch * int(bench["extra_info"]["contender"].split("_")[1]): bench["stats"]["median"]
+                   for bench in benchmarks}
+
+
+def batch_costs(measured: dict[int, dict[int, float]]) -> dict[int, dict[int, float]]:
+    """Per batch size, a pass's cost by the tokens it holds relative to one token per row of the
+    batch: the batch's own measurements, and below its smallest count (a batch whose finished rows
+    have left) those of the smaller batch sizes."""
+    costs = {}
+    for batch, seconds in sorted(measured.items()):
+        table = {count: value for smaller, below in measured.items() if smaller < batch
+                 for count, value in below.items() if count < min(seconds)}
+        table.update(seconds)
+        costs[batch] = {count: value / seconds[batch] for count, value in sorted(table.items())}
+    return costs
 
 
 def replays_of(outputs: list[list[int]], prompt_tokens: int, batch: int) -> dict[str, Replay]:
@@ -224,7 +241,7 @@ def main() -> None:
                              "each rule's speed")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    costs = dict(pass_cost(path) for path in args.pass_cost) or {1: None}
+    costs = batch_costs(dict(pass_cost(path) for path in args.pass_cost)) or {1: None}
     outputs = all_greedy_outputs(TEXTS)
     report = {"prompts": bench.PROMPTS, "new_tokens": bench.NEW_TOKENS, "accepted_of_3_by_match_length": {}}
     for batch, cost in costs.items():
