@@ -200,6 +200,17 @@ def test_the_faster_side_is_chosen_once_and_kept_on_disk(fresh_choices, monkeypa
     assert measured == [1, 2, 4]
 
 
+def test_a_rebuilt_library_measures_again(fresh_choices, monkeypatch):
+    timings = iter([(1.0, 2.0, True), (3.0, 2.0, True)])  # the old build's kernel wins, the new one's loses
+    monkeypatch.setattr(linear_choice, "measure", lambda *shape: next(timings))
+    assert linear_choice.kernel_is_faster(8, 4, 1)
+    monkeypatch.setattr(linear_choice, "_library_build", lambda: "another build")
+    monkeypatch.setattr(linear_choice, "_choices", {})
+    monkeypatch.setattr(linear_choice, "_decided", {})
+    monkeypatch.setattr(linear_choice, "_loaded_from", None)
+    assert not linear_choice.kernel_is_faster(8, 4, 1)
+
+
 def test_a_damaged_cache_is_measured_again(fresh_choices, monkeypatch):
     (fresh_choices / "linear_choices.json").write_text("{not json")
     monkeypatch.setattr(linear_choice, "measure", lambda *shape: (1.0, 2.0, True))

@@ -3,9 +3,10 @@
 // thin a matrix, and even its GEMV, streams the weights well below memory speed on the
 // project's CPU. Here each weight row is read from memory once, in order.
 //
-// With AVX-512 each weight row meets up to 4 input rows per pass over it, in registers; the
-// passes after the first find it in L1. That takes fewer passes than the portable loop below,
-// which pairs input rows, and gains from 4 rows on; at 1-2 rows both run at memory speed. One
+// With AVX-512, or AVX2 and FMA, each weight row meets up to 4 input rows per pass over it, in
+// registers; the passes after the first find it in L1. That takes fewer passes than the portable
+// loop below, which pairs input rows, and gains from 4 rows on; at 1-2 rows both run at memory
+// speed. One
 // weight row at a time: interleaved weight streams defeat the hardware prefetcher. From 5 rows
 // on, where the loop is bound by its FMAs, a software prefetch 2 KB ahead keeps the weight
 // stream from stalling it; below that it only costs time (bench/README.md, small_batch_linear).
@@ -14,7 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -40,33 +41,66 @@ void dot_two_rows(const float* rows, const float* weight, int64_t size, int64_t 
   }
 }
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define MTP_EXT_DOT_ROWS_SIMD 1
+
+// The vector operations of dot_weight_row, 16 floats wide with AVX-512, 8 with AVX2 + FMA.
 #ifdef __AVX512F__
+struct Simd {
+  using Vector = __m512;
+  static constexpr int64_t kWidth = 16;
+  static Vector zero() { return _mm512_setzero_ps(); }
+  static Vector load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vector fmadd(Vector a, Vector b, Vector c) { return _mm512_fmadd_ps(a, b, c); }
+  // The first `count` (< kWidth) floats at p, zeros after.
+  static Vector load_first(const float* p, int64_t count) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), p);
+  }
+  static float sum(Vector v) { return _mm512_reduce_add_ps(v); }
+};
+#else
+struct Simd {
+  using Vector = __m256;
+  static constexpr int64_t kWidth = 8;
+  static Vector zero() { return _mm256_setzero_ps(); }
+  static Vector load(const float* p) { return _mm256_loadu_ps(p); }
+  static Vector fmadd(Vector a, Vector b, Vector c) { return _mm256_fmadd_ps(a, b, c); }
+  static Vector load_first(const float* p, int64_t count) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lanes);
+    return _mm256_maskload_ps(p, mask);
+  }
+  static float sum(Vector v) {
+    const __m128 halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+    return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
+  }
+};
+#endif
 
 // out[r * row_stride] = <weight_row, rows[r]> for r < kRows; the last partial vector of each
 // row is read with a mask.
 template <int kRows, bool kPrefetch>
 inline void dot_weight_row(const float* rows, const float* weight_row, int64_t size, float* out, int64_t row_stride) {
   constexpr int64_t kPrefetchAhead = 512;  // floats
-  __m512 sums[kRows];
-  for (int r = 0; r < kRows; ++r) sums[r] = _mm512_setzero_ps();
+  typename Simd::Vector sums[kRows];
+  for (int r = 0; r < kRows; ++r) sums[r] = Simd::zero();
   int64_t i = 0;
-  for (; i + 16 <= size; i += 16) {
+  for (; i + Simd::kWidth <= size; i += Simd::kWidth) {
     if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(weight_row + i + kPrefetchAhead), _MM_HINT_T0);
-    const __m512 weights = _mm512_loadu_ps(weight_row + i);
-    for (int r = 0; r < kRows; ++r) sums[r] = _mm512_fmadd_ps(weights, _mm512_loadu_ps(rows + r * size + i), sums[r]);
+    const typename Simd::Vector weights = Simd::load(weight_row + i);
+    for (int r = 0; r < kRows; ++r) sums[r] = Simd::fmadd(weights, Simd::load(rows + r * size + i), sums[r]);
   }
   if (i < size) {
-    const __mmask16 lanes = static_cast<__mmask16>((1u << (size - i)) - 1u);
-    const __m512 weights = _mm512_maskz_loadu_ps(lanes, weight_row + i);
-    for (int r = 0; r < kRows; ++r)
-      sums[r] = _mm512_fmadd_ps(weights, _mm512_maskz_loadu_ps(lanes, rows + r * size + i), sums[r]);
+    const typename Simd::Vector weights = Simd::load_first(weight_row + i, size - i);
+    for (int r = 0; r < kRows; ++r) sums[r] = Simd::fmadd(weights, Simd::load_first(rows + r * size + i, size - i), sums[r]);
   }
-  for (int r = 0; r < kRows; ++r) out[r * row_stride] = _mm512_reduce_add_ps(sums[r]);
+  for (int r = 0; r < kRows; ++r) out[r * row_stride] = Simd::sum(sums[r]);
 }
 
 template <bool kPrefetch>
-inline void dot_rows_avx512(const float* rows, int64_t count, const float* weight, int64_t size, int64_t begin,
-                            int64_t end, float* out, int64_t row_stride, int64_t feature_stride) {
+inline void dot_rows_simd(const float* rows, int64_t count, const float* weight, int64_t size, int64_t begin,
+                          int64_t end, float* out, int64_t row_stride, int64_t feature_stride) {
   for (int64_t j = begin; j < end; ++j) {
     const float* weight_row = weight + j * size;
     for (int64_t first = 0; first < count; first += 4) {
@@ -82,20 +116,20 @@ inline void dot_rows_avx512(const float* rows, int64_t count, const float* weigh
   }
 }
 
-#endif  // __AVX512F__
+#endif  // AVX-512, or AVX2 + FMA
 
 // out[r * row_stride + j * feature_stride] = <weight row j, rows[r]> for r < count and j in
 // [begin, end): rows [count, size] and weight [*, size] contiguous.
 inline void dot_rows(const float* rows, int64_t count, const float* weight, int64_t size, int64_t begin,
                      int64_t end, float* out, int64_t row_stride, int64_t feature_stride) {
-#ifdef __AVX512F__
+#ifdef MTP_EXT_DOT_ROWS_SIMD
   if (count > 4) {
-    dot_rows_avx512<true>(rows, count, weight, size, begin, end, out, row_stride, feature_stride);
+    dot_rows_simd<true>(rows, count, weight, size, begin, end, out, row_stride, feature_stride);
   } else {
-    dot_rows_avx512<false>(rows, count, weight, size, begin, end, out, row_stride, feature_stride);
+    dot_rows_simd<false>(rows, count, weight, size, begin, end, out, row_stride, feature_stride);
   }
 #else
-  // Without AVX-512: the weight rows are streamed once per pair of input rows (the pairs after
+  // Without AVX2: the weight rows are streamed once per pair of input rows (the pairs after
   // the first find them in cache when begin..end is a thread's share).
   for (int64_t first = 0; first < count; first += 2) {
     const float* pair = rows + first * size;

@@ -7,8 +7,8 @@ and Intel, with and without AVX-512: bench/README.md, small_batch_linear). So th
 a rule but a measurement: the first call of a shape at a row count (rounded up to a power of
 two) times both on weights larger than the caches, as a model's pass reads them, and the
 faster one serves every later call. Choices are kept per process and on disk
-(`<MTP_EXT_CACHE or ~/.cache/mtp_ext>/linear_choices.json`, keyed by CPU, torch version and
-thread count), so a machine measures each shape once; a measurement whose repeats disagree (the
+(`<MTP_EXT_CACHE or ~/.cache/mtp_ext>/linear_choices.json`, keyed by CPU, compiled library,
+torch version and thread count), so a machine measures each shape once per build; a measurement whose repeats disagree (the
 machine was busy) serves its process only and is taken again in the next.
 
 MTP_EXT_LINEAR=kernel or =torch in the environment forces one side (tests, benchmarks).
@@ -16,6 +16,7 @@ MTP_EXT_LINEAR=kernel or =torch in the environment forces one side (tests, bench
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -147,7 +148,16 @@ def _sweeps(function: Callable[[Tensor], Tensor], weights: Tensor) -> list[float
 
 
 def _key(out_features: int, in_features: int, bucket: int) -> str:
-    return f"{_machine()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{out_features}x{in_features}|rows {bucket}"
+    return (f"{_machine()}|build {_library_build()}|torch {torch.__version__}|threads {torch.get_num_threads()}|"
+            f"{out_features}x{in_features}|rows {bucket}")
+
+
+@functools.lru_cache(maxsize=1)
+def _library_build() -> str:
+    """A digest of the compiled library: a rebuilt kernel measures anew."""
+    from mtp_ext import _C
+
+    return hashlib.sha1(Path(_C.__file__).read_bytes()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=1)
