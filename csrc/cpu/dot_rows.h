@@ -5,11 +5,11 @@
 //
 // With AVX-512, or AVX2 and FMA, each weight row meets up to 4 input rows per pass over it, in
 // registers; the passes after the first find it in L1. That takes fewer passes than the portable
-// loop below, which pairs input rows, and gains from 4 rows on; at 1-2 rows both run at memory
-// speed. One
-// weight row at a time: interleaved weight streams defeat the hardware prefetcher. From 5 rows
-// on, where the loop is bound by its FMAs, a software prefetch 2 KB ahead keeps the weight
-// stream from stalling it; below that it only costs time (bench/README.md, small_batch_linear).
+// loop below, which pairs input rows, and gains from 3 rows on; at 1-2 rows both run at memory
+// speed. One weight row at a time: interleaved weight streams defeat the hardware prefetcher.
+// From 5 rows on, where the loop is bound by its FMAs, a software prefetch 2 KB ahead keeps the
+// weight stream from stalling it; below that it only cost time where it was measured, with
+// AVX-512 (bench/README.md, small_batch_linear).
 #pragma once
 
 #include <algorithm>
