@@ -24,9 +24,13 @@ from mtp_ext.speculative import (
     SpeculativeDecoder,
     TokenHeadDrafter,
     TokenRule,
+    default_drafter_name,
+    prepared_token_head_dir,
     speculative_generate,
 )
+from mtp_ext.speculative.decoder import walk
 from mtp_ext.speculative.drafters import chain_forest
+from mtp_ext.speculative.protocol import ModelLogits
 from mtp_ext.tree import DraftForest
 
 from tiny_models import ARCHITECTURES, padded_batch, tiny_model
@@ -143,6 +147,32 @@ def test_greedy_equals_generate(architecture, batch, drafter):
         # Drafts were accepted, and not always all of them.
         assert 1.5 < stats.mean_accepted_per_step < 4.0
         assert stats.verification_steps < 23
+
+
+def test_the_walk_of_a_greedy_chooser_known_at_every_node_follows_the_tree_as_the_walk_does():
+    generator = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        batch, size, vocab = 1 + trial % 3, 1 + trial % 9, 5
+        logits = torch.randn((batch, size, vocab), generator=generator)
+        logits[0, 0, :2] = 9.0  # a tie: both walks take argmax's first
+        parents = torch.tensor([[-1] + [int(torch.randint(0, slot, (), generator=generator)) for slot in range(1, size)]
+                                for _ in range(batch)])
+        # Most nodes carry their parent's argmax, so the walks go deep; some a sibling's twin.
+        tokens = torch.randint(0, vocab, (batch, size), generator=generator)
+        chosen_by_parent = logits.argmax(-1).gather(1, parents.clamp(min=0))
+        tokens = torch.where(torch.rand((batch, size), generator=generator) < 0.7, chosen_by_parent, tokens)
+        counts = torch.randint(1, size + 1, (batch,), generator=generator)
+        forest = DraftForest(tokens, parents, torch.ones(batch, size), counts, torch.ones_like(counts))
+
+        def choose(rows, slots):
+            at_nodes = logits[rows, slots]
+            return at_nodes.argmax(-1), ModelLogits(at_nodes)
+
+        paths, state, chosen = walk(forest, choose)
+        choose.node_tokens = logits.argmax(-1)
+        fast_paths, fast_state, fast_chosen = walk(forest, choose)
+        assert torch.equal(fast_paths, paths) and torch.equal(fast_chosen, chosen)
+        assert torch.equal(fast_state.logits, state.logits)
 
 
 def test_rows_stop_at_eos_and_are_padded_like_generate():
@@ -660,6 +690,27 @@ def test_lookup_first_takes_the_chain_only_where_there_is_a_match():
     assert LookupFirstDrafter(Wide(), min_ngram=1).draft(lookup_pass([[3, 1, 3]])).token_ids.tolist() == [[3, 1, 3, 1]]
 
 
+def test_lookup_first_drafts_no_tree_where_every_row_has_a_match():
+    class Counted(Drafter):
+        calls = 0
+
+        def draft(self, previous):
+            Counted.calls += 1
+            roots = previous.next_tokens
+            return DraftForest.roots(roots).grow(torch.zeros(len(roots), 4, dtype=torch.long),
+                                                 torch.arange(10, 14).repeat(len(roots), 1), torch.ones(len(roots), 4),
+                                                 max_nodes=5)
+
+    drafter = LookupFirstDrafter(Counted())
+    matched = [[1, 2, 3, 4, 5, 6, 7, 8, 1, 2]]
+    first = drafter.draft(lookup_pass(matched))  # the first pass learns the tree's size
+    again = drafter.draft(lookup_pass(matched))
+    assert Counted.calls == 1 and torch.equal(again.token_ids, first.token_ids)
+    assert again.token_ids[0, :again.counts[0]].tolist() == [2, 3, 4, 5, 6]  # still as long as the tree is big
+    unmatched = drafter.draft(lookup_pass([[1, 2, 3, 4, 5, 6, 7, 8, 1, 2], [9, 8, 7]]))
+    assert Counted.calls == 2 and unmatched.token_ids[1, :unmatched.counts[1]].tolist() == [7, 10, 11, 12, 13]
+
+
 def test_lookup_first_chains_are_at_least_as_long_as_the_fallback_tree_is_big():
     class Wide(Drafter):
         def draft(self, previous):
@@ -684,6 +735,34 @@ def test_lookup_by_name_and_its_errors(tmp_path):
         resolve_drafter(f"lookup:token-head:{tmp_path / 'none'}", model)
     with pytest.raises(ValueError, match="unknown drafter 'medusa'"):
         resolve_drafter("lookup:medusa", model)
+
+
+def test_the_default_drafter_is_lookup_else_the_token_head_prepared_for_the_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTP_EXT_CACHE", str(tmp_path))
+    model = tiny_model("llama", VOCAB).double()
+    model.config.mtp_ext_model_name = "tiny-llama"
+    assert default_drafter_name(model) == "lookup" and prepared_token_head_dir(model) is None
+    assert type(resolve_drafter("auto", model)) is LookupDrafter
+    head_dir = tmp_path / "token-heads" / "tiny-llama"
+    random_token_head(model).save(head_dir)
+    assert prepared_token_head_dir(model) == head_dir
+    assert default_drafter_name(model) == f"lookup:token-head:{head_dir}"
+    drafter = resolve_drafter("auto", model, branching=[2])
+    assert isinstance(drafter, LookupFirstDrafter) and isinstance(drafter.fallback, TokenHeadDrafter)
+    assert drafter.fallback.tree_shape(torch.device("cpu")).branching == (2,)
+    input_ids, mask = padded_batch(PROMPTS[:3])
+    got = speculative_generate(model, input_ids, mask, max_new_tokens=24, pad_token_id=0)  # the default: "auto"
+    assert torch.equal(got.sequences, greedy_reference(model, input_ids, mask, 24))
+    # Another model of the same sizes under another name does not take that head.
+    model.config.mtp_ext_model_name = "org/tiny-llama"
+    assert default_drafter_name(model) == "lookup"
+    random_token_head(model).save(tmp_path / "token-heads" / "org--tiny-llama")
+    assert default_drafter_name(model) == f"lookup:token-head:{tmp_path / 'token-heads' / 'org--tiny-llama'}"
+    # A prepared head for a model of other sizes under the same name is refused, not passed over.
+    other = tiny_model("llama", VOCAB + 3)
+    other.config.mtp_ext_model_name = "tiny-llama"
+    with pytest.raises(ValueError, match="belongs to another model"):
+        speculative_generate(other, input_ids, mask, max_new_tokens=4, pad_token_id=0)
 
 
 # ----------------------------------------------------------------------------- generate's interface

@@ -10,7 +10,9 @@
 #   with `dpkg -x` under $MTP_EXT_CACHE/data/debs (default ~/.cache/mtp_ext/data/debs); nothing is
 #   installed system-wide, and without root a private apt lists dir is used.
 # - --prepare also converts the models and prepares the corpora into the cache (needs the mtp_ext
-#   package importable by $PYTHON, i.e. its extension built). Without it that happens on first use.
+#   package importable by $PYTHON, i.e. its extension built), and copies the committed token heads
+#   to $MTP_EXT_CACHE/token-heads/MODEL, where the default drafter ("auto") finds them. Without it
+#   the models and corpora are prepared on first use, and the default drafter is context lookup alone.
 #
 # Environment: PYTHON (default .venv/bin/python), MTP_EXT_CACHE (cache root),
 # MTP_EXT_MODELS (built-in models to install, default "smollm2-135m gemma3-270m"; the Gemma
@@ -104,4 +106,13 @@ if (( PREPARE )); then
     MTP_EXT_CACHE="$CACHE" "$PYTHON" -m mtp_ext.data prepare
     # shellcheck disable=SC2086
     MTP_EXT_CACHE="$CACHE" "$PYTHON" -m mtp_ext.models prepare $MODELS
+    for model in $MODELS; do
+        case "$model" in
+            smollm2-135m) head="$ROOT/results/token_head_mixed" ;;  # trained on Austen, Shakespeare and the Bible
+            *) continue ;;
+        esac
+        mkdir -p "$CACHE/token-heads/$model"
+        cp "$head/token_head.json" "$head/token_head.safetensors" "$CACHE/token-heads/$model/"
+        echo "prepare_offline.sh: token head for $model (${head#"$ROOT"/}) in $CACHE/token-heads/$model"
+    done
 fi

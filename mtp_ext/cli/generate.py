@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from transformers import TextStreamer
 
-    from mtp_ext.speculative import check_drafter, resolve_drafter, speculative_generate
+    from mtp_ext.speculative import check_drafter, default_drafter_name, resolve_drafter, speculative_generate
 
     common.set_threads(args)
     check_drafter(args.drafter, "--drafter")
@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> dict:
     input_ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
     if input_ids.shape[1] == 0:
         raise UserError("--prompt gives no tokens: give some text to continue")
-    drafter = resolve_drafter(args.drafter, model, branching=args.branching, max_nodes=args.max_nodes)
+    drafter_name = default_drafter_name(model) if args.drafter == "auto" else args.drafter
+    drafter = resolve_drafter(drafter_name, model, branching=args.branching, max_nodes=args.max_nodes)
     output = speculative_generate(model, input_ids, drafter=drafter, max_new_tokens=args.max_new_tokens,
                                   do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, repetition_penalty=args.repetition_penalty,
@@ -69,8 +70,8 @@ def run(args: argparse.Namespace) -> dict:
     stats = output.stats
     print(f"\n{stats.new_tokens[0]} tokens in {stats.seconds:.2f} s: {stats.tokens_per_second:.2f} tokens/s, "
           f"{stats.verification_steps} verification steps, {stats.mean_accepted_per_step:.2f} tokens per step "
-          f"(drafter {args.drafter})")
-    report = {"speculative": stats.to_dict()}
+          f"(drafter {drafter_name})")
+    report = {"drafter": drafter_name, "speculative": stats.to_dict()}
     if args.compare:
         report["generate"] = compare_with_generate(args, model, input_ids, output.sequences,
                                                    stats.tokens_per_second)

@@ -142,6 +142,12 @@ class CausalLMAdapter:
         # off, in place: the cache's tensors are its own (each update concatenates anew), and a
         # copy of the whole cache per step would cost more than the gather.
         kept = length + slots.shape[1]
+        if bool((slots == torch.arange(slots.shape[1], device=slots.device)).all()):
+            # Every row kept the pass's first tokens (a chain accepted so far): the gather would
+            # write each entry over itself, so cutting the rest off is all there is to do.
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, :kept], layer.values[:, :, :kept]
+            return
         for layer in cache.layers:
             index = slots[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
             for name in ("keys", "values"):

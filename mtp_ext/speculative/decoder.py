@@ -156,7 +156,8 @@ def speculative_generate(model, input_ids: Tensor, attention_mask: Optional[Tens
         model: a supported Hugging Face causal LM.
         input_ids: [B, T] int64, the prompts.
         attention_mask: [B, T] (1: real token), or None: every token is real.
-        drafter: a Drafter, or a registered name (see register_drafter); by default "lookup".
+        drafter: a Drafter, or a registered name (see register_drafter); by default "auto": the
+            context lookup, else the token head prepared for the model (default_drafter_name).
         max_new_tokens: the most tokens generated per row, >= 1; default 32.
         do_sample: False (default): greedy decoding.
         temperature: finite, > 0 (sampling only); default 1.
@@ -399,6 +400,9 @@ def walk(forest: DraftForest, choose: Chooser):
     [B]."""
     batch, device = forest.token_ids.shape[0], forest.token_ids.device
     rows = torch.arange(batch, device=device)
+    node_tokens = getattr(choose, "node_tokens", None)
+    if node_tokens is not None:
+        return walk_chosen(forest, choose, node_tokens)
     current = torch.zeros(batch, dtype=torch.long, device=device)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     stop_state = None
@@ -420,6 +424,31 @@ def walk(forest: DraftForest, choose: Chooser):
         current = torch.where(active, step, current)
         path.append(step)
     return torch.stack(path[:-1], 1), stop_state, chosen
+
+
+def walk_chosen(forest: DraftForest, choose: Chooser, node_tokens: Tensor):
+    """walk, where the token chosen at every node is known before the walk (node_tokens [B, N],
+    a greedy chooser's): the tree is followed on Python lists, and `choose` is called once, at
+    the rows' last accepted nodes, for their states. Returns what walk returns."""
+    parents, token_ids = forest.parents.tolist(), forest.token_ids.tolist()
+    counts, chosen_at = forest.counts.tolist(), node_tokens.tolist()
+    paths = []
+    for row_parents, row_tokens, count, row_chosen in zip(parents, token_ids, counts, chosen_at):
+        path = [0]
+        while True:
+            node, want = path[-1], row_chosen[path[-1]]
+            child = next((slot for slot in range(1, count) if row_parents[slot] == node and row_tokens[slot] == want),
+                         None)
+            if child is None:
+                break
+            path.append(child)
+        paths.append(path)
+    depth = max(len(path) for path in paths)
+    device = forest.token_ids.device
+    padded = torch.tensor([path + [-1] * (depth - len(path)) for path in paths], dtype=torch.long, device=device)
+    stops = torch.tensor([path[-1] for path in paths], dtype=torch.long, device=device)
+    chosen, stop_state = choose(torch.arange(len(paths), device=device), stops)
+    return padded, stop_state, chosen
 
 
 def prune_to_budget(forest: DraftForest, remaining: list[int], context_length: int, visible: Tensor) -> DraftForest:

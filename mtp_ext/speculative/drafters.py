@@ -8,6 +8,7 @@ also reads the next root (mtp_ext.heads.TokenHead). The protocol they follow: pr
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -31,14 +32,17 @@ from mtp_ext.speculative.protocol import (
 )
 from mtp_ext.tree import DraftForest
 
-__all__ = ["DEFAULT_DRAFTER", "DrafterEntry", "HeadsDrafter", "LookupDrafter", "LookupFirstDrafter", "MarginalDrafter",
-           "TokenHeadDrafter", "check_drafter", "drafter_help", "register_drafter", "registered_drafters",
+__all__ = ["DEFAULT_DRAFTER", "TOKEN_HEADS_DIR", "DrafterEntry", "HeadsDrafter", "LookupDrafter", "LookupFirstDrafter", "MarginalDrafter",
+           "TokenHeadDrafter", "check_drafter", "default_drafter_name", "drafter_help", "prepared_token_head_dir",
+           "register_drafter", "registered_drafters",
            "resolve_drafter"]
 
 Branching = Union[int, Sequence[int], None]
-# What speculative_generate and `mtp-ext generate` draft with unless told: it needs no trained
-# weights and, on held-out text, drafts best of those that need none (bench/README.md).
-DEFAULT_DRAFTER = "lookup"
+# What speculative_generate and `mtp-ext generate` draft with unless told: "auto" is the context
+# lookup, merged with the token head prepared for the model where there is one (default_drafter_name).
+DEFAULT_DRAFTER = "auto"
+# Under the cache root: one token head per model name, as `make prepare` installs the committed ones.
+TOKEN_HEADS_DIR = "token-heads"
 
 
 def depth_one_shape(branching: Branching, max_nodes: Optional[int], name: str) -> TreeShape:
@@ -153,6 +157,10 @@ def every_node_chooser(adapter: CausalLMAdapter, hidden: HiddenStates, rule: Tok
         tokens = rule.choose(logits, rows, slots)
         return tokens, (at_node(rows, slots, logits, tokens, every_node) if at_node else ModelLogits(logits))
 
+    if not rule.do_sample and not rule.processors and at_node is None:
+        # What greedy decoding chooses at every node, so the walk can follow the tree without
+        # a call per depth (walk's fast path); the choice is the same argmax.
+        choose.node_tokens = every_node.argmax(-1)  # type: ignore[attr-defined]
     return choose
 
 
@@ -569,7 +577,8 @@ class LookupFirstDrafter(Drafter):
     """The lookup chain where the context holds a match, another drafter's tree where it does
     not: text that repeats itself is drafted from itself, the rest by the model-based drafter.
     The chain is as long as the lookup drafter's adaptive rule says, and at least as long as the
-    fallback's tree is big, whose pass costs as much.
+    fallback's tree is big (its latest tree), whose pass costs as much. A pass in which every row
+    has a match drafts no tree.
 
     Args:
         fallback: the drafter of rows without a match (its chooser serves the walk).
@@ -584,6 +593,7 @@ class LookupFirstDrafter(Drafter):
         self.lookup = LookupDrafter(max_ngram=max_ngram, min_ngram=min_ngram)
         self.every_layer = fallback.every_layer
         self._fallback_chose = True  # whether the last pass's state is the fallback's own
+        self._floor: Optional[int] = None  # the shortest chain: the fallback's latest tree's size less its root
 
     def chooser(self, adapter: CausalLMAdapter, hidden: HiddenStates, rule: TokenRule,
                 forest: DraftForest) -> Chooser:
@@ -596,9 +606,17 @@ class LookupFirstDrafter(Drafter):
         if not self._fallback_chose and isinstance(previous.drafter_state, ModelLogits):
             # The fallback sees the pass as if the walk had used the model's logits.
             previous = dataclasses.replace(previous, stop_logits=previous.drafter_state.logits, drafter_state=None)
+        lengths = self.lookup.chain_lengths(previous)
+        chain = None
+        if self._floor is not None:
+            chain = self.lookup.draft(previous, [max(length, self._floor) for length in lengths])
+            if bool((chain.counts > 1).all()):  # no row needs the fallback's tree
+                return chain
         tree = self.fallback.draft(previous)
         floor = max(tree.size - 1, 1)
-        chain = self.lookup.draft(previous, [max(length, floor) for length in self.lookup.chain_lengths(previous)])
+        if chain is None or floor != self._floor:
+            self._floor = floor
+            chain = self.lookup.draft(previous, [max(length, floor) for length in lengths])
         return select_rows(chain.counts > 1, chain, tree)
 
 
@@ -761,6 +779,49 @@ def _check_lookup_fallback(fallback: str, label: str) -> None:
     check_drafter(fallback, label.rstrip(":"))
 
 
+def prepared_token_head_dir(model) -> Optional[Path]:
+    """The token head prepared for `model`, if any: $MTP_EXT_CACHE/token-heads/NAME (default
+    ~/.cache/mtp_ext), NAME the model's name (a built-in model's, or its config's name_or_path
+    with "/" as "--"), when that directory holds a token head's config.
+
+    Args:
+        model: a Hugging Face causal LM.
+
+    Returns:
+        The directory, or None.
+    """
+    from mtp_ext.data import cache_root
+    from mtp_ext.heads.token_head import CONFIG_FILE
+    from mtp_ext.models.introspection import model_fingerprint
+
+    name = model_fingerprint(model)["name"]
+    if not name:
+        return None
+    directory = cache_root() / TOKEN_HEADS_DIR / name.strip("/").replace("/", "--")
+    return directory if (directory / CONFIG_FILE).is_file() else None
+
+
+def default_drafter_name(model) -> str:
+    """What "auto" (the default drafter) is on `model`: "lookup:token-head:DIR" where a token
+    head is prepared for it (prepared_token_head_dir), else "lookup". On held-out text the
+    lookup chain where the context has a match and the head's guesses where it has none draft
+    best of the drafters measured, and the lookup alone best of those that need no trained
+    weights (bench/README.md, "Against prompt lookup").
+
+    Args:
+        model: a Hugging Face causal LM.
+
+    Returns:
+        A registered drafter name.
+    """
+    directory = prepared_token_head_dir(model)
+    return "lookup" if directory is None else f"lookup:token-head:{directory}"
+
+
+register_drafter("auto", lambda _, model, shape: resolve_drafter(default_drafter_name(model), model, shape.branching,
+                                                                 shape.max_nodes),
+                 help="lookup, else the token head prepared for the model under $MTP_EXT_CACHE/token-heads/ "
+                      "(make prepare installs SmolLM2's), or lookup alone where none is")
 register_drafter("lookup", _build_lookup, help="prompt lookup: the continuation of the context's latest earlier "
                  "match as a chain (no training); 'lookup:DRAFTER' drafts with DRAFTER where the context has "
                  "no match, e.g. lookup:token-head:DIR", argument="DRAFTER", check=_check_lookup_fallback,
