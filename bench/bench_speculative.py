@@ -12,7 +12,9 @@ or the text is not prepared, for the heads drafter where no trained frozen-backb
 found in $MTP_EXT_HEADS_DIR (default results/heads/; each subdirectory one checkpoint, the
 first that loads is used), and for the token head drafter where $MTP_EXT_TOKEN_HEAD_DIR
 (default results/token_head/; for "lookup_token_head_mixed" results/token_head_mixed/) holds no
-TokenHead for SmolLM2.
+TokenHead for SmolLM2. "default" is what speculative_generate drafts with unless told ("auto":
+with the token head that `make prepare` installs for SmolLM2, lookup:token-head of
+results/token_head_mixed/).
 
 Slow on a CPU (each round generates 1,280 tokens), hence one round; $BENCH_PROMPTS and
 $BENCH_NEW_TOKENS shrink it; $BENCH_BATCH decodes that many prompts at once (model.generate at
@@ -42,6 +44,8 @@ from mtp_ext.speculative import (
     LookupFirstDrafter,
     MarginalDrafter,
     TokenHeadDrafter,
+    default_drafter_name,
+    resolve_drafter,
     speculative_generate,
 )
 
@@ -167,7 +171,8 @@ DRAFTERS = {"marginal": lambda _: (MarginalDrafter(), "marginal"), "heads": trai
             "lookup_fixed_3": lambda _: (LookupDrafter(max_nodes=4), "lookup, chains of 3"),
             "lookup_greedy_ladder": lambda _: (greedy_ladder_lookup(), "lookup, the greedy ladder whatever the rule"),
             "lookup_token_head": lookup_first_drafter,
-            "lookup_token_head_mixed": lambda model: lookup_first_drafter(model, MIXED_TOKEN_HEAD_DIR)}
+            "lookup_token_head_mixed": lambda model: lookup_first_drafter(model, MIXED_TOKEN_HEAD_DIR),
+            "default": lambda model: (resolve_drafter("auto", model), default_drafter_name(model))}
 
 
 @pytest.mark.parametrize("contender", list(PEERS) + list(DRAFTERS))
