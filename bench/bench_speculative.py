@@ -30,8 +30,16 @@ test, python_tests/test_speculative.py):
 
 extra_info holds tokens/s, the mean tokens per verification step and whether every output
 equals model.generate's.
+
+On a shared machine a slow spell of a minute can halve one contender's speed. test_interleaved
+runs the contenders named in $BENCH_INTERLEAVE prompt by prompt instead, the order rotating, so
+that such a spell falls on all of them (greedy):
+
+    BENCH_INTERLEAVE=generate,small_linears,small_linears_prompt_lookup_3,small_linears_prompt_lookup_10,lookup,default \
+        .venv/bin/python -m pytest bench/bench_speculative.py -k interleaved --benchmark-json=bench/speculative-interleaved-austen.json
 """
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -175,34 +183,96 @@ DRAFTERS = {"marginal": lambda _: (MarginalDrafter(), "marginal"), "heads": trai
             "default": lambda model: (resolve_drafter("auto", model), default_drafter_name(model))}
 
 
-@pytest.mark.parametrize("contender", list(PEERS) + list(DRAFTERS))
-def test_speculative_vs_generate(benchmark, model_and_prompts, contender):
-    model, prompts = model_and_prompts
+def contender_run(contender: str, model, extra_info: dict):
+    """prompts -> (outputs, stats or None) for one contender (a skip where it cannot run), its
+    description in extra_info."""
     if contender in PEERS:
         run, lookup = PEERS[contender]
         if lookup and BATCH > 1:
             pytest.skip("Hugging Face's prompt lookup decodes one sequence at a time")
-        function, arguments = (lambda *args: run(*args, **lookup)), (model, prompts)
-    else:
-        drafter, name = DRAFTERS[contender](model)
-        function, arguments = run_speculative, (model, prompts, drafter)
-        benchmark.extra_info["drafter"] = name
-        if contender == "heads":
-            benchmark.extra_info["tree"] = {"branching": drafter.branching, "max_nodes": drafter.max_nodes}
+        return lambda prompts: run(model, prompts, **lookup)
+    if contender not in DRAFTERS:
+        pytest.fail(f"unknown contender {contender!r}: use one of {', '.join(list(PEERS) + list(DRAFTERS))}")
+    drafter, name = DRAFTERS[contender](model)
+    extra_info["drafter"] = name
+    if contender == "heads":
+        extra_info["tree"] = {"branching": drafter.branching, "max_nodes": drafter.max_nodes}
+    return lambda prompts: run_speculative(model, prompts, drafter)
+
+
+def mean_tokens_per_step(stats) -> float:
+    steps = sum(s.verification_steps for s in stats)
+    return sum(s.mean_accepted_per_step * s.verification_steps for s in stats) / max(steps, 1)
+
+
+def benchmark_group() -> str:
     decoding = "sampling at temperature 0.7, top-p 0.9" if SAMPLING else "greedy"
-    benchmark.group = f"SmolLM2-135M {decoding}, {TEXT}, {PROMPTS} prompts x {NEW_TOKENS} new tokens, batch {BATCH}"
+    return f"SmolLM2-135M {decoding}, {TEXT}, {PROMPTS} prompts x {NEW_TOKENS} new tokens, batch {BATCH}"
+
+
+@pytest.mark.parametrize("contender", list(PEERS) + list(DRAFTERS))
+def test_speculative_vs_generate(benchmark, model_and_prompts, contender):
+    model, prompts = model_and_prompts
+    function = contender_run(contender, model, benchmark.extra_info)
+    benchmark.group = benchmark_group()
     benchmark.extra_info.update(contender=contender, baseline="generate", threads=torch.get_num_threads())
-    outputs, stats = benchmark.pedantic(function, args=arguments, rounds=1, iterations=1)
+    outputs, stats = benchmark.pedantic(function, args=(prompts,), rounds=1, iterations=1)
     new_tokens = sum(output.numel() - prompt.numel() for output, prompt in zip(outputs, prompts))
     benchmark.extra_info["tokens_per_second"] = new_tokens / benchmark.stats.stats.median
     if contender == "generate":
         generate_outputs.update(enumerate(outputs))
         return
     if stats is not None:
-        steps = sum(s.verification_steps for s in stats)
-        benchmark.extra_info["mean_tokens_per_step"] = sum(s.mean_accepted_per_step * s.verification_steps
-                                                           for s in stats) / max(steps, 1)
+        benchmark.extra_info["mean_tokens_per_step"] = mean_tokens_per_step(stats)
     if generate_outputs and not SAMPLING:
         same = [torch.equal(output, generate_outputs[index]) for index, output in enumerate(outputs)]
         benchmark.extra_info["identical_outputs"] = f"{sum(same)}/{len(same)}"
         assert all(same), "speculative output differs from model.generate's"
+
+
+INTERLEAVED = [name for name in os.environ.get("BENCH_INTERLEAVE", "").split(",") if name]
+
+
+def test_interleaved(benchmark, model_and_prompts):
+    """The contenders of $BENCH_INTERLEAVE (comma-separated names, "generate" first for the
+    identity check) on each batch of prompts in turn, the order rotating from batch to batch, so
+    that a slow spell of a shared machine falls on all of them alike rather than on whichever
+    ran then. Greedy only (each call restarts the seeds). extra_info["contenders"] holds each one's
+    seconds, tokens/s, tokens per step and whether its outputs equal model.generate's."""
+    if not INTERLEAVED:
+        pytest.skip("set BENCH_INTERLEAVE=generate,small_linears,... to run contenders interleaved")
+    if SAMPLING:
+        pytest.skip("interleaving restarts the seeds with every prompt: greedy only")
+    model, prompts = model_and_prompts
+    info = {name: {} for name in INTERLEAVED}
+    runs = {name: contender_run(name, model, info[name]) for name in INTERLEAVED}
+    outputs = {name: [] for name in INTERLEAVED}
+    stats = {name: [] for name in INTERLEAVED}
+    seconds = dict.fromkeys(INTERLEAVED, 0.0)
+
+    def run_all():
+        for index, prompt in enumerate(prompts):
+            turn = index % len(INTERLEAVED)
+            for name in INTERLEAVED[turn:] + INTERLEAVED[:turn]:
+                start = time.perf_counter()
+                output, stat = runs[name]([prompt])
+                seconds[name] += time.perf_counter() - start
+                outputs[name] += output
+                stats[name] += stat or []
+
+    benchmark.group = benchmark_group() + ", interleaved"
+    benchmark.pedantic(run_all, rounds=1, iterations=1)
+    new_tokens = {name: sum(output.numel() - prompt.numel() for output, prompt in zip(outputs[name], prompts))
+                  for name in INTERLEAVED}
+    reference, differing = outputs.get("generate"), []
+    for name in INTERLEAVED:
+        info[name].update(seconds=seconds[name], tokens_per_second=new_tokens[name] / seconds[name])
+        if stats[name]:
+            info[name]["mean_tokens_per_step"] = mean_tokens_per_step(stats[name])
+        if reference is not None and name != "generate":
+            same = [torch.equal(output, want) for output, want in zip(outputs[name], reference)]
+            info[name]["identical_outputs"] = f"{sum(same)}/{len(same)}"
+            if not all(same):
+                differing.append(name)
+    benchmark.extra_info.update(contenders=info, threads=torch.get_num_threads())
+    assert not differing, f"outputs differ from model.generate's: {differing}"

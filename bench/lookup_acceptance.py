@@ -11,6 +11,10 @@ apart (bench_pass_cost.py). Given that measurement (a pytest-benchmark JSON), ea
 predicted speed is its tokens over the summed cost of its passes, x one-token decoding.
 
     .venv/bin/python bench/lookup_acceptance.py [OUT.json] [--pass-cost bench/pass-cost.json ...]
+        [--token-head results/token_head_mixed]
+
+--token-head DIR replays that TokenHead too, alone and behind the lookup chain (the default
+drafter's rule), at batch 1.
 
 Each --pass-cost JSON (bench_pass_cost.py at $BENCH_BATCH) replays the rules at its batch size:
 the benchmark's prompts in batches, each pass padded to its longest chain as
@@ -177,6 +181,51 @@ def replay_rows(outputs: list[list[int]], prompt_tokens: int, length: int | None
         previous = VerifiedPass(forest, None, None, torch.tensor(hits), roots, None, context=context)
 
 
+def replay_token_head(outputs: list[list[int]], prompt_tokens: int, model, directory: str,
+                      lookup_first: bool = True) -> Replay:
+    """The token head in DIR replayed at batch 1, behind the lookup chain (`lookup:token-head:DIR`,
+    LookupFirstDrafter: what the default drafter is for SmolLM2) or alone: the drafters' own code,
+    each pass's tree walked along the true continuation. The head reads the model's final-norm
+    state at the last accepted token, here from one forward over each whole output (causal, so
+    the states that the decoder's passes give)."""
+    from mtp_ext.speculative import LookupFirstDrafter, TokenHeadDrafter, VerifiedPass
+    from mtp_ext.tree import DraftForest
+
+    head = TokenHeadDrafter.load(directory, model)
+    replay, origin = Replay(), torch.zeros((1, 1), dtype=torch.long)
+    for output in outputs:
+        drafter = LookupFirstDrafter(head) if lookup_first else head
+        with torch.no_grad():
+            states = model.model(torch.tensor([output])).last_hidden_state  # [1, T, H]
+        position = prompt_tokens + 1  # the first new token comes from the prompt's pass
+        context = output[:position]
+        forest, stop = DraftForest.roots(torch.tensor([output[prompt_tokens]])), 0
+        while position < len(output):
+            # The state at position - 2 chose the root, output[position - 1].
+            previous = VerifiedPass(forest, states[:, position - 2:position - 1], origin, torch.tensor([stop]),
+                                    torch.tensor([output[position - 1]]), None, context=context)
+            forest = drafter.draft(previous)
+            hits, stop = walked(forest, output[position:])
+            step = min(hits + 1, len(output) - position)
+            replay.add(int(forest.counts[0]) - 1, step)
+            position += step
+            context.extend(output[len(context):position])
+    return replay
+
+
+def walked(forest, target: list[int]) -> tuple[int, int]:
+    """Greedy verification of row 0's tree against the true continuation: the tokens accepted
+    and the slot of the last accepted node."""
+    parents, tokens, count = forest.parents[0].tolist(), forest.token_ids[0].tolist(), int(forest.counts[0])
+    node, depth = 0, 0
+    while depth < len(target):
+        child = next((slot for slot in range(1, count) if parents[slot] == node and tokens[slot] == target[depth]), None)
+        if child is None:
+            break
+        node, depth = child, depth + 1
+    return depth, node
+
+
 def by_match_length(outputs: list[list[int]], prompt_tokens: int, length: int = 3) -> dict[int, dict]:
     """At every position of the greedy outputs, the tokens a chain of `length` from the latest
     match accepts, by the match's length (1-3 tokens; 0: no match): how well a match of each
@@ -239,16 +288,28 @@ def main() -> None:
     parser.add_argument("--pass-cost", nargs="+", default=[],
                         help="bench_pass_cost.py's JSON, one per batch size: replay at that batch and predict "
                              "each rule's speed")
+    parser.add_argument("--token-head", metavar="DIR",
+                        help="also replay the TokenHead in DIR at batch 1, alone and behind the lookup chain")
     args = parser.parse_args()
     torch.set_num_threads(2)
     costs = batch_costs(dict(pass_cost(path) for path in args.pass_cost)) or {1: None}
     outputs = all_greedy_outputs(TEXTS)
-    report = {"prompts": bench.PROMPTS, "new_tokens": bench.NEW_TOKENS, "accepted_of_3_by_match_length": {}}
+    model = None
+    if args.token_head:
+        from mtp_ext.models import load_model
+
+        model = load_model("smollm2-135m")[0]
+    report = {"prompts": bench.PROMPTS, "new_tokens": bench.NEW_TOKENS, "token_head": args.token_head,
+              "accepted_of_3_by_match_length": {}}
     for batch, cost in costs.items():
         key = "" if batch == 1 else f"_batch_{batch}"
         tokens_per_pass, speed = report.setdefault("tokens_per_pass" + key, {}), {}
         for text_name in TEXTS:
             replays = replays_of(outputs[text_name], bench.PROMPT_TOKENS, batch)
+            if model is not None and batch == 1:
+                replays.update({name: replay_token_head(outputs[text_name], bench.PROMPT_TOKENS, model, args.token_head,
+                                                        lookup_first) for name, lookup_first in
+                                (("token_head", False), ("lookup_token_head", True))})
             tokens_per_pass[text_name] = {name: replay.tokens_per_pass() for name, replay in replays.items()}
             if cost is not None:
                 speed[text_name] = {name: replay.speed(cost) for name, replay in replays.items()}
