@@ -192,7 +192,7 @@ def replay_token_head(outputs: list[list[int]], prompt_tokens: int, model, direc
     from mtp_ext.tree import DraftForest
 
     head = TokenHeadDrafter.load(directory, model)
-    replay, origin = Replay(), torch.zeros((1, 1), dtype=torch.long)
+    replay = Replay()
     for output in outputs:
         drafter = LookupFirstDrafter(head) if lookup_first else head
         with torch.no_grad():
@@ -201,9 +201,11 @@ def replay_token_head(outputs: list[list[int]], prompt_tokens: int, model, direc
         context = output[:position]
         forest, stop = DraftForest.roots(torch.tensor([output[prompt_tokens]])), 0
         while position < len(output):
-            # The state at position - 2 chose the root, output[position - 1].
-            previous = VerifiedPass(forest, states[:, position - 2:position - 1], origin, torch.tensor([stop]),
-                                    torch.tensor([output[position - 1]]), None, context=context)
+            # The state at position - 2 chose the root, output[position - 1]: the one state the
+            # pass holds, at whichever slot the walk stopped.
+            at_stop = torch.zeros((1, forest.size), dtype=torch.long)
+            previous = VerifiedPass(forest, states[:, position - 2:position - 1], at_stop, torch.tensor([stop]),
+                                    torch.tensor([output[position - 1]]), None, context=[context])
             forest = drafter.draft(previous)
             hits, stop = walked(forest, output[position:])
             step = min(hits + 1, len(output) - position)
