@@ -500,7 +500,8 @@ def test_smollm2_greedy_equals_generate():
         prompt = torch.tensor([ids[start:start + 48]])
         expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
                                   do_sample=False)
-        for drafter in ("marginal", f"token-head:{token_head}"):
+        # "auto": with `make prepare`'s token head, lookup behind that head.
+        for drafter in ("marginal", f"token-head:{token_head}", "auto"):
             got = speculative_generate(model, prompt, drafter=drafter, max_new_tokens=24)
             assert torch.equal(got.sequences, expected), drafter
             if drafter != "marginal":
