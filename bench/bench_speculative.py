@@ -33,7 +33,7 @@ equals model.generate's.
 
 On a shared machine a slow spell of a minute can halve one contender's speed. test_interleaved
 runs the contenders named in $BENCH_INTERLEAVE prompt by prompt instead, the order rotating, so
-that such a spell falls on all of them (greedy):
+that such a spell falls on all of them (greedy, or sampling with each batch's own seed):
 
     BENCH_INTERLEAVE=generate,small_linears,small_linears_prompt_lookup_3,small_linears_prompt_lookup_10,lookup,default \
         .venv/bin/python -m pytest bench/bench_speculative.py -k interleaved --benchmark-json=bench/speculative-interleaved-austen.json
@@ -136,24 +136,24 @@ def trained_token_head_drafter(model, directory: Path = TOKEN_HEAD_DIR):
         pytest.skip(f"no trained token head for SmolLM2 in {directory}: {error}")
 
 
-def run_generate(model, prompts, **lookup):
+def run_generate(model, prompts, first_seed=0, **lookup):
     outputs = []
-    for seed, prompt in enumerate(prompts):
+    for seed, prompt in enumerate(prompts, first_seed):
         torch.manual_seed(seed)
         outputs.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
                                       **(SAMPLING or {"do_sample": False}), **lookup))
     return outputs, None
 
 
-def run_generate_small_linears(model, prompts, **lookup):
+def run_generate_small_linears(model, prompts, first_seed=0, **lookup):
     with small_batch_linears(model):
-        return run_generate(model, prompts, **lookup)
+        return run_generate(model, prompts, first_seed, **lookup)
 
 
-def run_speculative(model, prompts, drafter):
+def run_speculative(model, prompts, drafter, first_seed=0):
     results = [speculative_generate(model, prompt, drafter=drafter, max_new_tokens=NEW_TOKENS,
                                     generator=torch.Generator().manual_seed(seed), **SAMPLING)
-               for seed, prompt in enumerate(prompts)]
+               for seed, prompt in enumerate(prompts, first_seed)]
     return [result.sequences for result in results], [result.stats for result in results]
 
 
@@ -184,20 +184,20 @@ DRAFTERS = {"marginal": lambda _: (MarginalDrafter(), "marginal"), "heads": trai
 
 
 def contender_run(contender: str, model, extra_info: dict):
-    """prompts -> (outputs, stats or None) for one contender (a skip where it cannot run), its
-    description in extra_info."""
+    """(prompts, first_seed=0) -> (outputs, stats or None) for one contender (a skip where it
+    cannot run; batch i of prompts samples with seed first_seed + i), its description in extra_info."""
     if contender in PEERS:
         run, lookup = PEERS[contender]
         if lookup and BATCH > 1:
             pytest.skip("Hugging Face's prompt lookup decodes one sequence at a time")
-        return lambda prompts: run(model, prompts, **lookup)
+        return lambda prompts, first_seed=0: run(model, prompts, first_seed, **lookup)
     if contender not in DRAFTERS:
         pytest.fail(f"unknown contender {contender!r}: use one of {', '.join(list(PEERS) + list(DRAFTERS))}")
     drafter, name = DRAFTERS[contender](model)
     extra_info["drafter"] = name
     if contender == "heads":
         extra_info["tree"] = {"branching": drafter.branching, "max_nodes": drafter.max_nodes}
-    return lambda prompts: run_speculative(model, prompts, drafter)
+    return lambda prompts, first_seed=0: run_speculative(model, prompts, drafter, first_seed)
 
 
 def mean_tokens_per_step(stats) -> float:
@@ -237,12 +237,11 @@ def test_interleaved(benchmark, model_and_prompts):
     """The contenders of $BENCH_INTERLEAVE (comma-separated names, "generate" first for the
     identity check) on each batch of prompts in turn, the order rotating from batch to batch, so
     that a slow spell of a shared machine falls on all of them alike rather than on whichever
-    ran then. Greedy only (each call restarts the seeds). extra_info["contenders"] holds each one's
-    seconds, tokens/s, tokens per step and whether its outputs equal model.generate's."""
+    ran then; under $BENCH_SAMPLE each batch keeps the seed it has in test_speculative_vs_generate.
+    extra_info["contenders"] holds each one's seconds, tokens/s, tokens per step and, greedily,
+    whether its outputs equal model.generate's."""
     if not INTERLEAVED:
         pytest.skip("set BENCH_INTERLEAVE=generate,small_linears,... to run contenders interleaved")
-    if SAMPLING:
-        pytest.skip("interleaving restarts the seeds with every prompt: greedy only")
     model, prompts = model_and_prompts
     info = {name: {} for name in INTERLEAVED}
     runs = {name: contender_run(name, model, info[name]) for name in INTERLEAVED}
@@ -255,7 +254,7 @@ def test_interleaved(benchmark, model_and_prompts):
             turn = index % len(INTERLEAVED)
             for name in INTERLEAVED[turn:] + INTERLEAVED[:turn]:
                 start = time.perf_counter()
-                output, stat = runs[name]([prompt])
+                output, stat = runs[name]([prompt], index)
                 seconds[name] += time.perf_counter() - start
                 outputs[name] += output
                 stats[name] += stat or []
@@ -264,7 +263,7 @@ def test_interleaved(benchmark, model_and_prompts):
     benchmark.pedantic(run_all, rounds=1, iterations=1)
     new_tokens = {name: sum(output.numel() - prompt.numel() for output, prompt in zip(outputs[name], prompts))
                   for name in INTERLEAVED}
-    reference, differing = outputs.get("generate"), []
+    reference, differing = None if SAMPLING else outputs.get("generate"), []
     for name in INTERLEAVED:
         info[name].update(seconds=seconds[name], tokens_per_second=new_tokens[name] / seconds[name])
         if stats[name]:
