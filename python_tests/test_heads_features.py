@@ -282,6 +282,18 @@ def test_eval_heads_goes_on_from_the_sequences_it_scored_and_gives_intervals(tmp
         assert merged["loss"] == pytest.approx(want.loss, rel=1e-5)
         assert merged["interval"]["top5"][0] <= merged["accuracy"]["top5"] <= merged["interval"]["top5"][1]
     assert "[" in capsys.readouterr().out  # the table shows the intervals
+    # paired differences: the heads against marginalisation's estimate and its lower bound
+    assert [(pair["a"], pair["b"]) for pair in report["differences"]] == [
+        ("heads", "marginalisation"), ("heads", "marginalisation's lower bound")]
+    for pair, field in zip(report["differences"], ("accuracy", "accuracy_lower")):
+        for difference, head, marginal in zip(pair["steps"], report["heads"][str(heads)]["steps"],
+                                              report["marginalisation"]["steps"]):
+            for k in ("top1", "top5"):
+                want = head["accuracy"][k] - marginal[field][k]
+                assert difference[k]["difference"] == pytest.approx(want, abs=1e-12)
+                low, high = difference[k]["interval"]
+                assert -1 <= low <= high <= 1
+    assert "| heads | marginalisation | 2 |" in report["differences_table"]
 
     # stopped after two sequences (the second one's line cut short), then run again
     resumed = tmp_path / "resumed.json"
@@ -332,3 +344,20 @@ def test_the_bootstrap_interval_widens_with_the_spread_between_sequences():
         bootstrap_share_interval([], [])
     with pytest.raises(ValueError, match="level"):
         bootstrap_share_interval([1, 2], [3, 3], level=1.0)
+
+
+def test_the_paired_interval_cancels_what_the_sequences_share():
+    from mtp_ext._stats import bootstrap_difference_interval, bootstrap_share_interval
+
+    hits_b = [0, 2, 9, 4, 7, 1, 8, 3]  # sequences far apart: each share alone is uncertain
+    hits_a = [hits + 1 for hits in hits_b]  # A one hit ahead in every sequence
+    positions = [10] * 8
+    low, high = bootstrap_share_interval(hits_a, positions)
+    assert high - low > 0.2
+    assert bootstrap_difference_interval(hits_a, positions, hits_b, positions) == pytest.approx((0.1, 0.1))
+    # unpaired (B's sequences in another order) the same totals differ by a spread, not a constant
+    shuffled = bootstrap_difference_interval(hits_a, positions, hits_b[::-1], positions)
+    assert shuffled[0] < 0.1 < shuffled[1] and shuffled[1] - shuffled[0] > 0.2
+    assert bootstrap_difference_interval([3], [4], [1], [4]) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="same groups"):
+        bootstrap_difference_interval([1, 2], [3, 3], [1], [3])

@@ -17,7 +17,8 @@ from pathlib import Path
 from mtp_ext._io import UserError, atomic_write_text
 from mtp_ext.cli import common
 
-__all__ = ["NAME", "add_parser", "merge_parts", "plot_fig5", "plot_layer_weights", "run"]
+__all__ = ["NAME", "add_parser", "differences_table", "merge_parts", "paired_differences", "plot_fig5", "plot_layer_weights",
+           "run"]
 
 NAME = "eval-heads"
 TOP_K = (1, 5)
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> dict:
     names = labels if len(set(labels)) == len(labels) else list(results)  # short names where they stay distinct
     table = common.heads_table(dict(zip(names, results.values())), marginal["steps"],
                                dict(zip(names, intervals.values())))
+    differences = paired_differences([parts[index] for index in range(len(held_out))], dict(zip(results, names)))
     report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
               "sequences": len(held_out), "seq_len": args.seq_len, "marginalisation": marginal,
               "intervals": {"method": "percentile bootstrap over the held-out sequences", "level": 0.95,
@@ -102,10 +104,12 @@ def run(args: argparse.Namespace) -> dict:
                                "steps": [{**vars(accuracy), "interval": interval}
                                          for accuracy, interval in zip(results[name], intervals[name])]}
                         for name, model in heads.items()},
-              "table": table}
+              "differences": differences, "table": table, "differences_table": differences_table(differences)}
     print(f"\nmodel {args.model}, data {args.data} (held out: {split['by']} split), top-1 / top-5 per step "
           "[top-5 95% interval] (step 1: the backbone's own next-token prediction)\n")
     print(table)
+    print("\npaired differences of top-1 / top-5 shares [95% intervals, the same sequences resampled for both]\n")
+    print(report["differences_table"])
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(report, indent=2))
         parts_path.unlink(missing_ok=True)
@@ -151,21 +155,18 @@ def merge_parts(parts: list[dict]) -> tuple[dict, dict, dict]:
     from mtp_ext._stats import bootstrap_share_interval
     from mtp_ext.heads.training import HeadAccuracy
 
-    def counts(share: float, positions: int) -> int:
-        return round(share * positions)  # the shares are counts / positions: exact after rounding
-
     marginal_steps = []
     for row, first in enumerate(parts[0]["marginal"]["steps"]):
         steps = [part["marginal"]["steps"][row] for part in parts]
         positions = [step["positions"] for step in steps]
         merged = {"step": first["step"], "positions": sum(positions)}
         for field in SHARE_FIELDS:
-            merged[field] = {name: sum(counts(step[field][name], step["positions"]) for step in steps)
+            merged[field] = {name: sum(_count(step[field][name], step["positions"]) for step in steps)
                              / max(merged["positions"], 1) for name in first[field]}
         merged["captured_mass"] = sum(step["captured_mass"] * step["positions"] for step in steps) / max(
             merged["positions"], 1)
         merged["interval"] = {name: list(bootstrap_share_interval(
-            [counts(step["accuracy"][name], step["positions"]) for step in steps], positions))
+            [_count(step["accuracy"][name], step["positions"]) for step in steps], positions))
             for name in first["accuracy"]}
         marginal_steps.append(merged)
     first_positions = [part["marginal"]["positions"] for part in parts]
@@ -184,12 +185,79 @@ def merge_parts(parts: list[dict]) -> tuple[dict, dict, dict]:
             steps = [part["heads"][name][row] for part in parts]
             positions = [step["positions"] for step in steps]
             total = max(sum(positions), 1)
-            hits = {k: [counts(step["accuracy"][k], step["positions"]) for step in steps] for k in first["accuracy"]}
+            hits = {k: [_count(step["accuracy"][k], step["positions"]) for step in steps] for k in first["accuracy"]}
             results[name].append(HeadAccuracy(first["step"], sum(positions),
                                                {k: sum(values) / total for k, values in hits.items()},
                                                sum(step["loss"] * step["positions"] for step in steps) / total))
             intervals[name].append({k: list(bootstrap_share_interval(values, positions)) for k, values in hits.items()})
     return marginal, results, intervals
+
+
+def _count(share: float, positions: int) -> int:
+    return round(share * positions)  # the shares are counts / positions: exact after rounding
+
+
+MARGINAL = "marginalisation"
+MARGINAL_LOWER = "marginalisation's lower bound"
+
+
+def paired_differences(parts: list[dict], labels: dict) -> list[dict]:
+    """Each set of heads against marginalisation (its estimate, and its lower bound: what the
+    capped tree certainly reaches) and against each set listed before it: per step, the
+    difference of the top-k shares over the same positions and a paired bootstrap interval
+    over the sequences, which tells two close variants apart where their own intervals overlap.
+
+    Args:
+        parts: per sequence, what _score_sequence returns.
+        labels: checkpoint name (a key of each part's "heads") -> its label, in the order given.
+
+    Returns:
+        [{"a": label, "b": label, "steps": [{"step": s, "top{k}": {"difference": A - B,
+        "interval": [low, high]}}]}], A a set of heads, B marginalisation or an earlier set.
+    """
+    from mtp_ext._stats import bootstrap_difference_interval
+
+    def series(rows_of, field: str = "accuracy") -> list[dict]:
+        """per row: {"step", "positions": per sequence, "hits": top{k} -> per sequence}"""
+        rows = []
+        for row, first in enumerate(rows_of(parts[0])):
+            steps = [rows_of(part)[row] for part in parts]
+            rows.append({"step": first["step"], "positions": [step["positions"] for step in steps],
+                         "hits": {k: [_count(step[field][k], step["positions"]) for step in steps]
+                                  for k in first[field]}})
+        return rows
+
+    heads = {label: series(lambda part, name=name: part["heads"][name]) for name, label in labels.items()}
+    baselines = {MARGINAL: series(lambda part: part["marginal"]["steps"]),
+                 MARGINAL_LOWER: series(lambda part: part["marginal"]["steps"], "accuracy_lower")}
+    pairs = [(a, b) for index, a in enumerate(heads) for b in [*baselines, *list(heads)[:index]]]
+    differences = []
+    for a, b in pairs:
+        rows_a, rows_b = heads[a], {**baselines, **heads}[b]
+        steps = []
+        for row_a, row_b in zip(rows_a, rows_b):
+            step = {"step": row_a["step"]}
+            for k, hits_a in row_a["hits"].items():
+                hits_b = row_b["hits"][k]
+                share = sum(hits_a) / sum(row_a["positions"]) - sum(hits_b) / sum(row_b["positions"])
+                step[k] = {"difference": share, "interval": list(bootstrap_difference_interval(
+                    hits_a, row_a["positions"], hits_b, row_b["positions"]))}
+            steps.append(step)
+        differences.append({"a": a, "b": b, "steps": steps})
+    return differences
+
+
+def differences_table(differences: list[dict]) -> str:
+    """Markdown: one line per pair and step (2 onwards), A - B in top-1 and top-5 with intervals."""
+    lines = ["| A | B | step | top-1: A - B [interval] | top-5: A - B [interval] |", "|---|---|---|---|---|"]
+    for pair in differences:
+        for step in pair["steps"]:
+            if step["step"] < 2:
+                continue
+            cells = [f"{step[k]['difference']:+.3f} [{step[k]['interval'][0]:+.3f}, {step[k]['interval'][1]:+.3f}]"
+                     for k in ("top1", "top5")]
+            lines.append(f"| {pair['a']} | {pair['b']} | {step['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _resamples() -> int:
