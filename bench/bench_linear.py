@@ -1,7 +1,7 @@
 """small_batch_linear against F.linear over a whole model's worth of linear layers: the 210
 weight matrices of SmolLM2-135M's 30 decoder layers (q, k, v, o, gate, up, down; 425 MB of
-float32, far more than the caches hold, as in a forward pass), at 1-16 rows (the tokens of a
-draft tree's verification pass, or 1 for plain decoding). One call covers all 210 layers.
+float32, far more than the caches hold, as in a forward pass), at 1-32 rows (the tokens of a
+draft tree's verification pass, a batch's, or 1 for plain decoding). One call covers all 210 layers.
 
 On the CPU each case runs with torch's default thread count and with one thread; on CUDA the
 op is at::linear, so only the CPU is measured. "measured_choice" is what small_batch_linears
@@ -63,7 +63,7 @@ CONTENDERS = {
 
 
 @pytest.mark.parametrize("contender", list(CONTENDERS))
-@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16, 24, 32])
 def test_linear(benchmark, device, threads, weights, rows, contender):
     if device != "cpu":
         pytest.skip("on CUDA small_batch_linear is at::linear")

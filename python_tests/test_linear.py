@@ -28,7 +28,7 @@ def draw(rows: int, in_features: int, out_features: int, generator, device="cpu"
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 8, 17])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 6, 7, 8, 16, 17])
 @pytest.mark.parametrize("in_features,out_features", [(1, 1), (7, 65), (576, 193), (1536, 64)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_reference(rows, in_features, out_features, bias, device, generator):

@@ -156,9 +156,11 @@ class CausalLMAdapter:
                 setattr(layer, name, states[:, :, :kept])
 
 
-# Rows up to which small_batch_linear beats MKL on the project's CPU (bench/README.md,
-# small_batch_linear); above, MKL's GEMM reuses each weight tile across enough rows.
-SMALL_BATCH_ROWS = 16
+# Rows up to which small_batch_linear may serve a layer (where it is measured faster: linear_choice):
+# a batch of 8 rows verifying chains of 2 holds 24 tokens, where the kernel still beat MKL on the
+# project's CPU (bench/README.md, small_batch_linear); far above, MKL's GEMM reuses each weight
+# tile across enough rows.
+SMALL_BATCH_ROWS = 32
 
 
 @contextlib.contextmanager

@@ -490,7 +490,7 @@ class LookupDrafter(Drafter):
 
     # device type -> the ladder of chain lengths in drafted tokens. On a CPU a pass of 2, 4, 8 or
     # 16 tokens costs about as much as one of 1, 3, 6 or 12 (bench/README.md, "The lookup drafter's
-    # rules"), and up to 16 rows run the small-batch linears (SMALL_BATCH_ROWS). Elsewhere passes
+    # rules"), and up to 32 rows run the small-batch linears (SMALL_BATCH_ROWS). Elsewhere passes
     # of up to a few dozen tokens cost about the same, so chains start at Hugging Face's usual 10.
     ADAPTIVE_CHAIN = {"cpu": (3, 7, 15)}
     ADAPTIVE_CHAIN_ELSEWHERE = (10, 20, 31)
