@@ -306,3 +306,51 @@ def test_cli_trains_and_the_generate_command_drafts_with_it(tmp_path, tiny_check
     assert "must be a number >= 0" in capsys.readouterr().err
     assert main(["train-token-head", *common, "--out", str(tmp_path / "x"), "--draft-vocab", "0"]) == 2
     assert "draft_vocab must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_a_stopped_training_goes_on_from_its_features_and_epochs(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    from mtp_ext.heads import token_head as module
+
+    model, text = tiny_checkpoint
+    monkeypatch.setattr(module, "PARTS_BATCHES", 2)  # several parts of features
+    arguments = ["train-token-head", "--model", str(model), "--data", str(text), "--seq-len", "16", "--tokens", "300",
+                 "--eval-tokens", "60", "--epochs", "3", "--batch-size", "32", "--draft-vocab", "10", "--chain", "2"]
+    straight = tmp_path / "straight"
+    assert main([*arguments, "--out", str(straight)]) == 0
+    resume = tmp_path / "resume"
+
+    real_loss, calls = module.chain_loss, []
+
+    def stop_in_the_second_epoch(*args):
+        calls.append(1)
+        if len(calls) == 10:  # 9 steps an epoch: the first epoch is kept
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(module, "chain_loss", stop_in_the_second_epoch)
+    assert main([*arguments, "--out", str(tmp_path / "stopped"), "--resume-dir", str(resume)]) == 130
+    assert f"the features and the epochs finished so far are in {resume}" in capsys.readouterr().err
+    parts = sorted(path.name for path in resume.glob("features-*.pt"))
+    assert len(parts) > 1 and (resume / module.TRAINING_STATE_FILE).is_file()
+
+    real_batch, passes = module._batch_features, []
+    monkeypatch.setattr(module, "_batch_features", lambda *args: passes.append(1) or real_batch(*args))
+    monkeypatch.setattr(module, "chain_loss", real_loss)
+    resumed = tmp_path / "resumed"
+    assert main([*arguments, "--out", str(resumed), "--resume-dir", str(resume)]) == 0
+    assert len(passes) == 1  # the held-out windows' one batch: every training feature came from the kept parts
+    want, got = load_file(straight / "token_head.safetensors"), load_file(resumed / "token_head.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[name], got[name]) for name in want)
+    record = json.loads((resumed / "token_head.json").read_text())["training"]["training"]
+    assert record["epoch_losses"] == json.loads((straight / "token_head.json").read_text())["training"]["training"][
+        "epoch_losses"]
+
+    # other settings against the kept state, other windows against the kept features: refused, saying what to do
+    assert main([*arguments[:-2], "--chain", "1", "--out", str(tmp_path / "other"), "--resume-dir", str(resume)]) == 2
+    assert "holds a training with other settings" in capsys.readouterr().err
+    other_windows = [*arguments, "--out", str(tmp_path / "other"), "--resume-dir", str(resume)]
+    other_windows[other_windows.index("--tokens") + 1] = "200"
+    assert main(other_windows) == 2
+    assert "keeps the features of other windows" in capsys.readouterr().err

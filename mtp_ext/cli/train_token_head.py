@@ -30,7 +30,17 @@ def add_parser(commands) -> None:
                              "(EAGLE-style), so it drafts trees L deep")
     parser.add_argument("--feature-weight", type=common.non_negative_float, default=1.0,
                         help="with --chain > 1: the weight of the regression of predicted states onto the backbone's")
-    parser.set_defaults(run=run)
+    parser.add_argument("--resume-dir", type=Path,
+                        help="keep the training positions' features and the training's state (after every epoch) "
+                             "here, and go on from them: a stopped run, run again, continues where it stopped")
+    parser.set_defaults(run=run, interrupted=interrupted)
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves: with --resume-dir, the features and epochs so far."""
+    if args.resume_dir is None:
+        return "nothing is kept without --resume-dir"
+    return f"the features and the epochs finished so far are in {args.resume_dir}; the same command goes on from them"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -41,7 +51,7 @@ def run(args: argparse.Namespace) -> dict:
         The report, saved in the head's config.
     """
     from mtp_ext.heads import TokenHeadSettings, evaluate_token_head, train_token_head
-    from mtp_ext.heads.token_head import token_head_features
+    from mtp_ext.heads.token_head import TRAINING_STATE_FILE, token_head_features
     from mtp_ext.models import describe_weights
 
     from mtp_ext.integrations.distributed import launched_ranks
@@ -58,7 +68,10 @@ def run(args: argparse.Namespace) -> dict:
     settings.check(backbone.get_output_embeddings().weight.shape[0])
     windows, held_out, split = common.heads_data(args, documents, tokenizer, max(1, args.tokens // (args.seq_len - 1)),
                                           args.eval_tokens)
-    head, record = train_token_head(backbone, token_head_features(backbone, windows), settings)
+    resume = None if args.resume_dir is None else common.output_dir(args.resume_dir)
+    features = token_head_features(backbone, windows, parts_dir=resume)
+    head, record = train_token_head(backbone, features, settings,
+                                    state_path=None if resume is None else resume / TRAINING_STATE_FILE)
     accuracy = evaluate_token_head(head, token_head_features(backbone, held_out))
     report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
               "seq_len": args.seq_len, "training": record, "held_out": vars(accuracy)}

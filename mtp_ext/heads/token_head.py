@@ -27,8 +27,11 @@ predicted state is also pulled towards the backbone's true state (EAGLE's featur
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtp_ext._checks import check_positive_int
-from mtp_ext._io import unreadable
+from mtp_ext._io import UserError, atomic_write, atomic_write_text, read_json, unreadable
 from mtp_ext.heads.checkpoint import DAMAGED, check_checkpoint_dir, read_config, read_safetensors, write_config, write_tensors
 from mtp_ext.models.adapters import check_supported, few_rows_linear
 from mtp_ext.models.introspection import final_norm, model_fingerprint
@@ -262,7 +265,7 @@ class Features:
 
 @torch.no_grad()
 def token_head_features(backbone: nn.Module, windows: Sequence[Sequence[int]], batch_size: int = 4,
-                        progress: bool = True) -> Features:
+                        progress: bool = True, parts_dir: Path | None = None) -> Features:
     """The features of every position of `windows`, from one backbone pass.
 
     Args:
@@ -270,6 +273,9 @@ def token_head_features(backbone: nn.Module, windows: Sequence[Sequence[int]], b
         windows: token id lists; those shorter than 2 tokens are skipped.
         batch_size: windows of one length per pass.
         progress: show a progress bar.
+        parts_dir: where to keep the features as they are computed, PARTS_BATCHES batches a
+            file, so that a stopped extraction goes on from its last whole part (a UserError if
+            the directory holds parts of other windows or another model); None: kept in memory only.
 
     Returns:
         Features of every position but each window's last (grouped by window length).
@@ -282,19 +288,69 @@ def token_head_features(backbone: nn.Module, windows: Sequence[Sequence[int]], b
                for first in range(0, len(group), batch_size)]
     if not batches:
         raise ValueError("no window of at least 2 tokens")
+    if parts_dir is not None:
+        _check_parts_key(Path(parts_dir), {"model": model_fingerprint(backbone), "batch_size": batch_size,
+                                           "windows": _digest(batches)})
     parts: list[tuple[Tensor, ...]] = []
-    windows_before = 0
-    for batch in tqdm(batches, desc="token head features", unit="batch", disable=not progress):
-        input_ids = torch.tensor(batch, device=unembed.device)
-        hidden = backbone.base_model(input_ids=input_ids).last_hidden_state  # [B, T, H]
-        # The argmax, in slices of positions so that the logits never all exist at once.
-        choices = torch.cat([torch.nn.functional.linear(hidden[:, start:start + 64], unembed).argmax(-1)
-                             for start in range(0, hidden.shape[1], 64)], 1)
-        window_ids = torch.arange(windows_before, windows_before + len(batch), device=unembed.device)
-        windows_before += len(batch)
-        parts.append((hidden[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), choices[:, 1:].flatten(),
-                      choices[:, :-1].flatten(), window_ids.repeat_interleave(input_ids.shape[1] - 1)))
+    first_windows = [0]
+    for batch in batches:
+        first_windows.append(first_windows[-1] + len(batch))
+    with tqdm(total=len(batches), desc="token head features", unit="batch", disable=not progress) as bar:
+        for first in range(0, len(batches), PARTS_BATCHES):
+            path = None if parts_dir is None else Path(parts_dir) / f"features-{first // PARTS_BATCHES:05d}.pt"
+            part = _read_part(path) if path is not None and path.is_file() else None
+            if part is None:
+                part = [_batch_features(backbone, unembed, batch, first_windows[index])
+                        for index, batch in enumerate(batches[first:first + PARTS_BATCHES], first)]
+                if path is not None:
+                    atomic_write(path, lambda temporary: torch.save(part, temporary))
+            parts += part
+            bar.update(len(part))
     return Features(*(torch.cat(column) for column in zip(*parts)))
+
+
+# Batches of windows per file of features kept by token_head_features(parts_dir=...): a stop loses
+# at most this many batches of backbone passes.
+PARTS_BATCHES = 64
+PARTS_KEY_FILE = "features.json"
+TRAINING_STATE_FILE = "training_state.pt"
+
+
+def _batch_features(backbone: nn.Module, unembed: Tensor, batch: Sequence[Sequence[int]],
+                    first_window: int) -> tuple[Tensor, ...]:
+    """Features' columns for the positions of one batch of windows of one length."""
+    input_ids = torch.tensor(batch, device=unembed.device)
+    hidden = backbone.base_model(input_ids=input_ids).last_hidden_state  # [B, T, H]
+    # The argmax, in slices of positions so that the logits never all exist at once.
+    choices = torch.cat([torch.nn.functional.linear(hidden[:, start:start + 64], unembed).argmax(-1)
+                         for start in range(0, hidden.shape[1], 64)], 1)
+    window_ids = torch.arange(first_window, first_window + len(batch), device=unembed.device)
+    return (hidden[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), choices[:, 1:].flatten(),
+            choices[:, :-1].flatten(), window_ids.repeat_interleave(input_ids.shape[1] - 1))
+
+
+def _digest(batches: Sequence[Sequence[Sequence[int]]]) -> str:
+    return hashlib.sha256(json.dumps([[list(window) for window in batch] for batch in batches]).encode()).hexdigest()
+
+
+def _check_parts_key(directory: Path, key: dict) -> None:
+    """Writes the key of the features kept in `directory`, or checks it against the one there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / PARTS_KEY_FILE
+    if not path.is_file():
+        atomic_write_text(path, json.dumps(key, indent=2))
+        return
+    if read_json(path, "the kept features' key") != json.loads(json.dumps(key)):
+        raise UserError(f"{directory} keeps the features of other windows or another model; delete it to "
+                        f"start over (rm -r {directory}), or keep this run's elsewhere")
+
+
+def _read_part(path: Path) -> list | None:
+    """A kept part of features, or None where it cannot be read (it is computed again)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
+        return None
 
 
 def draft_vocabulary(targets: Tensor, vocab_size: int, size: int) -> Tensor:
@@ -413,7 +469,7 @@ def evaluate_token_head(head: TokenHead, features: Features, chunk: int = 2048,
 
 
 def train_token_head(backbone: nn.Module, features: Features, settings: TokenHeadSettings,
-                     progress: bool = True) -> tuple[TokenHead, dict]:
+                     progress: bool = True, state_path: Path | None = None) -> tuple[TokenHead, dict]:
     """A TokenHead trained on the model's own greedy choices.
 
     Args:
@@ -421,6 +477,10 @@ def train_token_head(backbone: nn.Module, features: Features, settings: TokenHea
         features: token_head_features of the training text.
         settings: TokenHeadSettings.
         progress: show a progress bar.
+        state_path: where to keep the training's state after every epoch (the head, the
+            optimizer, the order's generator, the losses), and to continue from if it is there:
+            a run stopped and run again with the same settings and features ends with the same
+            head as one run straight through. None: nothing kept.
 
     Returns:
         (the head, a record of the training: settings, positions, epoch_losses, seconds).
@@ -438,9 +498,12 @@ def train_token_head(backbone: nn.Module, features: Features, settings: TokenHea
     steps_per_epoch = max(1, positions // settings.batch_size)
     total = settings.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(settings.seed)
-    started, losses, step = time.time(), [], 0
-    with tqdm(total=total, desc="train token head", unit="step", disable=not progress) as bar:
-        for _ in range(settings.epochs):
+    started, losses, seconds_before = time.time(), [], 0.0
+    if state_path is not None and Path(state_path).is_file():
+        losses, seconds_before = _resume_token_head(Path(state_path), head, optimizer, generator, settings, positions)
+    step = len(losses) * steps_per_epoch
+    with tqdm(total=total, initial=step, desc="train token head", unit="step", disable=not progress) as bar:
+        for _ in range(len(losses), settings.epochs):
             order = torch.randperm(positions, generator=generator).to(targets.device)
             epoch_loss = 0.0
             for batch in order[: steps_per_epoch * settings.batch_size].view(steps_per_epoch, -1):
@@ -455,8 +518,34 @@ def train_token_head(backbone: nn.Module, features: Features, settings: TokenHea
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             losses.append(epoch_loss / steps_per_epoch)
+            if state_path is not None:
+                state = {"settings": asdict(settings), "positions": positions, "epoch_losses": losses,
+                         "seconds": seconds_before + time.time() - started, "head": head.state_dict(),
+                         "optimizer": optimizer.state_dict(), "generator": generator.get_state()}
+                atomic_write(Path(state_path), lambda temporary: torch.save(state, temporary))
     return head, {"settings": asdict(settings), "positions": positions, "epoch_losses": losses,
-                  "seconds": time.time() - started}
+                  "seconds": seconds_before + time.time() - started}
+
+
+def _resume_token_head(path: Path, head: TokenHead, optimizer, generator: torch.Generator,
+                       settings: TokenHeadSettings, positions: int) -> tuple[list[float], float]:
+    """Restores the head, optimizer and generator kept in `path`; returns (the epochs' losses so
+    far, the seconds trained so far)."""
+    remedy = f"delete it to start over: rm {path}"
+    try:
+        state = torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise unreadable(path, "the token head's training state", error, remedy) from error
+    if not isinstance(state, dict) or any(key not in state for key in ("settings", "positions", "epoch_losses",
+                                                                        "seconds", "head", "optimizer", "generator")):
+        raise UserError(f"the training state {path} is incomplete (not a train-token-head state); {remedy}")
+    if state["settings"] != asdict(settings) or state["positions"] != positions:
+        raise UserError(f"{path} holds a training with other settings or features ({state['settings']}, "
+                        f"{state['positions']} positions; now {asdict(settings)}, {positions}); {remedy}")
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return list(state["epoch_losses"]), float(state["seconds"])
 
 
 def chain_loss(head: TokenHead, features: Features, slots: Tensor, rows: Tensor, settings: TokenHeadSettings) -> Tensor:
