@@ -10,9 +10,10 @@ from pathlib import Path
 from mtp_ext._io import UserError
 
 __all__ = ["DEFAULT_DATA", "DEFAULT_MODEL", "add_heads_data_arguments", "add_model_arguments", "add_placement_arguments",
-           "add_world_arguments", "check_output_file", "heads_data", "heads_table", "load_model_for", "memory_budget",
-           "non_negative_int", "open_share", "output_dir", "positive_float", "positive_int", "probability", "pyplot",
-           "read_corpus", "read_documents", "save_figure", "sequences_for", "set_threads", "world_for"]
+           "add_world_arguments", "check_output_file", "heads_data", "heads_table", "kept_on_interrupt", "load_model_for",
+           "memory_budget", "non_negative_int", "open_share", "output_dir", "positive_float", "positive_int",
+           "probability", "pyplot", "read_corpus", "read_documents", "save_figure", "sequences_for", "set_threads",
+           "world_for"]
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = "austen"
@@ -260,6 +261,22 @@ def _interval_text(interval: dict | None) -> str:
 
 
 # ----------------------------------------------------------------------------- outputs
+
+
+def kept_on_interrupt(kept: Path | None, option: str, what: str) -> str:
+    """What Ctrl-C leaves of a command that keeps its work where `option` says.
+
+    Args:
+        kept: where the work is kept; None: the option was not given.
+        option: the option, e.g. "--json".
+        what: what is kept there, e.g. "the sequences scored so far".
+
+    Returns:
+        One line for the "interrupted" message.
+    """
+    if kept is None:
+        return f"nothing is kept without {option}"
+    return f"{what} are in {kept}; the same command goes on from them"
 
 
 def output_dir(path: Path) -> Path:

@@ -45,9 +45,8 @@ def add_parser(commands) -> None:
 
 def interrupted(args: argparse.Namespace) -> str:
     """What Ctrl-C leaves: the sequences scored so far, resumed by the same command."""
-    if args.json is None:
-        return "nothing is kept without --json"
-    return f"the sequences scored so far are in {_parts_path(args.json)}; the same command goes on from them"
+    return common.kept_on_interrupt(None if args.json is None else _parts_path(args.json), "--json",
+                                    "the sequences scored so far")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -38,9 +38,7 @@ def add_parser(commands) -> None:
 
 def interrupted(args: argparse.Namespace) -> str:
     """What Ctrl-C leaves: with --resume-dir, the features and epochs so far."""
-    if args.resume_dir is None:
-        return "nothing is kept without --resume-dir"
-    return f"the features and the epochs finished so far are in {args.resume_dir}; the same command goes on from them"
+    return common.kept_on_interrupt(args.resume_dir, "--resume-dir", "the features and the epochs finished so far")
 
 
 def run(args: argparse.Namespace) -> dict:
