@@ -6,8 +6,8 @@ weights of the same config (the extra_info says which). Throughput is positions 
 """
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
+from conftest import smollm2_model
 from mtp_ext import reference
 from mtp_ext.evaluate import StepAccuracy, evaluate_mtp
 
@@ -16,25 +16,9 @@ TOP_P = 0.99
 MAX_CANDIDATES = 8
 
 
-def smollm2_model():
-    try:
-        from mtp_ext.models import load_model, model_cache_dir
-
-        if (model_cache_dir("smollm2-135m") / "config.json").is_file():
-            model, _ = load_model("smollm2-135m")
-            return model, "real SmolLM2-135M (dequantised Q4_1)"
-    except (ImportError, RuntimeError):
-        pass
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                         rope_theta=100000.0, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval(), "random weights, SmolLM2-135M config"
-
-
 @pytest.fixture(scope="module")
 def model_and_sequence():
-    model, weights = smollm2_model()
+    model, weights, _ = smollm2_model()
     generator = torch.Generator().manual_seed(0)
     sequence = torch.randint(0, model.config.vocab_size, (SEQUENCE_LENGTH,), generator=generator)
     # A natural-looking sequence: greedy continuation of a random start, so nuclei are realistic.

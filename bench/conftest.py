@@ -40,3 +40,24 @@ def time_on_device(benchmark, device: str, function, *args):
         return result
 
     return benchmark(timed)
+
+
+def smollm2_model(device: str = "cpu"):
+    """(SmolLM2-135M on `device`, which weights, its tokenizer or None): the real one where it is
+    prepared (make prepare), else random weights of its config (a GPU machine gets no real
+    weights) and no tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    try:
+        from mtp_ext.models import load_model, model_cache_dir
+
+        if (model_cache_dir("smollm2-135m") / "config.json").is_file():
+            model, tokenizer = load_model("smollm2-135m")
+            return model.to(device), "real SmolLM2-135M (dequantised Q4_1)", tokenizer
+    except (ImportError, RuntimeError):
+        pass
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         rope_theta=100000.0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval().to(device), "random weights, SmolLM2-135M config", None

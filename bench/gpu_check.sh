@@ -49,4 +49,14 @@ log "benchmarks"
 (cd bench && $PY -m pytest bench_top_p.py bench_marginal.py bench_multihead.py -q -k cuda -p no:cacheprovider \
    --benchmark-json="$OUT/bench_cuda.json" > "$OUT/bench_cuda.log" 2>&1; tail -3 "$OUT/bench_cuda.log")
 $PY bench/summarize.py "$OUT/bench_cuda.json" | tee "$OUT/bench_cuda.md"
+
+log "pass costs on the GPU (random weights of SmolLM2's config), batch 1 and 8; the lookup ladders replayed on them"
+for batch in 1 8; do
+  BENCH_DEVICE=cuda BENCH_BATCH=$batch $PY -m pytest bench/bench_pass_cost.py -q -p no:cacheprovider \
+    --benchmark-json="$OUT/pass-cost-cuda-batch$batch.json" > "$OUT/pass-cost-cuda-batch$batch.log" 2>&1
+  tail -1 "$OUT/pass-cost-cuda-batch$batch.log"
+  $PY bench/summarize.py "$OUT/pass-cost-cuda-batch$batch.json" | tee -a "$OUT/bench_cuda.md"
+done
+$PY bench/lookup_acceptance.py "$OUT/lookup-acceptance-cuda.json" \
+  --pass-cost "$OUT/pass-cost-cuda-batch1.json" "$OUT/pass-cost-cuda-batch8.json" 2>&1 | tee "$OUT/lookup-acceptance-cuda.log"
 log "done"

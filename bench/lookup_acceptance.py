@@ -39,8 +39,10 @@ FIXED_LENGTHS = (1, 2, 3, 4, 6, 8)
 # Adaptive rules replayed: ladders of chain lengths as LookupDrafter.ADAPTIVE_CHAIN holds them
 # (doubling from 2 or 3; the lengths where the pass cost levels off, from 1, 2, 3 or 7; short ones for
 # a batch, whose pass is as long as its longest chain).
+# The last four, up to 31 tokens, are for a GPU's pass costs (bench_pass_cost.py with
+# BENCH_DEVICE=cuda measures up to 64): (10, 20, 31) is LookupDrafter's rule there.
 ADAPTIVE_RULES = ((2, 4, 8, 15), (3, 6, 12, 15), (1, 3, 7, 15), (2, 3, 7, 15), (3, 7, 15), (7, 15), (3, 7), (1, 2), (2, 3),
-                  (1, 3))
+                  (1, 3), (10, 20, 31), (4, 8, 16, 31), (8, 16, 31), (15, 31))
 TEXTS = ("austen", "shakespeare", "bible")
 OUTPUTS = Path(__file__).resolve().parent / "greedy-outputs.json"
 
