@@ -282,10 +282,11 @@ def test_eval_heads_goes_on_from_the_sequences_it_scored_and_gives_intervals(tmp
         assert merged["loss"] == pytest.approx(want.loss, rel=1e-5)
         assert merged["interval"]["top5"][0] <= merged["accuracy"]["top5"] <= merged["interval"]["top5"][1]
     assert "[" in capsys.readouterr().out  # the table shows the intervals
-    # paired differences: the heads against marginalisation's estimate and its lower bound
+    # paired differences: the heads against marginalisation's estimate and its bounds
     assert [(pair["a"], pair["b"]) for pair in report["differences"]] == [
-        ("heads", "marginalisation"), ("heads", "marginalisation's lower bound")]
-    for pair, field in zip(report["differences"], ("accuracy", "accuracy_lower")):
+        ("heads", "marginalisation"), ("heads", "marginalisation's lower bound"),
+        ("heads", "marginalisation's upper bound")]
+    for pair, field in zip(report["differences"], ("accuracy", "accuracy_lower", "accuracy_upper")):
         for difference, head, marginal in zip(pair["steps"], report["heads"][str(heads)]["steps"],
                                               report["marginalisation"]["steps"]):
             for k in ("top1", "top5"):
@@ -294,6 +295,14 @@ def test_eval_heads_goes_on_from_the_sequences_it_scored_and_gives_intervals(tmp
                 low, high = difference[k]["interval"]
                 assert -1 <= low <= high <= 1
     assert "| heads | marginalisation | 2 |" in report["differences_table"]
+    # what the WHS heads read: weights, and their shares of the mix once the states' sizes count
+    layers = report["whs_layers"]["heads"]
+    weights, norms, shares = (torch.tensor(layers[key]) for key in ("weights", "state_norms", "norm_shares"))
+    assert weights.shape == shares.shape == (2, norms.numel()) and layers["steps"] == [2, 3]
+    torch.testing.assert_close(weights, load_heads_for(heads, model).layer_weights().detach())
+    want = weights * norms
+    torch.testing.assert_close(shares, want / want.sum(-1, keepdim=True))
+    assert bool((norms > 0).all()) and not torch.allclose(shares, weights)  # the sizes differ, so do the shares
 
     # stopped after two sequences (the second one's line cut short), then run again
     resumed = tmp_path / "resumed.json"

@@ -18,7 +18,7 @@ from mtp_ext._io import UserError, atomic_write_text
 from mtp_ext.cli import common
 
 __all__ = ["NAME", "add_parser", "differences_table", "merge_parts", "paired_differences", "plot_fig5", "plot_layer_weights",
-           "run"]
+           "run", "whs_layer_shares"]
 
 NAME = "eval-heads"
 TOP_K = (1, 5)
@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> dict:
     table = common.heads_table(dict(zip(names, results.values())), marginal["steps"],
                                dict(zip(names, intervals.values())))
     differences = paired_differences([parts[index] for index in range(len(held_out))], dict(zip(results, names)))
+    whs_layers = {label: whs_layer_shares(heads[name], held_out) for name, label in zip(results, names)
+                  if heads[name].weighted_hidden_states}
     report = {"model": args.model, "weights": describe_weights(backbone), "data": args.data, "split": split,
               "sequences": len(held_out), "seq_len": args.seq_len, "marginalisation": marginal,
               "intervals": {"method": "percentile bootstrap over the held-out sequences", "level": 0.95,
@@ -103,7 +105,8 @@ def run(args: argparse.Namespace) -> dict:
                                "steps": [{**vars(accuracy), "interval": interval}
                                          for accuracy, interval in zip(results[name], intervals[name])]}
                         for name, model in heads.items()},
-              "differences": differences, "table": table, "differences_table": differences_table(differences)}
+              "differences": differences, "table": table, "differences_table": differences_table(differences),
+              "whs_layers": whs_layers}
     print(f"\nmodel {args.model}, data {args.data} (held out: {split['by']} split), top-1 / top-5 per step "
           "[top-5 95% interval] (step 1: the backbone's own next-token prediction)\n")
     print(table)
@@ -115,10 +118,9 @@ def run(args: argparse.Namespace) -> dict:
         print(f"wrote {args.json}")
     if args.plot is not None:
         plot_fig5(report, dict(zip(results, names)), args.plot)
-        for name, label in zip(results, names):
-            if heads[name].weighted_hidden_states:
-                plot_layer_weights(heads[name], f"{args.model}, WHS heads {label}",
-                                   args.plot.with_name(f"{args.plot.stem}-whs-{label}.png"))
+        for label, layers in whs_layers.items():
+            plot_layer_weights(layers, f"{args.model}, WHS heads {label}",
+                               args.plot.with_name(f"{args.plot.stem}-whs-{label}.png"))
         print(f"wrote {args.plot}")
     return report
 
@@ -198,11 +200,13 @@ def _count(share: float, positions: int) -> int:
 
 MARGINAL = "marginalisation"
 MARGINAL_LOWER = "marginalisation's lower bound"
+MARGINAL_UPPER = "marginalisation's upper bound"
 
 
 def paired_differences(parts: list[dict], labels: dict) -> list[dict]:
-    """Each set of heads against marginalisation (its estimate, and its lower bound: what the
-    capped tree certainly reaches) and against each set listed before it: per step, the
+    """Each set of heads against marginalisation (its estimate, and its bounds: what the exact
+    marginal's accuracy lies between, whatever the caps left out) and against each set listed
+    before it: per step, the
     difference of the top-k shares over the same positions and a paired bootstrap interval
     over the sequences, which tells two close variants apart where their own intervals overlap.
 
@@ -228,7 +232,8 @@ def paired_differences(parts: list[dict], labels: dict) -> list[dict]:
 
     heads = {label: series(lambda part, name=name: part["heads"][name]) for name, label in labels.items()}
     baselines = {MARGINAL: series(lambda part: part["marginal"]["steps"]),
-                 MARGINAL_LOWER: series(lambda part: part["marginal"]["steps"], "accuracy_lower")}
+                 MARGINAL_LOWER: series(lambda part: part["marginal"]["steps"], "accuracy_lower"),
+                 MARGINAL_UPPER: series(lambda part: part["marginal"]["steps"], "accuracy_upper")}
     pairs = [(a, b) for index, a in enumerate(heads) for b in [*baselines, *list(heads)[:index]]]
     differences = []
     for a, b in pairs:
@@ -350,21 +355,57 @@ def plot_fig5(report: dict, labels: dict, path: Path) -> None:
     common.save_figure(plt, figure, path)
 
 
-def plot_layer_weights(model, title: str, path: Path) -> None:
-    """Each WHS head's softmax weights over the embeddings (0) and the layers, as a PNG.
+def whs_layer_shares(model, sequences) -> dict:
+    """What each WHS head reads: its softmax weights over the embeddings and the layers, and the
+    share of the mixed state each gives once their sizes count (weight x the state's mean norm
+    over `sequences`, normalised). The residual stream grows through the layers (SmolLM2's
+    embeddings are a few hundredths of its last layer's norm), so a large weight on an early
+    state can still be a small part of the mix.
 
     Args:
         model: MTPHeadsModel with weighted_hidden_states.
+        sequences: token id lists (the held-out text).
+
+    Returns:
+        {"steps": [N], "weights": [N][L + 1], "state_norms": [L + 1], "norm_shares": [N][L + 1]}.
+    """
+    import torch
+
+    device = model.unembed_weight.device
+    norms, positions = None, 0
+    with torch.no_grad():
+        for sequence in sequences:
+            outputs = model.backbone.base_model(input_ids=torch.tensor([list(sequence)], device=device),
+                                                output_hidden_states=True)
+            sizes = model.states_for_heads(outputs.hidden_states, all_layers=True).float().norm(dim=-1).sum((1, 2))
+            norms = sizes if norms is None else norms + sizes
+            positions += len(sequence)
+        weights = model.layer_weights().detach()
+        mean_norms = (norms / positions).to(weights.device)
+        shares = weights * mean_norms
+        shares = shares / shares.sum(-1, keepdim=True)
+    return {"steps": list(model.steps), "weights": weights.cpu().tolist(), "state_norms": mean_norms.cpu().tolist(),
+            "norm_shares": shares.cpu().tolist()}
+
+
+def plot_layer_weights(layers: dict, title: str, path: Path) -> None:
+    """Each WHS head's softmax weights over the embeddings (0) and the layers, and the share of
+    the mix each gives with the states' sizes (whs_layer_shares), side by side, as a PNG.
+
+    Args:
+        layers: what whs_layer_shares returns.
         title: the figure's title.
         path: the PNG written.
     """
     plt = common.pyplot()
-    weights = model.layer_weights().detach().cpu().numpy()
-    figure, axis = plt.subplots(figsize=(7, 3.5))
-    for head, (step, row) in enumerate(zip(model.steps, weights)):
-        axis.plot(range(row.size), row, marker=".", label=f"head {head} (step {step})")
-    axis.set_xlabel("state (0: embeddings, L: last layer)")
-    axis.set_ylabel("weight")
-    axis.set_title(title)
-    axis.legend(fontsize=8)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
+    for axis, key, label in zip(axes, ("weights", "norm_shares"),
+                                ("softmax weight", "share of the mix (weight x mean norm)")):
+        for head, (step, row) in enumerate(zip(layers["steps"], layers[key])):
+            axis.plot(range(len(row)), row, marker=".", label=f"head {head} (step {step})")
+        axis.set_xlabel("state (0: embeddings, L: last layer)")
+        axis.set_ylabel(label)
+        axis.set_yscale("log")  # the middle layers' shares are orders of magnitude below the ends'
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
     common.save_figure(plt, figure, path)
