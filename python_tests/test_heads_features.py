@@ -370,3 +370,35 @@ def test_the_paired_interval_cancels_what_the_sequences_share():
     assert bootstrap_difference_interval([3], [4], [1], [4]) == (0.5, 0.5)
     with pytest.raises(ValueError, match="same groups"):
         bootstrap_difference_interval([1, 2], [3, 3], [1], [3])
+
+
+def test_the_findings_follow_the_paired_intervals():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "results" / "heads" / "findings.py"
+    spec = importlib.util.spec_from_file_location("findings", path)
+    findings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(findings)
+
+    def pair(a, b, low, high):
+        cell = {"difference": (low + high) / 2, "interval": [low, high]}
+        return {"a": a, "b": b, "steps": [{"step": step, "top1": cell, "top5": cell} for step in (1, 2, 3)]}
+
+    report = {"differences": [
+        pair("frozen", "untrained", 0.05, 0.09),  # above: holds
+        pair("frozen", findings.LOWER, -0.2, -0.1), pair("frozen", findings.UPPER, -0.6, -0.5),  # short: holds
+        pair("whs", "frozen", -0.01, 0.02),  # cannot tell
+        pair("whs", findings.LOWER, 0.01, 0.03), pair("whs", findings.UPPER, -0.3, -0.2),  # between the bounds
+        pair("joint", "untrained", -0.03, -0.01),  # step 1 below the backbone's: the cost holds
+        pair("joint", "frozen", -0.05, -0.02),  # below: does not hold
+    ]}
+    lines = "\n".join(findings.verdicts(report))
+    assert "| training helps: frozen heads above the untrained ones | 2 | holds, +0.070" in lines
+    assert "| frozen heads fall short of marginalisation | 3 | holds, vs lower bound" in lines
+    assert "| WHS narrows the gap: WHS above frozen | 2 | cannot tell" in lines
+    assert "| WHS does not close it: WHS short of marginalisation | 2 | cannot tell (between the bounds)" in lines
+    assert "| joint training narrows the gap: joint above frozen | 2 | does not hold" in lines
+    assert "costs next-token accuracy: joint's step 1 below the backbone's | 1 | holds, -0.020" in lines
+    assert "joint above WHS" not in lines  # no such pair in the report: no line
+    assert "| 1 | holds, +0.070" not in lines  # step 1 is not a finding of the heads

@@ -2,7 +2,8 @@
 # MTP heads on SmolLM2-135M over Jane Austen, trained to convergence (issue 17): untrained,
 # frozen and WHS heads over cached backbone states (one cache of every layer, 2,048 windows of
 # 256 tokens, bfloat16, about 19 GB), joint heads on the live backbone; then their held-out
-# accuracy beside marginalisation (steps 1-4, 4,335 positions, intervals), and marginalisation at
+# accuracy beside marginalisation (steps 1-4, 4,335 positions, intervals; findings.md decides the
+# paper's claims from the paired differences), and marginalisation at
 # step 2 with 256 candidates per node for both models and both tasks (tighter bounds). Every
 # line resumes: a finished part is skipped, a stopped training continues from its checkpoint
 # (every 10 steps), a cache cut short is completed, an evaluation goes on from its parts file.
@@ -66,6 +67,7 @@ collect
   --marginal-steps 4 --max-candidates 16 --max-nodes 64 \
   --heads-dir "$CKPT/untrained" "$CKPT/frozen" "$CKPT/whs" "$CKPT/joint" \
   --json "$OUT/eval-heads.json" --plot "$OUT/fig5.png"
+"$PYTHON" results/heads/findings.py "$OUT/eval-heads.json" > "$OUT/findings.md"
 for model in smollm2-135m gemma3-270m; do
   for data in austen bible-en-es; do bounds "$model" "$data"; done
 done
