@@ -8,7 +8,7 @@ set -euo pipefail
 PYTHON=${PYTHON:-.venv/bin/python}
 CORPUS=${CORPUS:-$HOME/.cache/mtp_ext/data/mixed-en.jsonl}
 OUT=${OUT:-results/token_head_mixed}
-[ -f "$CORPUS" ] || "$PYTHON" "$OUT/mixed_corpus.py" "$CORPUS"
+[ -f "$CORPUS" ] || "$PYTHON" "$(dirname "$0")/mixed_corpus.py" "$CORPUS"
 # RESUME: where a long run keeps its features and epochs (--resume-dir), so that a stopped run,
 # started again, goes on; TOKENS: the training positions (the committed head: 200,000).
 "$PYTHON" -m mtp_ext.cli train-token-head --model smollm2-135m --data "$CORPUS" --out "$OUT" --tokens "${TOKENS:-200000}" \
