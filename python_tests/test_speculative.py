@@ -874,3 +874,23 @@ def test_lookup_first_hands_the_fallback_its_own_view_of_the_pass(fallback):
         assert got.sequences.shape == plain.shape
         if not do_sample:
             assert torch.equal(got.sequences, plain)
+
+
+def test_the_categorical_draw_follows_the_probabilities(monkeypatch):
+    from mtp_ext.speculative.protocol import draw_categorical
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [1e-9, 0.0, 0.0, 0.0, 0.0, 4.0]])  # row 2 unnormalised
+    draws = torch.stack([draw_categorical(probs, torch.Generator().manual_seed(seed)) for seed in range(4000)])
+    first = torch.bincount(draws[:, 0], minlength=6).tolist()
+    assert first[0] == first[2] == first[5] == 0  # probability 0: never drawn
+    statistic, degrees = chi_square_statistic({token: count for token, count in enumerate(first) if count},
+                                              {1: 0.5, 3: 0.2, 4: 0.3}, 4000)
+    assert statistic < chi_square_critical(degrees)
+    assert set(draws[:, 1].tolist()) <= {0, 5}
+    again = draw_categorical(probs, torch.Generator().manual_seed(7))
+    assert torch.equal(again, draw_categorical(probs, torch.Generator().manual_seed(7)))  # seeded: reproducible
+    assert int(draw_categorical(torch.tensor([[0.0, 0.0, 2.0]]))[0]) == 2
+    # a token below float32's resolution beside the sum before it (1 + 1e-7 rounds to 1 in float32)
+    # is still drawn where the uniform falls in its share
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.full((1, 1), 1 - 1e-9, dtype=torch.float64))
+    assert int(draw_categorical(torch.tensor([[1.0, 1e-7]]))[0]) == 1

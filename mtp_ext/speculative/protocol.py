@@ -29,6 +29,25 @@ __all__ = ["Chooser", "Drafter", "HiddenStates", "ModelLogits", "NodeState", "To
 HiddenStates = Union[Tensor, tuple[Tensor, ...]]
 
 
+def draw_categorical(probs: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """One draw per row from the categorical distributions `probs`, by the inverse of the
+    cumulative distribution, which over a model's vocabulary costs a CPU a small share of what
+    torch.multinomial does (bench/README.md, sampling). The sum runs in float64, so that no token
+    of positive probability is absorbed by the rounding of the ones before it.
+
+    Args:
+        probs: [R, V] float, each row non-negative with a positive sum (it need not be 1).
+        generator: the draws' generator; None: torch's default.
+
+    Returns:
+        [R] int64 token ids, each of positive probability.
+    """
+    cumulative = probs.double().cumsum(-1)
+    uniform = torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)
+    # uniform * total < total: the first token whose cumulative sum exceeds it has positive probability.
+    return torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
+
+
 @dataclass
 class TokenRule:
     """How the model chooses a token from logits, as model.generate does: the logits processors
@@ -85,8 +104,7 @@ class TokenRule:
             scores = scores.masked_fill(scores < kth, -math.inf)
         if self.top_p < 1.0:
             scores = top_p_mask(scores, self.top_p)
-        probs = torch.softmax(scores, -1)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+        return draw_categorical(torch.softmax(scores, -1), self.generator)
 
     def _processed(self, logits: Tensor, rows: Optional[Tensor], slots: Optional[Tensor]) -> Tensor:
         """The processors' scores, each row of logits with the sequence that ends at its node."""
