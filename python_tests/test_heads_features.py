@@ -391,7 +391,7 @@ def test_the_findings_follow_the_paired_intervals():
         pair("whs", "frozen", -0.01, 0.02),  # cannot tell
         pair("whs", findings.LOWER, 0.01, 0.03), pair("whs", findings.UPPER, -0.3, -0.2),  # between the bounds
         pair("joint", "untrained", -0.03, -0.01),  # step 1 below the backbone's: the cost holds
-        pair("joint", "frozen", -0.05, -0.02),  # below: does not hold
+        pair("frozen", "joint", 0.02, 0.05),  # listed the other way round: joint - frozen below 0
     ]}
     lines = "\n".join(findings.verdicts(report))
     assert "| training helps: frozen heads above the untrained ones | 2 | holds, +0.070" in lines
@@ -402,3 +402,4 @@ def test_the_findings_follow_the_paired_intervals():
     assert "costs next-token accuracy: joint's step 1 below the backbone's | 1 | holds, -0.020" in lines
     assert "joint above WHS" not in lines  # no such pair in the report: no line
     assert "| 1 | holds, +0.070" not in lines  # step 1 is not a finding of the heads
+    assert "| joint training narrows the gap: joint above frozen | 3 | does not hold, -0.035 [-0.050, -0.020]" in lines

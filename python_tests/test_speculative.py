@@ -890,6 +890,9 @@ def test_the_categorical_draw_follows_the_probabilities(monkeypatch):
     again = draw_categorical(probs, torch.Generator().manual_seed(7))
     assert torch.equal(again, draw_categorical(probs, torch.Generator().manual_seed(7)))  # seeded: reproducible
     assert int(draw_categorical(torch.tensor([[0.0, 0.0, 2.0]]))[0]) == 2
+    for bad in ([[0.0, 0.0]], [[float("nan"), 1.0]], [[float("inf"), 1.0]]):  # as torch.multinomial, refused
+        with pytest.raises(ValueError, match="cannot sample"):
+            draw_categorical(torch.tensor(bad))
     # a token below float32's resolution beside the sum before it (1 + 1e-7 rounds to 1 in float32)
     # is still drawn where the uniform falls in its share
     monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.full((1, 1), 1 - 1e-9, dtype=torch.float64))

@@ -290,7 +290,7 @@ def token_head_features(backbone: nn.Module, windows: Sequence[Sequence[int]], b
         raise ValueError("no window of at least 2 tokens")
     if parts_dir is not None:
         _check_parts_key(Path(parts_dir), {"model": model_fingerprint(backbone), "batch_size": batch_size,
-                                           "windows": _digest(batches)})
+                                           "parts_batches": PARTS_BATCHES, "windows": _digest(batches)})
     parts: list[tuple[Tensor, ...]] = []
     first_windows = [0]
     for batch in batches:
@@ -298,7 +298,7 @@ def token_head_features(backbone: nn.Module, windows: Sequence[Sequence[int]], b
     with tqdm(total=len(batches), desc="token head features", unit="batch", disable=not progress) as bar:
         for first in range(0, len(batches), PARTS_BATCHES):
             path = None if parts_dir is None else Path(parts_dir) / f"features-{first // PARTS_BATCHES:05d}.pt"
-            part = _read_part(path) if path is not None and path.is_file() else None
+            part = _read_part(path, unembed.device) if path is not None and path.is_file() else None
             if part is None:
                 part = [_batch_features(backbone, unembed, batch, first_windows[index])
                         for index, batch in enumerate(batches[first:first + PARTS_BATCHES], first)]
@@ -345,10 +345,10 @@ def _check_parts_key(directory: Path, key: dict) -> None:
                         f"start over (rm -r {directory}), or keep this run's elsewhere")
 
 
-def _read_part(path: Path) -> list | None:
-    """A kept part of features, or None where it cannot be read (it is computed again)."""
+def _read_part(path: Path, device: torch.device) -> list | None:
+    """A kept part of features on `device`, or None where it cannot be read (it is computed again)."""
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
         return None
 

@@ -36,14 +36,19 @@ def draw_categorical(probs: Tensor, generator: Optional[torch.Generator] = None)
     of positive probability is absorbed by the rounding of the ones before it.
 
     Args:
-        probs: [R, V] float, each row non-negative with a positive sum (it need not be 1).
+        probs: [R, V] float, each row non-negative with a finite, positive sum (it need not be 1).
         generator: the draws' generator; None: torch's default.
 
     Returns:
         [R] int64 token ids, each of positive probability.
     """
-    cumulative = probs.double().cumsum(-1)
-    uniform = torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)
+    dtype = torch.float32 if probs.device.type == "mps" else torch.float64  # MPS has no float64
+    cumulative = probs.to(dtype).cumsum(-1)
+    totals = cumulative[:, -1]
+    if not bool((torch.isfinite(totals) & (totals > 0)).all()):
+        raise ValueError("cannot sample: a row of probabilities is NaN, infinite or all zero (every token masked "
+                         "by the logits processors, or the model's logits are not finite)")
+    uniform = torch.rand((probs.shape[0], 1), generator=generator, dtype=dtype, device=probs.device)
     # uniform * total < total: the first token whose cumulative sum exceeds it has positive probability.
     return torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
 

@@ -8,8 +8,8 @@ A claim "A above B" holds at a step where the 95% interval of A - B lies above 0
 where it lies below 0, and cannot be told where it holds 0. Against marginalisation the exact
 marginal is only known to lie between the capped tree's bounds, so "A falls short of
 marginalisation" holds where A - (the lower bound) lies below 0, does not hold where A - (the
-upper bound) lies above 0, and cannot be told in between. Steps 2-4 (step 1 is the backbone's
-own prediction, shared by every frozen variant), top-1 and top-5.
+upper bound) lies above 0, and cannot be told in between. Every step from 2 that both sides have
+(step 1 is the backbone's own prediction, shared by every frozen variant), top-1 and top-5.
 """
 from __future__ import annotations
 
@@ -38,8 +38,22 @@ NEXT_TOKEN_COST = ("joint training costs next-token accuracy: joint's step 1 bel
 
 
 def pairs_of(report: dict) -> dict[tuple[str, str], dict[int, dict]]:
-    """(A, B) -> step -> {"top{k}": {"difference", "interval"}}."""
-    return {(pair["a"], pair["b"]): {step["step"]: step for step in pair["steps"]} for pair in report["differences"]}
+    """(A, B) -> step -> {"top{k}": {"difference", "interval"}}, and (B, A) negated for two sets of
+    heads (eval-heads reports each against those listed before it, whichever order they came in)."""
+    pairs = {}
+    for pair in report["differences"]:
+        steps = {step["step"]: step for step in pair["steps"]}
+        pairs[(pair["a"], pair["b"])] = steps
+        if not pair["b"].startswith("marginalisation"):
+            pairs.setdefault((pair["b"], pair["a"]), {number: negated(step) for number, step in steps.items()})
+    return pairs
+
+
+def negated(step: dict) -> dict:
+    """B - A from A - B: the difference and its interval turned round."""
+    return {key: value if key == "step" else {"difference": -value["difference"],
+                                               "interval": [-value["interval"][1], -value["interval"][0]]}
+            for key, value in step.items()}
 
 
 def above(cell: dict) -> str:
@@ -56,13 +70,11 @@ def verdicts(report: dict) -> list[str]:
     pairs = pairs_of(report)
     lines = ["| finding | step | top-1: verdict, A - B [95% interval] | top-5: verdict, A - B [95% interval] |",
              "|---|---:|---|---|"]
-    steps = sorted(step for step in next(iter(pairs.values())) if step >= 2)
     for claim, a, b, how in CLAIMS:
-        if how == "short" and ((a, LOWER) not in pairs or (a, UPPER) not in pairs):
+        used = [(a, LOWER), (a, UPPER)] if how == "short" else [(a, b)]
+        if any(key not in pairs for key in used):
             continue
-        if how == "above" and (a, b) not in pairs:
-            continue
-        for step in steps:
+        for step in sorted(set.intersection(*(set(pairs[key]) for key in used)) - {1}):
             cells = []
             for k in TOP_K:
                 if how == "above":
@@ -75,12 +87,9 @@ def verdicts(report: dict) -> list[str]:
                     cells.append(f"{verdict}, vs lower bound {text(below_lower)}, vs upper {text(above_upper)}")
             lines.append(f"| {claim} | {step} | " + " | ".join(cells) + " |")
     claim, a, b = NEXT_TOKEN_COST
-    if (a, b) in pairs:
-        cells = []
-        for k in TOP_K:
-            cell = pairs[(a, b)][1][k]
-            flipped = {"difference": -cell["difference"], "interval": [-cell["interval"][1], -cell["interval"][0]]}
-            cells.append(f"{above(flipped)}, {text(cell)}")
+    if (a, b) in pairs and 1 in pairs[(a, b)]:
+        below = negated(pairs[(a, b)][1])  # B - A: above 0 where joint's step 1 lies below the backbone's
+        cells = [f"{above(below[k])}, {text(pairs[(a, b)][1][k])}" for k in TOP_K]
         lines.append(f"| {claim} | 1 | " + " | ".join(cells) + " |")
     return lines
 
